@@ -1,0 +1,133 @@
+//! The chunk server's request handling, heartbeat and run loop.
+
+use crate::store::{BlockStore, StoreError};
+use cairn_net::{Handler, Identity, Peer, RpcClient};
+use cairn_proto::chunk::{ChunkRequest, ChunkResponse};
+use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::*;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// What `cairn chunk` needs to run.
+#[derive(Debug, Clone)]
+pub struct ChunkConfig {
+    pub id: ServerId,
+    pub listen: SocketAddr,
+    /// Address clients should use to reach this server.
+    pub advertise: String,
+    pub meta: String,
+    pub data_dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub heartbeat: Duration,
+}
+
+struct ChunkService {
+    store: BlockStore,
+}
+
+fn wire(e: StoreError) -> WireError {
+    if matches!(e, StoreError::Corrupt { .. }) {
+        error!("{e}");
+    }
+    WireError::new(e.code(), e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Io, e.to_string()))?
+        .map_err(wire)
+}
+
+impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
+    async fn handle(
+        &self,
+        _peer: &Peer,
+        req: ChunkRequest,
+        payload: Vec<u8>,
+    ) -> Result<(ChunkResponse, Vec<u8>), WireError> {
+        let store = self.store.clone();
+        match req {
+            ChunkRequest::Put { key, sync } => {
+                blocking(move || store.put(key, &payload, sync)).await?;
+                Ok((ChunkResponse::Done, Vec::new()))
+            }
+            ChunkRequest::Get { key } => Ok((
+                ChunkResponse::Block,
+                blocking(move || store.get(key)).await?,
+            )),
+            ChunkRequest::Sync { keys } => {
+                blocking(move || store.sync(&keys)).await?;
+                Ok((ChunkResponse::Done, Vec::new()))
+            }
+            ChunkRequest::Delete { keys } => {
+                blocking(move || store.delete(&keys)).await?;
+                Ok((ChunkResponse::Done, Vec::new()))
+            }
+            ChunkRequest::Stat => {
+                let (capacity, free) = blocking(move || Ok(store.usage()?)).await?;
+                Ok((ChunkResponse::Stat { capacity, free }, Vec::new()))
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, meta: RpcClient) {
+    let mut announced = false;
+    loop {
+        let (capacity, free) = store.usage().unwrap_or((0, 0));
+        let req = MetaRequest::Heartbeat {
+            id: config.id,
+            addr: config.advertise.clone(),
+            capacity,
+            free,
+        };
+        match meta.call::<_, MetaResponse>(&req, &[]).await {
+            Ok(_) if !announced => {
+                info!(meta = %config.meta, "registered with the metadata server");
+                announced = true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if announced {
+                    warn!("heartbeat to {} failed: {e}", config.meta);
+                }
+                announced = false;
+            }
+        }
+        tokio::time::sleep(config.heartbeat).await;
+    }
+}
+
+/// Why the chunk server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Net(#[from] cairn_net::NetError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the chunk server until the process is stopped.
+pub async fn run(config: ChunkConfig) -> Result<(), RunError> {
+    let identity = Identity::load(&config.ca, &config.cert, &config.key)?;
+    let store = BlockStore::open(&config.data_dir)?;
+    let endpoint = cairn_net::server_endpoint(&identity, config.listen)?;
+    let meta = RpcClient::new(
+        cairn_net::client_endpoint(&identity)?,
+        &config.meta,
+        cairn_net::META_SERVER_NAME,
+        config.heartbeat.max(Duration::from_secs(1)) * 3,
+    );
+    info!(id = config.id, listen = %endpoint.local_addr()?, data = %config.data_dir.display(), "chunk server ready");
+    tokio::spawn(heartbeat_loop(config.clone(), store.clone(), meta));
+    cairn_net::serve(endpoint, Arc::new(ChunkService { store })).await;
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
+
+use cairn_proto::ErrorCode;
+use cairn_proto::chunk::BlockKey;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Why a block operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("block {0:?} not found")]
+    NotFound(BlockKey),
+    #[error("block {key:?} is corrupt: {reason}")]
+    Corrupt { key: BlockKey, reason: String },
+    #[error("refusing malformed block {key:?}: {reason}")]
+    Malformed { key: BlockKey, reason: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StoreError {
+    /// The code reported to the caller.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::Corrupt { .. } => ErrorCode::Corrupt,
+            StoreError::Malformed { .. } => ErrorCode::BadRequest,
+            StoreError::Io(e) => ErrorCode::from_errno(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+}
+
+/// A directory of block files.
+#[derive(Debug, Clone)]
+pub struct BlockStore {
+    root: PathBuf,
+}
+
+impl BlockStore {
+    /// Opens (creating if needed) the block directory under `data_dir`.
+    pub fn open(data_dir: &Path) -> std::io::Result<BlockStore> {
+        let root = data_dir.join("blocks");
+        std::fs::create_dir_all(&root)?;
+        Ok(BlockStore { root })
+    }
+
+    fn dir_of(&self, key: BlockKey) -> PathBuf {
+        self.root.join(format!("{:02x}", key.slice % 256))
+    }
+
+    fn path_of(&self, key: BlockKey) -> PathBuf {
+        self.dir_of(key)
+            .join(format!("{:016x}-{}", key.slice, key.index))
+    }
+
+    /// Stores a block after checking its format; with `sync` it is on disk when this returns.
+    pub fn put(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
+        cairn_block::verify(block).map_err(|e| StoreError::Malformed {
+            key,
+            reason: e.to_string(),
+        })?;
+        let dir = self.dir_of(key);
+        std::fs::create_dir_all(&dir)?;
+        let path = self.path_of(key);
+        let tmp = dir.join(format!(
+            ".tmp-{:016x}-{}-{:08x}",
+            key.slice,
+            key.index,
+            rand::random::<u32>()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(block)?;
+            if sync {
+                f.sync_data()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            if sync {
+                std::fs::File::open(&dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        Ok(())
+    }
+
+    /// Makes already stored blocks durable (they were written without `sync`).
+    pub fn sync(&self, keys: &[BlockKey]) -> Result<(), StoreError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            match std::fs::File::open(self.path_of(*key)) {
+                Ok(f) => f.sync_data()?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::NotFound(*key));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            dirs.insert(self.dir_of(*key));
+        }
+        for d in dirs {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Reads a block and verifies its checksum; a bad block is an error, never returned.
+    pub fn get(&self, key: BlockKey) -> Result<Vec<u8>, StoreError> {
+        let data = match std::fs::read(self.path_of(key)) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(key));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        cairn_block::verify(&data).map_err(|e| StoreError::Corrupt {
+            key,
+            reason: e.to_string(),
+        })?;
+        Ok(data)
+    }
+
+    /// Deletes blocks; missing ones are fine.
+    pub fn delete(&self, keys: &[BlockKey]) -> Result<(), StoreError> {
+        for key in keys {
+            match std::fs::remove_file(self.path_of(*key)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// `(capacity, free)` bytes of the filesystem holding the blocks.
+    pub fn usage(&self) -> std::io::Result<(u64, u64)> {
+        let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid NUL-terminated string and `st` a valid out-pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let frsize = st.f_frsize as u64;
+        Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_corrupt_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let key = BlockKey {
+            slice: 0x1234,
+            index: 2,
+        };
+        let block = cairn_block::encode(b"hello block");
+        store.put(key, &block, true).unwrap();
+        assert_eq!(store.get(key).unwrap(), block);
+        assert!(matches!(
+            store.put(key, b"garbage", false),
+            Err(StoreError::Malformed { .. })
+        ));
+        let path = store.path_of(key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::Corrupt);
+        store.delete(&[key, key]).unwrap();
+        assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::NotFound);
+    }
+}

@@ -1,0 +1,254 @@
+//! Talking to chunk servers: the server list, placement, storing and fetching blocks, and the
+//! in-memory cache of decoded blocks (safe without invalidation: blocks never change).
+
+use crate::{Client, ClientConfig, ClientError, Result, placement, unexpected};
+use cairn_net::RpcClient;
+use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
+use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::*;
+use dashmap::DashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{error, warn};
+
+/// How long the chunk-server list is trusted before it is fetched again.
+const SERVER_LIST_TTL: Duration = Duration::from_secs(3);
+/// Slice ids reserved per request to the metadata server.
+const SLICE_ID_BATCH: u64 = 256;
+
+pub(crate) struct BlockClient {
+    endpoint: quinn::Endpoint,
+    timeout: Duration,
+    rpcs: DashMap<ServerId, Arc<RpcClient>>,
+    servers: Mutex<Option<(Instant, Arc<Vec<ChunkServerInfo>>)>>,
+    slice_ids: Mutex<(SliceId, SliceId)>,
+    pub(crate) cache: moka::future::Cache<BlockKey, Arc<Vec<u8>>>,
+}
+
+impl BlockClient {
+    pub(crate) fn new(endpoint: quinn::Endpoint, config: &ClientConfig) -> BlockClient {
+        BlockClient {
+            endpoint,
+            timeout: config.timeout,
+            rpcs: DashMap::new(),
+            servers: Mutex::new(None),
+            slice_ids: Mutex::new((0, 0)),
+            cache: moka::future::Cache::builder()
+                .max_capacity(config.cache_bytes)
+                .weigher(|_, v: &Arc<Vec<u8>>| v.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+        }
+    }
+}
+
+impl Client {
+    /// The chunk servers as the metadata server sees them now.
+    pub async fn list_servers(&self) -> Result<Vec<ChunkServerInfo>> {
+        Ok(self.servers(true).await?.to_vec())
+    }
+
+    /// The chunk servers, fetched from the metadata server at most every few seconds.
+    pub(crate) async fn servers(&self, refresh: bool) -> Result<Arc<Vec<ChunkServerInfo>>> {
+        if !refresh
+            && let Some((at, list)) = self.blocks.servers.lock().expect("servers lock").as_ref()
+            && at.elapsed() < SERVER_LIST_TTL
+        {
+            return Ok(list.clone());
+        }
+        let list = match self.call(MetaRequest::ListServers).await? {
+            MetaResponse::Servers(s) => Arc::new(s),
+            other => return Err(unexpected(other)),
+        };
+        *self.blocks.servers.lock().expect("servers lock") = Some((Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    async fn rpc(&self, id: ServerId) -> Result<Arc<RpcClient>> {
+        let servers = self.servers(false).await?;
+        let servers = match servers.iter().any(|s| s.id == id) {
+            true => servers,
+            false => self.servers(true).await?,
+        };
+        let Some(info) = servers.iter().find(|s| s.id == id) else {
+            return Err(ClientError::new(
+                ErrorCode::Io,
+                format!("chunk server {id} is not registered"),
+            ));
+        };
+        if let Some(rpc) = self.blocks.rpcs.get(&id)
+            && rpc.addr() == info.addr
+        {
+            return Ok(rpc.clone());
+        }
+        let rpc = Arc::new(RpcClient::new(
+            self.blocks.endpoint.clone(),
+            &info.addr,
+            cairn_net::CHUNK_SERVER_NAME,
+            self.blocks.timeout,
+        ));
+        self.blocks.rpcs.insert(id, rpc.clone());
+        Ok(rpc)
+    }
+
+    async fn chunk_call(
+        &self,
+        id: ServerId,
+        req: &ChunkRequest,
+        payload: &[u8],
+    ) -> Result<Vec<u8>> {
+        let rpc = self.rpc(id).await?;
+        let (_resp, data): (ChunkResponse, _) = rpc.call(req, payload).await?;
+        Ok(data)
+    }
+
+    /// A fresh slice id, reserved from the metadata server in batches.
+    pub(crate) async fn next_slice_id(&self) -> Result<SliceId> {
+        {
+            let mut ids = self.blocks.slice_ids.lock().expect("slice id lock");
+            if ids.0 < ids.1 {
+                ids.0 += 1;
+                return Ok(ids.0 - 1);
+            }
+        }
+        let first = match self
+            .call(MetaRequest::AllocSlices {
+                count: SLICE_ID_BATCH,
+            })
+            .await?
+        {
+            MetaResponse::SliceIds { first } => first,
+            other => return Err(unexpected(other)),
+        };
+        let mut ids = self.blocks.slice_ids.lock().expect("slice id lock");
+        *ids = (first + 1, first + SLICE_ID_BATCH);
+        Ok(first)
+    }
+
+    /// Stores a slice's bytes as blocks on `replication` servers; returns the servers used.
+    pub(crate) async fn store_slice(
+        &self,
+        slice: SliceId,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<Vec<ServerId>> {
+        let bs = self.volume.block_size as usize;
+        let encoded: Vec<(BlockKey, Vec<u8>)> = data
+            .chunks(bs)
+            .enumerate()
+            .map(|(i, part)| {
+                (
+                    BlockKey {
+                        slice,
+                        index: i as u32,
+                    },
+                    cairn_block::encode(part),
+                )
+            })
+            .collect();
+        let mut last_err = None;
+        for attempt in 0..3 {
+            let servers = self.servers(attempt > 0).await?;
+            let alive = servers.iter().filter(|s| s.alive).count();
+            let want = (self.volume.replication as usize).min(alive).max(1);
+            let chosen = placement::place(&servers, slice, want, data.len() as u64);
+            if chosen.is_empty() {
+                let code = if alive == 0 {
+                    ErrorCode::Io
+                } else {
+                    ErrorCode::NoSpace
+                };
+                return Err(ClientError::new(
+                    code,
+                    "no live chunk server has room for the data",
+                ));
+            }
+            let puts = chosen.iter().map(|&id| {
+                let encoded = &encoded;
+                async move {
+                    for (key, block) in encoded {
+                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block)
+                            .await?;
+                    }
+                    Ok::<_, ClientError>(())
+                }
+            });
+            let results = futures::future::join_all(puts).await;
+            match results.into_iter().find_map(|r| r.err()) {
+                None => {
+                    for ((key, _), plain) in encoded.iter().zip(data.chunks(bs)) {
+                        self.blocks
+                            .cache
+                            .insert(*key, Arc::new(plain.to_vec()))
+                            .await;
+                    }
+                    return Ok(chosen);
+                }
+                Some(e)
+                    if e.code == ErrorCode::NoSpace
+                        || e.code == ErrorCode::Io
+                        || e.code == ErrorCode::TimedOut =>
+                {
+                    warn!(slice, "storing a slice failed, retrying elsewhere: {e}");
+                    last_err = Some(e);
+                }
+                Some(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| ClientError::new(ErrorCode::Io, "could not store data")))
+    }
+
+    /// Makes blocks written earlier without sync durable on their servers.
+    pub(crate) async fn sync_blocks(&self, blocks: Vec<(ServerId, BlockKey)>) -> Result<()> {
+        let mut per_server: std::collections::HashMap<ServerId, Vec<BlockKey>> = Default::default();
+        for (s, k) in blocks {
+            per_server.entry(s).or_default().push(k);
+        }
+        let calls = per_server.into_iter().map(|(id, keys)| async move {
+            self.chunk_call(id, &ChunkRequest::Sync { keys }, &[])
+                .await
+                .map(|_| ())
+        });
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+
+    /// The decoded bytes of a block, from the cache or from the first replica that has a
+    /// good copy. A block that fails its checksum everywhere is `EIO`, never wrong bytes.
+    pub(crate) async fn block(&self, key: BlockKey, servers: &[ServerId]) -> Result<Arc<Vec<u8>>> {
+        let servers = servers.to_vec();
+        self.blocks
+            .cache
+            .try_get_with(key, async move {
+                let mut last =
+                    ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
+                let start = (key.slice as usize) % servers.len().max(1);
+                for i in 0..servers.len() {
+                    let id = servers[(start + i) % servers.len()];
+                    match self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await {
+                        Ok(bytes) => match cairn_block::decode(&bytes) {
+                            Ok(plain) => return Ok(Arc::new(plain)),
+                            Err(e) => {
+                                error!(server = id, ?key, "block failed verification: {e}");
+                                last = ClientError::new(ErrorCode::Corrupt, e.to_string());
+                            }
+                        },
+                        Err(e) => {
+                            if e.code == ErrorCode::Corrupt {
+                                error!(
+                                    server = id,
+                                    ?key,
+                                    "chunk server reports a corrupt block: {}",
+                                    e.message
+                                );
+                            } else {
+                                warn!(server = id, ?key, "reading a block failed: {}", e.message);
+                            }
+                            last = e;
+                        }
+                    }
+                }
+                Err(last)
+            })
+            .await
+            .map_err(|e: Arc<ClientError>| (*e).clone())
+    }
+}

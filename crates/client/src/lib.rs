@@ -1,0 +1,154 @@
+//! The filesystem core behind the mount: turns filesystem calls into requests to the metadata
+//! server and chunk servers. It knows nothing about FUSE, so it can be driven and tested
+//! without a kernel; `mount/` adapts it to `fuser`.
+
+mod blocks;
+mod error;
+pub mod layout;
+mod namespace;
+pub mod placement;
+mod read;
+mod write;
+
+pub use error::{ClientError, Result};
+
+use cairn_net::{Identity, RpcClient};
+use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::*;
+use dashmap::DashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a client connects and how much memory it may use.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Metadata server address, `host:port`.
+    pub meta: String,
+    pub volume: String,
+    /// Deadline of every network call.
+    pub timeout: Duration,
+    /// Bytes of decoded blocks kept in memory.
+    pub cache_bytes: u64,
+    /// Bytes of written data that may be buffered or in flight before writers wait.
+    pub write_buffer_bytes: u64,
+    /// How long cached file maps and sizes are trusted (no leases yet).
+    pub map_ttl: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            meta: String::new(),
+            volume: String::new(),
+            timeout: Duration::from_secs(10),
+            cache_bytes: 64 << 20,
+            write_buffer_bytes: 64 << 20,
+            map_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A mounted volume's client state, shared by every FUSE worker thread.
+pub struct Client {
+    pub(crate) meta: RpcClient,
+    pub(crate) volume: VolumeInfo,
+    pub(crate) blocks: blocks::BlockClient,
+    pub(crate) files: DashMap<Ino, Arc<write::FileState>>,
+    /// Chunk maps keyed by (inode, data generation, chunk index).
+    pub(crate) maps: moka::future::Cache<(Ino, u64, u64), Arc<Vec<SliceRef>>>,
+    /// Bumped when a file's data changes through this client, retiring its cached maps.
+    pub(crate) generations: DashMap<Ino, u64>,
+    pub(crate) sizes: moka::sync::Cache<Ino, u64>,
+    pub(crate) write_budget: write::WriteBudget,
+    /// End offset of the last read per inode, to detect sequential reads for readahead.
+    pub(crate) last_read: DashMap<Ino, u64>,
+}
+
+impl Client {
+    /// Connects to the metadata server and checks that it serves `config.volume`.
+    pub async fn connect(config: ClientConfig, identity: &Identity) -> Result<Arc<Client>> {
+        let endpoint = cairn_net::client_endpoint(identity)?;
+        let meta = RpcClient::new(
+            endpoint.clone(),
+            &config.meta,
+            cairn_net::META_SERVER_NAME,
+            config.timeout,
+        );
+        let hello = MetaRequest::Hello {
+            version: PROTOCOL_VERSION,
+            volume: config.volume.clone(),
+        };
+        let volume = match meta.call::<_, MetaResponse>(&hello, &[]).await?.0 {
+            MetaResponse::Hello { volume } => volume,
+            other => return Err(unexpected(other)),
+        };
+        let client = Client {
+            blocks: blocks::BlockClient::new(endpoint, &config),
+            files: DashMap::new(),
+            generations: DashMap::new(),
+            write_budget: write::WriteBudget::new(config.write_buffer_bytes),
+            last_read: DashMap::new(),
+            maps: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.map_ttl)
+                .build(),
+            sizes: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.map_ttl)
+                .build(),
+            meta,
+            volume,
+        };
+        Ok(Arc::new(client))
+    }
+
+    /// The volume's constants as the metadata server reported them.
+    pub fn volume(&self) -> &VolumeInfo {
+        &self.volume
+    }
+
+    pub(crate) fn data_generation(&self, ino: Ino) -> u64 {
+        self.generations.get(&ino).map_or(0, |g| *g)
+    }
+
+    /// Forgets cached maps of a file whose data changed.
+    pub(crate) fn invalidate_data(&self, ino: Ino) {
+        *self.generations.entry(ino).or_default() += 1;
+    }
+
+    pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
+        Ok(self.meta.call::<_, MetaResponse>(&req, &[]).await?.0)
+    }
+
+    pub(crate) async fn call_attr(&self, req: MetaRequest) -> Result<Attr> {
+        match self.call(req).await? {
+            MetaResponse::Attr(a) => Ok(self.note_attr(a)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(crate) async fn call_empty(&self, req: MetaRequest) -> Result<()> {
+        match self.call(req).await? {
+            MetaResponse::Empty => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records a fresh attribute from the server and overlays what is still buffered locally.
+    pub(crate) fn note_attr(&self, mut a: Attr) -> Attr {
+        if a.kind == FileKind::File {
+            if let Some(f) = self.files.get(&a.ino) {
+                a.size = a.size.max(f.buffered_size());
+            }
+            self.sizes.insert(a.ino, a.size);
+        }
+        a
+    }
+}
+
+pub(crate) fn unexpected(resp: MetaResponse) -> ClientError {
+    ClientError::new(
+        ErrorCode::Io,
+        format!("unexpected answer from the metadata server: {resp:?}"),
+    )
+}

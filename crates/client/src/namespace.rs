@@ -1,0 +1,271 @@
+//! Namespace calls: thin wrappers over metadata requests, plus name checks done locally.
+
+use crate::{Client, ClientError, Result, unexpected};
+use cairn_proto::meta::*;
+use cairn_proto::*;
+use std::sync::Arc;
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(ClientError::new(
+            ErrorCode::NameTooLong,
+            format!("name of {} bytes", name.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl Client {
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        self.call_attr(MetaRequest::Lookup {
+            parent,
+            name: name.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        self.call_attr(MetaRequest::GetAttr { ino }).await
+    }
+
+    /// Changes attributes; a size change first flushes buffered writes so they cannot land
+    /// past the new end of file afterwards.
+    pub async fn setattr(
+        self: &Arc<Self>,
+        ino: Ino,
+        set: SetAttrs,
+        caller: Caller,
+    ) -> Result<Attr> {
+        if set.size.is_some() {
+            self.flush(ino, false).await?;
+        }
+        let attr = self
+            .call_attr(MetaRequest::SetAttr {
+                ino,
+                set: set.clone(),
+                caller,
+            })
+            .await?;
+        if set.size.is_some() {
+            self.invalidate_data(ino);
+            self.sizes.insert(ino, attr.size);
+        }
+        Ok(attr)
+    }
+
+    /// Creates a file, directory, device, fifo, socket or symlink.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn make_node(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        caller: Caller,
+        open: bool,
+    ) -> Result<Attr> {
+        check_name(name)?;
+        let req = MetaRequest::MakeNode {
+            parent,
+            name: name.to_vec(),
+            kind,
+            perm,
+            rdev,
+            target,
+            caller,
+            open,
+        };
+        let attr = self.call_attr(req).await?;
+        if open {
+            self.opened(attr.ino);
+        }
+        Ok(attr)
+    }
+
+    pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+        check_name(new_name)?;
+        self.call_attr(MetaRequest::Link {
+            ino,
+            new_parent,
+            new_name: new_name.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.call_empty(MetaRequest::Unlink {
+            parent,
+            name: name.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.call_empty(MetaRequest::Rmdir {
+            parent,
+            name: name.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(new_name)?;
+        let req = MetaRequest::Rename {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            mode,
+        };
+        self.call_empty(req).await
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        match self.call(MetaRequest::ReadLink { ino }).await? {
+            MetaResponse::Link(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Up to `limit` entries after `cookie` (0 to start).
+    pub async fn readdir(
+        &self,
+        ino: Ino,
+        after: u64,
+        limit: u32,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>> {
+        match self
+            .call(MetaRequest::ReadDir {
+                ino,
+                after,
+                limit,
+                plus,
+            })
+            .await?
+        {
+            MetaResponse::Dir(mut entries) => {
+                for e in &mut entries {
+                    if let Some(a) = e.attr.take() {
+                        e.attr = Some(self.note_attr(a));
+                    }
+                }
+                Ok(entries)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens a file: registers the handle with the metadata server.
+    pub async fn open(&self, ino: Ino) -> Result<Attr> {
+        let attr = self.call_attr(MetaRequest::Open { ino }).await?;
+        self.opened(ino);
+        Ok(attr)
+    }
+
+    /// Closes a handle: flushes buffered writes, then drops the registration.
+    pub async fn release(self: &Arc<Self>, ino: Ino) -> Result<()> {
+        let flushed = self.flush(ino, false).await;
+        self.closed(ino);
+        let closed = self.call_empty(MetaRequest::Close { ino }).await;
+        flushed.and(closed)
+    }
+
+    pub async fn fallocate(
+        self: &Arc<Self>,
+        ino: Ino,
+        mode: FallocMode,
+        offset: u64,
+        len: u64,
+    ) -> Result<Attr> {
+        self.flush(ino, false).await?;
+        let attr = self
+            .call_attr(MetaRequest::Fallocate {
+                ino,
+                mode,
+                offset,
+                len,
+            })
+            .await?;
+        self.invalidate_data(ino);
+        Ok(attr)
+    }
+
+    pub async fn set_xattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()> {
+        if name.len() > XATTR_NAME_MAX {
+            return Err(ClientError::new(ErrorCode::Range, "xattr name too long"));
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(ClientError::new(ErrorCode::TooBig, "xattr value too large"));
+        }
+        self.call_empty(MetaRequest::SetXattr {
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            mode,
+        })
+        .await
+    }
+
+    pub async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        if name.len() > XATTR_NAME_MAX {
+            return Err(ClientError::new(ErrorCode::Range, "xattr name too long"));
+        }
+        match self
+            .call(MetaRequest::GetXattr {
+                ino,
+                name: name.to_vec(),
+            })
+            .await?
+        {
+            MetaResponse::Xattr(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_xattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        match self.call(MetaRequest::ListXattr { ino }).await? {
+            MetaResponse::XattrNames(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.call_empty(MetaRequest::RemoveXattr {
+            ino,
+            name: name.to_vec(),
+        })
+        .await
+    }
+
+    pub async fn statfs(&self) -> Result<FsStats> {
+        match self.call(MetaRequest::StatFs).await? {
+            MetaResponse::StatFs(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes all metadata changes so far durable (fsync of a directory).
+    pub async fn sync_metadata(&self) -> Result<()> {
+        self.call_empty(MetaRequest::Sync).await
+    }
+}

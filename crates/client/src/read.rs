@@ -1,0 +1,133 @@
+//! Reads: chunk maps from the metadata server, blocks from chunk servers (cached), readahead.
+
+use crate::layout::resolve;
+use crate::{Client, ClientError, Result, unexpected};
+use cairn_proto::chunk::BlockKey;
+use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::*;
+use std::sync::Arc;
+
+/// How far past a sequential read blocks are fetched in advance, in blocks.
+const READAHEAD_BLOCKS: u64 = 4;
+
+impl Client {
+    async fn chunk_map(&self, ino: Ino, chunk: u64) -> Result<Arc<Vec<SliceRef>>> {
+        let key = (ino, self.data_generation(ino), chunk);
+        self.maps
+            .try_get_with(key, async move {
+                match self.call(MetaRequest::ReadMap { ino, chunk }).await? {
+                    MetaResponse::Map(m) => Ok(Arc::new(m)),
+                    other => Err(unexpected(other)),
+                }
+            })
+            .await
+            .map_err(|e: Arc<ClientError>| (*e).clone())
+    }
+
+    async fn file_size(&self, ino: Ino) -> Result<u64> {
+        match self.sizes.get(&ino) {
+            Some(s) => Ok(s),
+            None => Ok(self.getattr(ino).await?.size),
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset`; short only at end of file.
+    pub async fn read(self: &Arc<Self>, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if self.is_dirty(ino) {
+            self.flush(ino, false).await?;
+        }
+        let file_size = self.file_size(ino).await?;
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = file_size.min(offset + size as u64);
+        let mut out = vec![0u8; (end - offset) as usize];
+        self.read_into(ino, offset, &mut out).await?;
+        let sequential = self
+            .last_read
+            .insert(ino, end)
+            .is_some_and(|prev| prev == offset);
+        if sequential && end < file_size {
+            let client = self.clone();
+            let ahead = (READAHEAD_BLOCKS * self.volume.block_size).min(file_size - end);
+            tokio::spawn(async move { client.prefetch(ino, end, ahead).await });
+        }
+        Ok(out)
+    }
+
+    /// Fills `out` with the file's bytes starting at `offset` (zeros where nothing is stored).
+    async fn read_into(&self, ino: Ino, offset: u64, out: &mut [u8]) -> Result<()> {
+        let jobs = self.plan(ino, offset, out.len() as u64).await?;
+        let fetched =
+            futures::future::join_all(jobs.iter().map(|j| self.block(j.key, &j.servers))).await;
+        for (job, block) in jobs.iter().zip(fetched) {
+            let block = block?;
+            let src = block
+                .get(job.block_off..job.block_off + job.len)
+                .ok_or_else(|| {
+                    ClientError::new(
+                        ErrorCode::Io,
+                        format!("block {:?} is shorter than its slice", job.key),
+                    )
+                })?;
+            out[job.out_off..job.out_off + job.len].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Warms the block cache for `[offset, offset + len)`.
+    async fn prefetch(&self, ino: Ino, offset: u64, len: u64) {
+        if let Ok(jobs) = self.plan(ino, offset, len).await {
+            let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
+            keys.dedup_by_key(|(k, _)| *k);
+            futures::future::join_all(keys.iter().map(|(k, s)| self.block(*k, s))).await;
+        }
+    }
+
+    /// Which parts of which blocks make up `[offset, offset + len)` of a file.
+    async fn plan(&self, ino: Ino, offset: u64, len: u64) -> Result<Vec<Copy>> {
+        let cs = self.volume.chunk_size;
+        let bs = self.volume.block_size;
+        let mut jobs = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos / cs;
+            let chunk_start = chunk * cs;
+            let stop = end.min(chunk_start + cs);
+            let map = self.chunk_map(ino, chunk).await?;
+            for piece in resolve(&map, pos - chunk_start, stop - chunk_start) {
+                let Some(slice) = piece.slice else { continue };
+                let mut at = piece.start;
+                while at < piece.end {
+                    let in_slice = at - slice.pos as u64;
+                    let index = in_slice / bs;
+                    let block_off = in_slice % bs;
+                    let n = (bs - block_off).min(piece.end - at);
+                    jobs.push(Copy {
+                        key: BlockKey {
+                            slice: slice.id,
+                            index: index as u32,
+                        },
+                        servers: slice.servers.clone(),
+                        block_off: block_off as usize,
+                        out_off: (chunk_start + at - offset) as usize,
+                        len: n as usize,
+                    });
+                    at += n;
+                }
+            }
+            pos = stop;
+        }
+        Ok(jobs)
+    }
+}
+
+/// Copy `len` bytes from `block_off` in a block to `out_off` in the read buffer.
+struct Copy {
+    key: BlockKey,
+    servers: Vec<ServerId>,
+    block_off: usize,
+    out_off: usize,
+    len: usize,
+}

@@ -1,0 +1,236 @@
+//! Write buffering: writes gather into slice-sized buffers per file, which are stored on chunk
+//! servers in the background and committed to the metadata server on flush, fsync and close.
+
+use crate::{Client, Result};
+use cairn_proto::chunk::BlockKey;
+use cairn_proto::meta::MetaRequest;
+use cairn_proto::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+type Stored = Result<(NewSlice, Vec<(ServerId, BlockKey)>)>;
+
+/// Per-file write state, shared by every handle of the file on this client.
+pub(crate) struct FileState {
+    handles: AtomicU32,
+    /// Highest end offset written since the last commit (0 when clean).
+    size: AtomicU64,
+    inner: Mutex<WriteState>,
+}
+
+#[derive(Default)]
+struct WriteState {
+    /// The buffer being filled: file offset and bytes.
+    buf: Option<(u64, Vec<u8>)>,
+    /// Sealed buffers being stored, in write order (which is commit order).
+    pending: Vec<JoinHandle<Stored>>,
+    /// Blocks stored without fsync since the last `fsync`.
+    unsynced: Vec<(ServerId, BlockKey)>,
+    dirty: bool,
+}
+
+impl FileState {
+    pub(crate) fn buffered_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes that may be buffered or in flight across all files (back-pressure for writers).
+pub(crate) struct WriteBudget {
+    sem: Arc<Semaphore>,
+    max: u32,
+}
+
+impl WriteBudget {
+    pub(crate) fn new(bytes: u64) -> WriteBudget {
+        let max = bytes.clamp(1 << 20, u32::MAX as u64) as u32;
+        WriteBudget {
+            sem: Arc::new(Semaphore::new(max as usize)),
+            max,
+        }
+    }
+
+    async fn acquire(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let n = (bytes as u64).clamp(1, self.max as u64) as u32;
+        self.sem
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("write budget semaphore is never closed")
+    }
+}
+
+impl Client {
+    fn file_state(&self, ino: Ino) -> Arc<FileState> {
+        self.files
+            .entry(ino)
+            .or_insert_with(|| {
+                Arc::new(FileState {
+                    handles: AtomicU32::new(0),
+                    size: AtomicU64::new(0),
+                    inner: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    pub(crate) fn opened(&self, ino: Ino) {
+        self.file_state(ino).handles.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Forgets the write state of a file with no open handle left (it was flushed before).
+    pub(crate) fn closed(&self, ino: Ino) {
+        self.files.remove_if(&ino, |_, f| {
+            let left = f.handles.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+            left == 0 && f.size.load(Ordering::Acquire) == 0
+        });
+    }
+
+    pub(crate) fn is_dirty(&self, ino: Ino) -> bool {
+        self.files
+            .get(&ino)
+            .is_some_and(|f| f.size.load(Ordering::Acquire) > 0)
+    }
+
+    /// Buffers `data` at `offset`. Returns once the bytes are buffered (not yet stored).
+    pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE);
+        let Some(end) = end else {
+            return Err(crate::ClientError::new(
+                ErrorCode::FileTooBig,
+                "write past the maximum file size",
+            ));
+        };
+        let cs = self.volume.chunk_size;
+        let bs = self.volume.block_size;
+        let f = self.file_state(ino);
+        let mut st = f.inner.lock().await;
+        let (mut off, mut rest) = (offset, data);
+        while !rest.is_empty() {
+            let chunk_end = (off / cs + 1) * cs;
+            let mut n = (rest.len() as u64).min(chunk_end - off);
+            let appendable = match &st.buf {
+                Some((b_off, b)) => {
+                    off >= *b_off && off <= *b_off + b.len() as u64 && off / cs == *b_off / cs
+                }
+                None => false,
+            };
+            if !appendable {
+                self.seal(&mut st, false).await;
+                st.buf = Some((off, Vec::new()));
+            }
+            let (b_off, b) = st.buf.as_mut().expect("buffer exists");
+            let at = (off - *b_off) as usize;
+            n = n.min(bs - at as u64);
+            let n_us = n as usize;
+            if b.len() < at + n_us {
+                b.resize(at + n_us, 0);
+            }
+            b[at..at + n_us].copy_from_slice(&rest[..n_us]);
+            let full = b.len() as u64 >= bs || *b_off + b.len() as u64 == chunk_end;
+            if full {
+                self.seal(&mut st, false).await;
+            }
+            off += n;
+            rest = &rest[n_us..];
+        }
+        st.dirty = true;
+        f.size.fetch_max(end, Ordering::AcqRel);
+        Ok(data.len() as u32)
+    }
+
+    /// Starts storing the current buffer in the background (waits if the budget is spent).
+    async fn seal(self: &Arc<Self>, st: &mut WriteState, sync: bool) {
+        let Some((off, data)) = st.buf.take() else {
+            return;
+        };
+        if data.is_empty() {
+            return;
+        }
+        let permit = self.write_budget.acquire(data.len()).await;
+        let client = self.clone();
+        let cs = self.volume.chunk_size;
+        st.pending.push(tokio::spawn(async move {
+            let id = client.next_slice_id().await?;
+            let servers = client.store_slice(id, &data, sync).await?;
+            drop(permit);
+            let blocks = data.len().div_ceil(client.volume.block_size as usize) as u32;
+            let keys = servers
+                .iter()
+                .flat_map(|s| (0..blocks).map(move |index| (*s, BlockKey { slice: id, index })))
+                .collect();
+            let slice = SliceRef {
+                pos: (off % cs) as u32,
+                len: data.len() as u32,
+                id,
+                servers,
+            };
+            Ok((
+                NewSlice {
+                    chunk: off / cs,
+                    slice,
+                },
+                keys,
+            ))
+        }));
+    }
+
+    /// Stores and commits everything written so far; with `durable`, also makes it survive
+    /// a crash of every server (fsync).
+    pub async fn flush(self: &Arc<Self>, ino: Ino, durable: bool) -> Result<()> {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return Ok(());
+        };
+        let mut st = f.inner.lock().await;
+        if !st.dirty && (!durable || st.unsynced.is_empty()) {
+            return Ok(());
+        }
+        self.seal(&mut st, durable).await;
+        let mut slices = Vec::with_capacity(st.pending.len());
+        let mut first_err = None;
+        for handle in std::mem::take(&mut st.pending) {
+            match handle.await {
+                Ok(Ok((slice, keys))) => {
+                    slices.push(slice);
+                    if !durable {
+                        st.unsynced.extend(keys);
+                    }
+                }
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(e) => {
+                    first_err =
+                        first_err.or(Some(crate::ClientError::new(ErrorCode::Io, e.to_string())))
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            // The data could not be stored: report it once, as a local filesystem reports a
+            // failed writeback, and drop the buffered state so later calls do not repeat it.
+            st.dirty = false;
+            f.size.store(0, Ordering::Release);
+            return Err(e);
+        }
+        if durable && !st.unsynced.is_empty() {
+            let unsynced = std::mem::take(&mut st.unsynced);
+            self.sync_blocks(unsynced).await?;
+        }
+        let min_size = f.size.load(Ordering::Acquire);
+        let attr = self
+            .call_attr(MetaRequest::Commit {
+                ino,
+                slices,
+                min_size,
+                durable,
+            })
+            .await?;
+        st.dirty = false;
+        f.size.store(0, Ordering::Release);
+        self.sizes.insert(ino, attr.size);
+        self.invalidate_data(ino);
+        Ok(())
+    }
+}

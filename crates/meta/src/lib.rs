@@ -1,0 +1,17 @@
+//! The metadata service: owns the namespace, the file → slice maps and the chunk-server
+//! registry, and answers clients and chunk servers over QUIC.
+//!
+//! Every mutating request is one SQL transaction on a single writer connection, so
+//! operations are atomic and serialized; reads use a separate connection pool.
+
+mod data;
+mod error;
+mod namespace;
+mod opens;
+mod registry;
+mod service;
+mod store;
+
+pub use error::{MetaError, Result};
+pub use service::{MetaConfig, MetaService, RunError, run};
+pub use store::Store;

@@ -1,0 +1,97 @@
+//! Open handles per inode and per client connection, so an unlinked file lives until its last
+//! close and a dead client's handles are dropped with its connection.
+
+use cairn_proto::Ino;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Counts of open handles, in memory (a restarted metadata server starts with none).
+#[derive(Default)]
+pub(crate) struct Opens {
+    inner: Mutex<OpensInner>,
+}
+
+#[derive(Default)]
+struct OpensInner {
+    by_ino: HashMap<Ino, u32>,
+    by_conn: HashMap<usize, HashMap<Ino, u32>>,
+}
+
+impl Opens {
+    pub(crate) fn open(&self, conn: usize, ino: Ino) {
+        let mut g = self.inner.lock().expect("opens lock");
+        *g.by_ino.entry(ino).or_default() += 1;
+        *g.by_conn.entry(conn).or_default().entry(ino).or_default() += 1;
+    }
+
+    /// Drops one handle; returns true if it was the inode's last.
+    pub(crate) fn close(&self, conn: usize, ino: Ino) -> bool {
+        let mut g = self.inner.lock().expect("opens lock");
+        if let Some(per_conn) = g.by_conn.get_mut(&conn) {
+            match per_conn.get_mut(&ino) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    per_conn.remove(&ino);
+                }
+                None => return false,
+            }
+        } else {
+            return false;
+        }
+        decrement(&mut g.by_ino, ino, 1)
+    }
+
+    pub(crate) fn is_open(&self, ino: Ino) -> bool {
+        self.inner
+            .lock()
+            .expect("opens lock")
+            .by_ino
+            .contains_key(&ino)
+    }
+
+    /// Drops every handle of a connection; returns the inodes that lost their last handle.
+    pub(crate) fn drop_conn(&self, conn: usize) -> Vec<Ino> {
+        let mut g = self.inner.lock().expect("opens lock");
+        let Some(per_conn) = g.by_conn.remove(&conn) else {
+            return Vec::new();
+        };
+        per_conn
+            .into_iter()
+            .filter(|(ino, n)| decrement(&mut g.by_ino, *ino, *n))
+            .map(|(ino, _)| ino)
+            .collect()
+    }
+}
+
+fn decrement(map: &mut HashMap<Ino, u32>, ino: Ino, by: u32) -> bool {
+    match map.get_mut(&ino) {
+        Some(n) if *n > by => {
+            *n -= by;
+            false
+        }
+        Some(_) => {
+            map.remove(&ino);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_close_and_dead_connections() {
+        let o = Opens::default();
+        o.open(1, 10);
+        o.open(2, 10);
+        o.open(1, 10);
+        assert!(!o.close(1, 10));
+        assert!(o.is_open(10));
+        assert!(!o.close(1, 10));
+        assert_eq!(o.drop_conn(2), vec![10]);
+        assert!(!o.is_open(10));
+        assert!(!o.close(3, 10));
+    }
+}

@@ -1,0 +1,319 @@
+//! Request dispatch, the server's run loop and its background tasks.
+
+use crate::error::MetaError;
+use crate::opens::Opens;
+use crate::registry::Registry;
+use crate::store::Store;
+use cairn_net::{Handler, Identity, Peer, RpcClient};
+use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
+use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+/// What `cairn meta` needs to run.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    pub listen: SocketAddr,
+    pub db: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A chunk server silent for this long is considered dead.
+    pub dead_after: Duration,
+}
+
+/// The metadata service state shared by all connections.
+pub struct MetaService {
+    pub(crate) store: Store,
+    pub(crate) volume: VolumeInfo,
+    pub(crate) opens: Opens,
+    pub(crate) registry: Registry,
+    pub(crate) gc_wakeup: Notify,
+}
+
+impl MetaService {
+    /// Opens the service on an already formatted store.
+    pub async fn new(store: Store, dead_after: Duration) -> crate::Result<MetaService> {
+        let volume = store.volume().await?;
+        let svc = MetaService {
+            store,
+            volume,
+            opens: Opens::default(),
+            registry: Registry::new(dead_after),
+            gc_wakeup: Notify::new(),
+        };
+        svc.purge_orphans().await?;
+        Ok(svc)
+    }
+
+    async fn dispatch(&self, peer: &Peer, req: MetaRequest) -> crate::Result<MetaResponse> {
+        use MetaResponse as R;
+        let conn = peer.conn_id;
+        Ok(match req {
+            MetaRequest::Hello { version, volume } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(MetaError::fs(
+                        ErrorCode::Mismatch,
+                        format!(
+                            "protocol version {version} unsupported (server speaks {PROTOCOL_VERSION})"
+                        ),
+                    ));
+                }
+                if volume != self.volume.name {
+                    return Err(MetaError::fs(
+                        ErrorCode::NotFound,
+                        format!(
+                            "no volume {volume:?} here (this server holds {:?})",
+                            self.volume.name
+                        ),
+                    ));
+                }
+                R::Hello {
+                    volume: self.volume.clone(),
+                }
+            }
+            MetaRequest::Lookup { parent, name } => R::Attr(self.lookup(parent, &name).await?),
+            MetaRequest::GetAttr { ino } => R::Attr(self.getattr(ino).await?),
+            MetaRequest::SetAttr {
+                ino,
+                set,
+                caller: _,
+            } => R::Attr(self.setattr(ino, &set).await?),
+            MetaRequest::MakeNode {
+                parent,
+                name,
+                kind,
+                perm,
+                rdev,
+                target,
+                caller,
+                open,
+            } => R::Attr(
+                self.make_node(conn, parent, &name, kind, perm, rdev, target, &caller, open)
+                    .await?,
+            ),
+            MetaRequest::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => R::Attr(self.link(ino, new_parent, &new_name).await?),
+            MetaRequest::Unlink { parent, name } => {
+                self.unlink(parent, &name).await?;
+                R::Empty
+            }
+            MetaRequest::Rmdir { parent, name } => {
+                self.rmdir(parent, &name).await?;
+                R::Empty
+            }
+            MetaRequest::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                mode,
+            } => {
+                self.rename(parent, &name, new_parent, &new_name, mode)
+                    .await?;
+                R::Empty
+            }
+            MetaRequest::ReadLink { ino } => R::Link(self.readlink(ino).await?),
+            MetaRequest::ReadDir {
+                ino,
+                after,
+                limit,
+                plus,
+            } => R::Dir(self.readdir(ino, after, limit, plus).await?),
+            MetaRequest::Open { ino } => R::Attr(self.open(conn, ino).await?),
+            MetaRequest::Close { ino } => {
+                self.close(conn, ino).await?;
+                R::Empty
+            }
+            MetaRequest::ReadMap { ino, chunk } => R::Map(self.read_map(ino, chunk).await?),
+            MetaRequest::AllocSlices { count } => R::SliceIds {
+                first: self.alloc_slices(count).await?,
+            },
+            MetaRequest::Commit {
+                ino,
+                slices,
+                min_size,
+                durable,
+            } => R::Attr(self.commit(ino, &slices, min_size, durable).await?),
+            MetaRequest::Sync => {
+                self.sync().await?;
+                R::Empty
+            }
+            MetaRequest::Fallocate {
+                ino,
+                mode,
+                offset,
+                len,
+            } => R::Attr(self.fallocate(ino, mode, offset, len).await?),
+            MetaRequest::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => {
+                self.set_xattr(ino, &name, &value, mode).await?;
+                R::Empty
+            }
+            MetaRequest::GetXattr { ino, name } => R::Xattr(self.get_xattr(ino, &name).await?),
+            MetaRequest::ListXattr { ino } => R::XattrNames(self.list_xattr(ino).await?),
+            MetaRequest::RemoveXattr { ino, name } => {
+                self.remove_xattr(ino, &name).await?;
+                R::Empty
+            }
+            MetaRequest::StatFs => R::StatFs(self.statfs().await?),
+            MetaRequest::ListServers => R::Servers(self.registry.list()),
+            MetaRequest::Heartbeat {
+                id,
+                addr,
+                capacity,
+                free,
+            } => {
+                if self.registry.heartbeat(id, addr.clone(), capacity, free) {
+                    info!(id, %addr, "chunk server joined");
+                }
+                R::Empty
+            }
+        })
+    }
+
+    async fn statfs(&self) -> crate::Result<FsStats> {
+        let (files,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes")
+            .fetch_one(&self.store.readers)
+            .await?;
+        let alive: Vec<_> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|s| s.alive)
+            .collect();
+        let r = u64::from(self.volume.replication.max(1)).min(alive.len().max(1) as u64);
+        let capacity = alive.iter().map(|s| s.capacity).sum::<u64>() / r;
+        let free = alive.iter().map(|s| s.free).sum::<u64>() / r;
+        Ok(FsStats {
+            capacity,
+            free,
+            files: files as u64,
+        })
+    }
+
+    /// Deletes the blocks of unreferenced slices, forever, in the background.
+    async fn gc_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let mut clients: HashMap<ServerId, RpcClient> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = self.gc_wakeup.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            let batch = match self.gc_batch(512).await {
+                Ok(b) if b.is_empty() => continue,
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("gc: {e}");
+                    continue;
+                }
+            };
+            let servers = self.registry.list();
+            let mut per_server: HashMap<ServerId, Vec<BlockKey>> = HashMap::new();
+            for (slice, blocks, holders) in &batch {
+                for s in holders {
+                    per_server
+                        .entry(*s)
+                        .or_default()
+                        .extend((0..*blocks).map(|index| BlockKey {
+                            slice: *slice,
+                            index,
+                        }));
+                }
+            }
+            let mut done = true;
+            for (id, keys) in per_server {
+                let Some(info) = servers.iter().find(|s| s.id == id && s.alive) else {
+                    done = false;
+                    continue;
+                };
+                let client = clients.entry(id).or_insert_with(|| {
+                    RpcClient::new(
+                        endpoint.clone(),
+                        &info.addr,
+                        cairn_net::CHUNK_SERVER_NAME,
+                        Duration::from_secs(30),
+                    )
+                });
+                for part in keys.chunks(4096) {
+                    let r: Result<(ChunkResponse, Vec<u8>), _> = client
+                        .call(
+                            &ChunkRequest::Delete {
+                                keys: part.to_vec(),
+                            },
+                            &[],
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        warn!(server = id, "gc: {e}");
+                        done = false;
+                    }
+                }
+            }
+            if done {
+                let ids: Vec<_> = batch.iter().map(|(s, _, _)| *s).collect();
+                if let Err(e) = self.gc_done(&ids).await {
+                    warn!("gc: {e}");
+                }
+                self.gc_wakeup.notify_one();
+            } else {
+                // Retry later: a holder is down. Blocks of dead servers are dealt with on rejoin.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+impl Handler<MetaRequest, MetaResponse> for MetaService {
+    async fn handle(
+        &self,
+        peer: &Peer,
+        req: MetaRequest,
+        _payload: Vec<u8>,
+    ) -> Result<(MetaResponse, Vec<u8>), WireError> {
+        Ok((self.dispatch(peer, req).await?, Vec::new()))
+    }
+
+    async fn disconnected(&self, peer: &Peer) {
+        if let Err(e) = self.connection_lost(peer.conn_id).await {
+            warn!("cleaning up after a lost client: {e}");
+        }
+    }
+}
+
+/// Runs the metadata server until the process is stopped.
+pub async fn run(config: MetaConfig) -> Result<(), RunError> {
+    let identity = Identity::load(&config.ca, &config.cert, &config.key)?;
+    let store = Store::open(&config.db).await?;
+    let svc = Arc::new(MetaService::new(store, config.dead_after).await?);
+    let endpoint = cairn_net::server_endpoint(&identity, config.listen)?;
+    let gc_endpoint = cairn_net::client_endpoint(&identity)?;
+    info!(volume = %svc.volume.name, listen = %endpoint.local_addr()?, "metadata server ready");
+    tokio::spawn(svc.clone().gc_loop(gc_endpoint));
+    cairn_net::serve(endpoint, svc).await;
+    Ok(())
+}
+
+/// Why the metadata server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Net(#[from] cairn_net::NetError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}

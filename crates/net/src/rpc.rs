@@ -1,0 +1,344 @@
+//! Request/response over QUIC: one bidirectional stream per call, postcard header + raw payload.
+
+use crate::NetError;
+use cairn_proto::frame::{self, FrameError, PREFIX_LEN};
+use cairn_proto::{ErrorCode, WireError};
+use serde::{Serialize, de::DeserializeOwned};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// How long a server waits for the rest of a request whose stream has opened.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A caller as seen by a server: one QUIC connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Unique per connection for the lifetime of the server process.
+    pub conn_id: usize,
+    pub remote: SocketAddr,
+}
+
+/// A connection to one server that reconnects when the server comes back.
+pub struct RpcClient {
+    endpoint: quinn::Endpoint,
+    addr: String,
+    server_name: String,
+    timeout: Duration,
+    conn: Mutex<Option<quinn::Connection>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl RpcClient {
+    /// A client for the server at `addr` (`host:port`) whose certificate names `server_name`.
+    /// Nothing is sent until the first call.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        addr: &str,
+        server_name: &str,
+        timeout: Duration,
+    ) -> RpcClient {
+        RpcClient {
+            endpoint,
+            addr: addr.to_string(),
+            server_name: server_name.to_string(),
+            timeout,
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The server address this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `req` with `payload` and waits for the answer, at most the configured deadline.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        req: &Req,
+        payload: &[u8],
+    ) -> Result<(Resp, Vec<u8>), NetError> {
+        let head = frame::encode_head(req, payload.len()).map_err(|source| NetError::Frame {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        let work = async {
+            // One retry on a fresh connection when the cached one turns out to be dead (for
+            // example after the server restarted): the request was never processed then.
+            let mut attempt = 0;
+            loop {
+                let conn = self.connection().await?;
+                match self.exchange(&conn, &head, payload).await {
+                    Err(Attempt::Unsent(e)) if attempt == 0 => {
+                        debug!(addr = %self.addr, "retrying on a new connection: {e}");
+                        self.forget(&conn);
+                        attempt += 1;
+                    }
+                    Err(Attempt::Unsent(e)) | Err(Attempt::Failed(e)) => {
+                        if e.is_transport() {
+                            self.forget(&conn);
+                        }
+                        return Err(e);
+                    }
+                    Ok(v) => return Ok(v),
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(NetError::Timeout {
+                addr: self.addr.clone(),
+                secs: self.timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    fn forget(&self, conn: &quinn::Connection) {
+        let mut guard = self.conn.lock().expect("conn lock");
+        if guard.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {
+            *guard = None;
+        }
+    }
+
+    async fn connection(&self) -> Result<quinn::Connection, NetError> {
+        if let Some(c) = self.live_connection() {
+            return Ok(c);
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.live_connection() {
+            return Ok(c);
+        }
+        let connect_err = |reason: String| NetError::Connect {
+            addr: self.addr.clone(),
+            reason,
+        };
+        let sockaddr = tokio::net::lookup_host(&self.addr)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| connect_err("address resolves to nothing".into()))?;
+        let conn = self
+            .endpoint
+            .connect(sockaddr, &self.server_name)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        *self.conn.lock().expect("conn lock") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn live_connection(&self) -> Option<quinn::Connection> {
+        let guard = self.conn.lock().expect("conn lock");
+        guard
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    async fn exchange<Resp: DeserializeOwned>(
+        &self,
+        conn: &quinn::Connection,
+        head: &[u8],
+        payload: &[u8],
+    ) -> Result<(Resp, Vec<u8>), Attempt> {
+        let conn_err = |e: &dyn std::fmt::Display| NetError::Connection {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        };
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Attempt::Unsent(conn_err(&e)))?;
+        let sent = async {
+            send.write_all(head).await?;
+            send.write_all(payload).await?;
+            send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+            Ok::<_, quinn::WriteError>(())
+        };
+        if let Err(e) = sent.await {
+            return Err(match e {
+                quinn::WriteError::ConnectionLost(_) => Attempt::Unsent(conn_err(&e)),
+                _ => Attempt::Failed(conn_err(&e)),
+            });
+        }
+        let (header, payload) = read_frame(&mut recv).await.map_err(|e| {
+            Attempt::Failed(match e {
+                ReadError::Frame(source) => NetError::Frame {
+                    addr: self.addr.clone(),
+                    source,
+                },
+                ReadError::Stream(e) => conn_err(&e),
+            })
+        })?;
+        let answer: Result<Resp, WireError> = frame::decode_header(&header).map_err(|source| {
+            Attempt::Failed(NetError::Frame {
+                addr: self.addr.clone(),
+                source,
+            })
+        })?;
+        match answer {
+            Ok(resp) => Ok((resp, payload)),
+            Err(e) => Err(Attempt::Failed(NetError::Remote(e))),
+        }
+    }
+}
+
+enum Attempt {
+    /// Failed before the server could have seen the request: safe to retry.
+    Unsent(NetError),
+    Failed(NetError),
+}
+
+enum ReadError {
+    Frame(FrameError),
+    Stream(quinn::ReadExactError),
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<(Vec<u8>, Vec<u8>), ReadError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(ReadError::Stream)?;
+    let (h, p) = frame::decode_prefix(prefix).map_err(ReadError::Frame)?;
+    let mut header = vec![0u8; h];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(ReadError::Stream)?;
+    let mut payload = vec![0u8; p];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(ReadError::Stream)?;
+    Ok((header, payload))
+}
+
+/// Service logic behind [`serve`]: one call per request.
+pub trait Handler<Req, Resp>: Send + Sync + 'static {
+    /// Answers one request; the returned bytes go back as the response payload.
+    fn handle(
+        &self,
+        peer: &Peer,
+        req: Req,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = Result<(Resp, Vec<u8>), WireError>> + Send;
+
+    /// Called once when a peer's connection ends, for whatever reason.
+    fn disconnected(&self, _peer: &Peer) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Accepts connections on `endpoint` and answers each stream with `handler` until the endpoint
+/// is closed. Malformed or oversized requests get an error answer; other streams carry on.
+pub async fn serve<Req, Resp, H>(endpoint: quinn::Endpoint, handler: Arc<H>)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
+    while let Some(incoming) = endpoint.accept().await {
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("refused a connection: {e}");
+                    return;
+                }
+            };
+            let peer = Peer {
+                conn_id: conn.stable_id(),
+                remote: conn.remote_address(),
+            };
+            debug!(?peer, "peer connected");
+            loop {
+                match conn.accept_bi().await {
+                    Ok((send, recv)) => {
+                        let handler = handler.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move { answer(&*handler, &peer, send, recv).await });
+                    }
+                    Err(e) => {
+                        debug!(?peer, "peer disconnected: {e}");
+                        break;
+                    }
+                }
+            }
+            handler.disconnected(&peer).await;
+        });
+    }
+}
+
+async fn answer<Req, Resp, H>(
+    handler: &H,
+    peer: &Peer,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Handler<Req, Resp>,
+{
+    let result = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut recv)).await {
+        Err(_) => Err(WireError::new(
+            ErrorCode::BadRequest,
+            "request not received in time",
+        )),
+        Ok(Err(ReadError::Stream(e))) => {
+            debug!(?peer, "request stream failed: {e}");
+            return;
+        }
+        Ok(Err(ReadError::Frame(e))) => {
+            warn!(?peer, "rejected request: {e}");
+            let _ = recv.stop(1u32.into());
+            Err(WireError::new(ErrorCode::BadRequest, e.to_string()))
+        }
+        Ok(Ok((header, payload))) => match frame::decode_header::<Req>(&header) {
+            Err(e) => {
+                warn!(?peer, "rejected request: {e}");
+                Err(WireError::new(ErrorCode::BadRequest, e.to_string()))
+            }
+            Ok(req) => handler.handle(peer, req, payload).await,
+        },
+    };
+    let (head, payload) = match result {
+        Ok((resp, payload)) => (
+            frame::encode_head(&Ok::<Resp, WireError>(resp), payload.len()),
+            payload,
+        ),
+        Err(e) => (
+            frame::encode_head(&Err::<Resp, WireError>(e), 0),
+            Vec::new(),
+        ),
+    };
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(?peer, "cannot encode answer: {e}");
+            let err: Result<Resp, WireError> = Err(WireError::new(ErrorCode::Io, e.to_string()));
+            match frame::encode_head(&err, 0) {
+                Ok(h) => h,
+                Err(_) => return,
+            }
+        }
+    };
+    let sent = async {
+        send.write_all(&head).await?;
+        send.write_all(&payload).await?;
+        send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+        Ok::<_, quinn::WriteError>(())
+    };
+    if let Err(e) = sent.await {
+        debug!(?peer, "could not send answer: {e}");
+    }
+}

@@ -1,0 +1,141 @@
+//! Building quinn endpoints that require certificates from the cluster CA on both sides.
+
+use crate::NetError;
+use cairn_proto::ALPN;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A node's credentials: the cluster CA it trusts and its own certificate and key.
+#[derive(Debug)]
+pub struct Identity {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+fn tls_err(e: impl std::fmt::Display) -> NetError {
+    NetError::Tls(e.to_string())
+}
+
+impl Identity {
+    /// Loads PEM files: the CA certificate, this node's certificate and its private key.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Identity, NetError> {
+        let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, NetError> {
+            let certs = CertificateDer::pem_file_iter(p)
+                .map_err(|e| NetError::Tls(format!("{}: {e}", p.display())))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| NetError::Tls(format!("{}: {e}", p.display())))?;
+            if certs.is_empty() {
+                return Err(NetError::Tls(format!(
+                    "{}: no certificate found",
+                    p.display()
+                )));
+            }
+            Ok(certs)
+        };
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| NetError::Tls(format!("{}: {e}", key.display())))?;
+        Ok(Identity {
+            ca: read_certs(ca)?,
+            chain: read_certs(cert)?,
+            key,
+        })
+    }
+
+    /// Builds an identity from PEM strings (tests, and `cairn format` before files exist).
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Identity, NetError> {
+        let certs = |s: &str| {
+            CertificateDer::pem_slice_iter(s.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(tls_err)
+        };
+        Ok(Identity {
+            ca: certs(ca)?,
+            chain: certs(cert)?,
+            key: PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(tls_err)?,
+        })
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, NetError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone()).map_err(tls_err)?;
+        }
+        Ok(roots)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4096u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((32u32 << 20).into())
+        .receive_window((256u32 << 20).into())
+        .send_window(256 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(
+            Duration::from_secs(20)
+                .try_into()
+                .expect("valid idle timeout"),
+        ));
+    Arc::new(t)
+}
+
+/// A server endpoint on `addr` that only accepts peers with a certificate from the cluster CA.
+pub fn server_endpoint(identity: &Identity, addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(identity.roots()?),
+        provider(),
+    )
+    .build()
+    .map_err(tls_err)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(quinn::Endpoint::server(config, addr)?)
+}
+
+/// A client endpoint presenting this node's certificate and trusting only the cluster CA.
+pub fn client_endpoint(identity: &Identity) -> Result<quinn::Endpoint, NetError> {
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(identity.roots()?)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(tls_err)?;
+    let mut tls = tls;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid addr"))?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}

@@ -1,0 +1,38 @@
+//! Requests to chunk servers. Block bytes travel as the frame payload, not in these headers.
+
+use crate::types::SliceId;
+use serde::{Deserialize, Serialize};
+
+/// Names one immutable block: the `index`-th block of slice `slice`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    pub slice: SliceId,
+    pub index: u32,
+}
+
+/// A request to a chunk server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ChunkRequest {
+    /// Stores the payload (an encoded block) under `key`; with `sync`, fsyncs before answering.
+    Put { key: BlockKey, sync: bool },
+    /// Returns the encoded block as the payload.
+    Get { key: BlockKey },
+    /// Makes blocks stored earlier without `sync` durable.
+    Sync { keys: Vec<BlockKey> },
+    /// Removes blocks; missing ones are ignored.
+    Delete { keys: Vec<BlockKey> },
+    /// Capacity and free bytes of the data directory.
+    Stat,
+}
+
+/// A successful answer from a chunk server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ChunkResponse {
+    Done,
+    /// The payload carries the block.
+    Block,
+    Stat {
+        capacity: u64,
+        free: u64,
+    },
+}

@@ -1,0 +1,198 @@
+//! Requests to the metadata server and their responses.
+
+use crate::types::*;
+use serde::{Deserialize, Serialize};
+
+/// Who is asking: the caller's credentials, used for ownership of new inodes and permission checks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attribute changes for `SetAttr`; `None` leaves a field alone.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SetAttrs {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Timestamp>,
+}
+
+/// How `Rename` treats an existing target (Linux `renameat2` flags).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameMode {
+    /// Replace the target if it exists (plain `rename`).
+    Replace,
+    /// Fail with `EEXIST` if the target exists (`RENAME_NOREPLACE`).
+    NoReplace,
+    /// Swap source and target atomically; both must exist (`RENAME_EXCHANGE`).
+    Exchange,
+}
+
+/// `setxattr` flags.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    /// Create or replace.
+    Any,
+    /// `XATTR_CREATE`: fail with `EEXIST` if present.
+    Create,
+    /// `XATTR_REPLACE`: fail with `ENODATA` if absent.
+    Replace,
+}
+
+/// `fallocate` operations the metadata server understands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallocMode {
+    /// Mode 0: extend the size to cover the range.
+    Allocate,
+    /// `FALLOC_FL_KEEP_SIZE`: reserve without changing the size (a no-op on sparse storage).
+    KeepSize,
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: the range reads as zeros afterwards.
+    PunchHole,
+    /// `FALLOC_FL_ZERO_RANGE`: zeros, extending the size unless `keep_size`.
+    ZeroRange { keep_size: bool },
+}
+
+/// A request to the metadata server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum MetaRequest {
+    /// First call of a client session: checks versions and the volume name.
+    Hello {
+        version: u32,
+        volume: String,
+    },
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttrs,
+        caller: Caller,
+    },
+    /// Creates a file, directory, node or symlink (`target` is set for symlinks).
+    MakeNode {
+        parent: Ino,
+        name: Vec<u8>,
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        caller: Caller,
+        /// Register an open handle on the new inode in the same transaction (`create`).
+        open: bool,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        mode: RenameMode,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    /// Entries with cookie greater than `after`, at most `limit`.
+    ReadDir {
+        ino: Ino,
+        after: u64,
+        limit: u32,
+        plus: bool,
+    },
+    /// Registers an open handle so an unlinked inode lives until its last close.
+    Open {
+        ino: Ino,
+    },
+    /// Drops an open handle registered by `Open` or `MakeNode { open: true }`.
+    Close {
+        ino: Ino,
+    },
+    /// The slices of one chunk in commit order (later ones shadow earlier ones).
+    ReadMap {
+        ino: Ino,
+        chunk: u64,
+    },
+    /// Reserves `count` consecutive slice ids.
+    AllocSlices {
+        count: u64,
+    },
+    /// Adds stored slices to a file and raises its size to at least `min_size`; with `durable`,
+    /// the commit is on disk before the answer (fsync).
+    Commit {
+        ino: Ino,
+        slices: Vec<NewSlice>,
+        min_size: u64,
+        durable: bool,
+    },
+    /// Makes every earlier metadata change durable (fsync of a directory, syncfs).
+    Sync,
+    Fallocate {
+        ino: Ino,
+        mode: FallocMode,
+        offset: u64,
+        len: u64,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    StatFs,
+    /// Chunk servers known to the cluster.
+    ListServers,
+    /// A chunk server announces itself (on start and on every heartbeat).
+    Heartbeat {
+        id: ServerId,
+        addr: String,
+        capacity: u64,
+        free: u64,
+    },
+}
+
+/// A successful answer from the metadata server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum MetaResponse {
+    Hello { volume: VolumeInfo },
+    Attr(Attr),
+    Empty,
+    Link(Vec<u8>),
+    Dir(Vec<DirEntry>),
+    Map(Vec<SliceRef>),
+    SliceIds { first: SliceId },
+    Xattr(Vec<u8>),
+    XattrNames(Vec<Vec<u8>>),
+    StatFs(FsStats),
+    Servers(Vec<ChunkServerInfo>),
+}

@@ -1,0 +1,228 @@
+//! Value types shared by all services: inode numbers, attributes, file kinds, limits.
+
+use serde::{Deserialize, Serialize};
+
+/// Inode number. The root directory is always [`ROOT_INO`].
+pub type Ino = u64;
+/// Root directory inode.
+pub const ROOT_INO: Ino = 1;
+/// Longest file name in bytes (POSIX `NAME_MAX`).
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target in bytes (Linux `PATH_MAX` minus the NUL).
+pub const SYMLINK_MAX: usize = 4095;
+/// Longest xattr name in bytes (Linux `XATTR_NAME_MAX`).
+pub const XATTR_NAME_MAX: usize = 255;
+/// Largest xattr value in bytes (Linux `XATTR_SIZE_MAX`).
+pub const XATTR_SIZE_MAX: usize = 65536;
+/// Largest file size Cairn accepts (matches ext4's 16 TiB so tools behave the same).
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
+/// Identifier of a slice: one flushed write, stored as immutable blocks. 0 means "zeros" (a hole).
+pub type SliceId = u64;
+/// Slice id that stands for a hole: reads of it return zeros and nothing is stored.
+pub const HOLE_SLICE: SliceId = 0;
+/// Identifier of a registered chunk server.
+pub type ServerId = u64;
+
+/// What kind of object an inode is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl FileKind {
+    /// The `S_IFMT` bits for this kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            FileKind::File => libc::S_IFREG,
+            FileKind::Dir => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+            FileKind::CharDev => libc::S_IFCHR,
+            FileKind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// Kind from the `S_IFMT` bits of a mode, if they name one.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => FileKind::File,
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDev,
+            libc::S_IFBLK => FileKind::BlockDev,
+            _ => return None,
+        })
+    }
+
+    /// Stable small integer used in the SQL schema.
+    pub fn to_i64(self) -> i64 {
+        self as i64
+    }
+
+    /// Inverse of [`FileKind::to_i64`].
+    pub fn from_i64(v: i64) -> Option<FileKind> {
+        [
+            FileKind::File,
+            FileKind::Dir,
+            FileKind::Symlink,
+            FileKind::Fifo,
+            FileKind::Socket,
+            FileKind::CharDev,
+            FileKind::BlockDev,
+        ]
+        .get(usize::try_from(v).ok()?)
+        .copied()
+    }
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Timestamp {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+
+    /// Conversion for APIs that want `SystemTime`.
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        if self.secs >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::new(self.secs as u64, self.nanos)
+        } else {
+            std::time::UNIX_EPOCH - std::time::Duration::from_secs(self.secs.unsigned_abs())
+                + std::time::Duration::from_nanos(self.nanos as u64)
+        }
+    }
+
+    /// Conversion from `SystemTime` (times before 1970 are supported).
+    pub fn from_system_time(t: std::time::SystemTime) -> Timestamp {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nanos = d.subsec_nanos();
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                Timestamp { secs, nanos }
+            }
+        }
+    }
+}
+
+/// Everything `stat` reports about an inode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (no `S_IFMT` bits).
+    pub perm: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+}
+
+/// A new value for a timestamp in `SetAttr`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    /// The server's current time (`UTIME_NOW`).
+    Now,
+    /// An explicit time.
+    At(Timestamp),
+}
+
+/// One directory entry as returned by `ReadDir`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Cookie to pass back as `offset` to continue after this entry.
+    pub cookie: u64,
+    /// Present when the request asked for attributes (readdirplus).
+    pub attr: Option<Attr>,
+}
+
+/// A stored run of bytes inside one chunk of a file, as listed by `ReadMap`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SliceRef {
+    /// Offset of the slice's first byte inside the chunk.
+    pub pos: u32,
+    /// Length in bytes.
+    pub len: u32,
+    /// Slice id, or [`HOLE_SLICE`] for zeros.
+    pub id: SliceId,
+    /// Chunk servers that hold every block of the slice.
+    pub servers: Vec<ServerId>,
+}
+
+/// A slice the client has stored and now commits to a file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NewSlice {
+    pub chunk: u64,
+    pub slice: SliceRef,
+}
+
+/// A chunk server as the metadata server knows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChunkServerInfo {
+    pub id: ServerId,
+    /// Address clients connect to (`host:port`).
+    pub addr: String,
+    pub capacity: u64,
+    pub free: u64,
+    /// Whether it has heartbeated recently.
+    pub alive: bool,
+}
+
+/// Volume-wide constants a client needs, sent at session start.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub uuid: String,
+    /// Bytes per chunk: slices never cross a chunk boundary.
+    pub chunk_size: u64,
+    /// Largest block a slice is cut into.
+    pub block_size: u64,
+    /// Copies of each block to store.
+    pub replication: u32,
+}
+
+/// Filesystem-wide usage for `statfs`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FsStats {
+    pub capacity: u64,
+    pub free: u64,
+    pub files: u64,
+}

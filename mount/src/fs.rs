@@ -1,0 +1,683 @@
+//! The only module that knows fuser: kernel requests in, `cairn_client::Client` calls out.
+//!
+//! Each request is moved onto the tokio runtime with its reply object, so FUSE worker threads
+//! are free again at once and slow network calls never block other requests.
+
+use cairn_client::{Client, ClientError};
+use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
+use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp};
+use dashmap::DashMap;
+use fuser::*;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// How long the kernel may trust attributes and entries (no leases yet: keep it short).
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends in one request.
+const MAX_WRITE: u32 = 1 << 20;
+/// Entries fetched from the metadata server per readdir round trip.
+const READDIR_BATCH: u32 = 1024;
+
+/// The FUSE filesystem: a client plus the runtime its calls run on.
+pub struct CairnFs {
+    client: Arc<Client>,
+    rt: tokio::runtime::Handle,
+    next_fh: AtomicU64,
+    /// Directory listings fetched ahead, per open directory handle.
+    dirs: Arc<DashMap<u64, Mutex<DirBatch>>>,
+}
+
+impl CairnFs {
+    pub fn new(client: Arc<Client>, rt: tokio::runtime::Handle) -> CairnFs {
+        CairnFs {
+            client,
+            rt,
+            next_fh: AtomicU64::new(1),
+            dirs: Arc::new(DashMap::new()),
+        }
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
+        self.rt.spawn(f);
+    }
+}
+
+fn errno(e: &ClientError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn kind_of(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn to_fuse(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.atime.to_system_time(),
+        mtime: a.mtime.to_system_time(),
+        ctime: a.ctime.to_system_time(),
+        crtime: a.crtime.to_system_time(),
+        kind: kind_of(a.kind),
+        perm: (a.perm & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(Timestamp::from_system_time(t)),
+    }
+}
+
+fn name_bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+/// Answers an xattr read: the size when asked for 0 bytes, ERANGE when the buffer is too small.
+fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+macro_rules! run {
+    ($self:ident, $reply:ident, |$c:ident| $body:expr, |$v:ident| $ok:expr) => {{
+        let $c = $self.client.clone();
+        $self.spawn(async move {
+            match $body.await {
+                Ok($v) => $ok,
+                Err(e) => $reply.error(errno(&e)),
+            }
+        });
+    }};
+}
+
+impl Filesystem for CairnFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name_bytes(name);
+        run!(self, reply, |c| c.lookup(parent.0, &name), |a| reply.entry(
+            &TTL,
+            &to_fuse(&a),
+            Generation(0)
+        ))
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        run!(self, reply, |c| c.getattr(ino.0), |a| reply
+            .attr(&TTL, &to_fuse(&a)))
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttrs {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            ctime: ctime.map(Timestamp::from_system_time),
+        };
+        let who = caller(req);
+        run!(self, reply, |c| c.setattr(ino.0, set, who), |a| reply
+            .attr(&TTL, &to_fuse(&a)))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        run!(self, reply, |c| c.readlink(ino.0), |t| reply.data(&t))
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = FileKind::from_mode(mode) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (name, who) = (name_bytes(name), caller(req));
+        run!(
+            self,
+            reply,
+            |c| c.make_node(parent.0, &name, kind, mode & 0o7777, rdev, None, who, false),
+            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
+        )
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, who) = (name_bytes(name), caller(req));
+        run!(
+            self,
+            reply,
+            |c| c.make_node(
+                parent.0,
+                &name,
+                FileKind::Dir,
+                mode & 0o7777,
+                0,
+                None,
+                who,
+                false
+            ),
+            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
+        )
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_bytes(name);
+        run!(self, reply, |c| c.unlink(parent.0, &name), |_v| reply.ok())
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_bytes(name);
+        run!(self, reply, |c| c.rmdir(parent.0, &name), |_v| reply.ok())
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (name, who) = (name_bytes(link_name), caller(req));
+        let target = target.as_os_str().as_bytes().to_vec();
+        run!(
+            self,
+            reply,
+            |c| c.make_node(
+                parent.0,
+                &name,
+                FileKind::Symlink,
+                0o777,
+                0,
+                Some(target),
+                who,
+                false
+            ),
+            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (name, newname) = (name_bytes(name), name_bytes(newname));
+        run!(
+            self,
+            reply,
+            |c| c.rename(parent.0, &name, newparent.0, &newname, mode),
+            |_v| reply.ok()
+        )
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let newname = name_bytes(newname);
+        run!(self, reply, |c| c.link(ino.0, newparent.0, &newname), |a| {
+            reply.entry(&TTL, &to_fuse(&a), Generation(0))
+        })
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        run!(self, reply, |c| c.open(ino.0), |_a| reply
+            .opened(FileHandle(fh), FopenFlags::empty()))
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        run!(self, reply, |c| c.read(ino.0, offset, size), |data| reply
+            .data(&data))
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        run!(self, reply, |c| c.write(ino.0, offset, &data), |n| reply
+            .written(n))
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        run!(self, reply, |c| c.flush(ino.0, false), |_v| reply.ok())
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        run!(self, reply, |c| c.release(ino.0), |_v| reply.ok())
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        run!(self, reply, |c| c.flush(ino.0, true), |_v| reply.ok())
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.insert(fh, Mutex::new(DirBatch::default()));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (client, dirs) = (self.client.clone(), self.dirs.clone());
+        self.spawn(async move {
+            if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset < 2 && reply.add(ino, 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            match next_entries(&client, &dirs, ino.0, fh.0, offset, false).await {
+                Ok(entries) => {
+                    for e in entries {
+                        if reply.add(
+                            INodeNo(e.ino),
+                            e.cookie + 2,
+                            kind_of(e.kind),
+                            OsStr::from_bytes(&e.name),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (client, dirs) = (self.client.clone(), self.dirs.clone());
+        self.spawn(async move {
+            if offset < 2 {
+                let me = match client.getattr(ino.0).await {
+                    Ok(a) => to_fuse(&a),
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                if offset < 1 && reply.add(ino, 1, ".", &TTL, &me, Generation(0)) {
+                    return reply.ok();
+                }
+                if reply.add(ino, 2, "..", &TTL, &me, Generation(0)) {
+                    return reply.ok();
+                }
+            }
+            match next_entries(&client, &dirs, ino.0, fh.0, offset, true).await {
+                Ok(entries) => {
+                    for e in entries {
+                        let Some(a) = &e.attr else { continue };
+                        let name = OsStr::from_bytes(&e.name);
+                        if reply.add(
+                            INodeNo(e.ino),
+                            e.cookie + 2,
+                            name,
+                            &TTL,
+                            &to_fuse(a),
+                            Generation(0),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        run!(self, reply, |c| c.sync_metadata(), |_v| reply.ok())
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        const BSIZE: u64 = 4096;
+        run!(self, reply, |c| c.statfs(), |s| reply.statfs(
+            s.capacity / BSIZE,
+            s.free / BSIZE,
+            s.free / BSIZE,
+            s.files + (1 << 30),
+            1 << 30,
+            BSIZE as u32,
+            cairn_proto::NAME_MAX as u32,
+            BSIZE as u32
+        ))
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let (name, value) = (name_bytes(name), value.to_vec());
+        run!(
+            self,
+            reply,
+            |c| c.set_xattr(ino.0, &name, &value, mode),
+            |_v| reply.ok()
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name_bytes(name);
+        run!(self, reply, |c| c.get_xattr(ino.0, &name), |v| reply_sized(
+            reply, size, &v
+        ))
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        run!(self, reply, |c| c.list_xattr(ino.0), |names| {
+            let mut buf = Vec::new();
+            for n in names {
+                buf.extend_from_slice(&n);
+                buf.push(0);
+            }
+            reply_sized(reply, size, &buf)
+        })
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_bytes(name);
+        run!(self, reply, |c| c.remove_xattr(ino.0, &name), |_v| reply
+            .ok())
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (default_permissions); this only confirms
+        // the inode still exists.
+        run!(self, reply, |c| c.getattr(ino.0), |_a| reply.ok())
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (name, who) = (name_bytes(name), caller(req));
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        run!(
+            self,
+            reply,
+            |c| c.make_node(
+                parent.0,
+                &name,
+                FileKind::File,
+                mode & 0o7777,
+                0,
+                None,
+                who,
+                true
+            ),
+            |a| reply.created(
+                &TTL,
+                &to_fuse(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty()
+            )
+        )
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        let mode = match mode {
+            0 => FallocMode::Allocate,
+            KEEP => FallocMode::KeepSize,
+            m if m == libc::FALLOC_FL_PUNCH_HOLE | KEEP => FallocMode::PunchHole,
+            libc::FALLOC_FL_ZERO_RANGE => FallocMode::ZeroRange { keep_size: false },
+            m if m == libc::FALLOC_FL_ZERO_RANGE | KEEP => {
+                FallocMode::ZeroRange { keep_size: true }
+            }
+            _ => return reply.error(Errno::from_i32(ErrorCode::NotSupported.errno())),
+        };
+        run!(
+            self,
+            reply,
+            |c| c.fallocate(ino.0, mode, offset, length),
+            |_a| reply.ok()
+        )
+    }
+}
+
+/// A batch of entries fetched ahead for one open directory handle.
+#[derive(Default)]
+struct DirBatch {
+    /// The cookie the batch was fetched after.
+    after: u64,
+    plus: bool,
+    /// True if the batch reached the end of the directory.
+    complete: bool,
+    entries: Vec<DirEntry>,
+}
+
+/// Entries of directory `ino` after readdir offset `offset`, served from the handle's
+/// prefetched batch when the kernel continues where the previous reply ended.
+async fn next_entries(
+    client: &Client,
+    dirs: &DashMap<u64, Mutex<DirBatch>>,
+    ino: Ino,
+    fh: u64,
+    offset: u64,
+    plus: bool,
+) -> Result<Vec<DirEntry>, ClientError> {
+    const PER_REPLY: usize = 256;
+    let after = offset.saturating_sub(2);
+    if let Some(cached) = dirs.get(&fh) {
+        let b = cached.lock().expect("dir lock");
+        if b.plus == plus && (b.after == after || b.entries.iter().any(|e| e.cookie == after)) {
+            let rest: Vec<_> = b
+                .entries
+                .iter()
+                .filter(|e| e.cookie > after)
+                .take(PER_REPLY)
+                .cloned()
+                .collect();
+            if !rest.is_empty() || b.complete {
+                return Ok(rest);
+            }
+        }
+    }
+    let entries = client.readdir(ino, after, READDIR_BATCH, plus).await?;
+    let first: Vec<_> = entries.iter().take(PER_REPLY).cloned().collect();
+    if let Some(cached) = dirs.get(&fh) {
+        let complete = entries.len() < READDIR_BATCH as usize;
+        *cached.lock().expect("dir lock") = DirBatch {
+            after,
+            plus,
+            complete,
+            entries,
+        };
+    }
+    Ok(first)
+}

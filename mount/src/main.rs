@@ -1,0 +1,191 @@
+//! `mount.cairn SOURCE MOUNTPOINT [-o OPTIONS]`: mounts a Cairn volume through FUSE.
+//!
+//! Called by mount(8) for `mount -t cairn`, by fstab and systemd, or directly. It goes to the
+//! background and returns once the mount is live; `umount MOUNTPOINT` ends it.
+
+mod daemon;
+mod fs;
+mod options;
+
+use anyhow::Context;
+use cairn_client::{Client, ClientConfig};
+use cairn_config::ClientFile;
+use options::MountArgs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracing::{error, info};
+
+/// Where `cairn local up` and administrators register client settings per cluster.
+const RUN_DIR: &str = "/run/cairn/clusters";
+const ETC_CLIENT: &str = "/etc/cairn/client.toml";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = match options::parse_args(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mount.cairn: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if !parsed.opts.foreground {
+        let log = parsed
+            .opts
+            .log
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/log/cairn/mount.log"));
+        match daemon::spawn_background(&log) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("mount.cairn: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| "info,fuser=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let pipe = daemon::ready_pipe();
+    if let Err(e) = run(parsed, pipe) {
+        error!("{e:#}");
+        eprintln!("mount.cairn: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The client settings file for this mount: `-o config=`, then the cluster's registration
+/// under /run/cairn/clusters, then /etc/cairn/client.toml.
+fn find_client_file(args: &MountArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.opts.config {
+        return Ok(p.clone());
+    }
+    for addr in &args.meta {
+        let p = Path::new(RUN_DIR).join(format!("{}.toml", addr.replace([':', '/'], "_")));
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    if Path::new(ETC_CLIENT).exists() {
+        return Ok(PathBuf::from(ETC_CLIENT));
+    }
+    anyhow::bail!(
+        "no client settings for {}: pass -o config=FILE, or create {ETC_CLIENT} (see docs/CONFIG.md)",
+        args.source
+    )
+}
+
+fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
+    let mut pipe = pipe;
+    let mounted = mount(&args);
+    let session = match mounted {
+        Ok(s) => {
+            daemon::report(pipe.take(), &Ok(()));
+            s
+        }
+        Err(e) => {
+            daemon::report(pipe.take(), &Err(anyhow::anyhow!("{e:#}")));
+            return Err(e);
+        }
+    };
+    info!(source = %args.source, mountpoint = %args.mountpoint.display(), "mounted");
+
+    session.join().context("FUSE session")?;
+    info!(mountpoint = %args.mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
+    let file_path = find_client_file(args)?;
+    let file: ClientFile = cairn_config::load(&file_path)?;
+    let identity = cairn_net::Identity::load(&file.tls.ca, &file.tls.cert, &file.tls.key)?;
+    let timeout = Duration::from_secs(args.opts.timeout_secs.unwrap_or(file.timeout_secs).max(1));
+    let config = ClientConfig {
+        meta: args.meta[0].clone(),
+        volume: args.volume.clone(),
+        timeout,
+        cache_bytes: file.cache_mib << 20,
+        write_buffer_bytes: file.write_buffer_mib << 20,
+        ..ClientConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.opts.threads.clamp(2, 64))
+        .thread_name("cairn-io")
+        .enable_all()
+        .build()?;
+    let client = rt
+        .block_on(Client::connect(config, &identity))
+        .with_context(|| format!("cannot reach volume {} at {}", args.volume, args.meta[0]))?;
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = mount_options(args);
+    if args.opts.allow_other {
+        fuse_config.acl = fuser::SessionACL::All;
+    }
+    fuse_config.n_threads = Some(args.opts.threads.max(1));
+    fuse_config.clone_fd = true;
+    let fs = fs::CairnFs::new(client, rt.handle().clone());
+    let session = fuser::spawn_mount(fs, &args.mountpoint, &fuse_config)
+        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    // Confirm the mount answers before reporting success.
+    std::fs::metadata(&args.mountpoint)
+        .with_context(|| format!("checking {}", args.mountpoint.display()))?;
+    if let Some(p) = &args.opts.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    install_signal_handlers(&rt, args.mountpoint.clone());
+    // The runtime must outlive the session; leak it for the life of the process.
+    std::mem::forget(rt);
+    Ok(session)
+}
+
+fn mount_options(args: &MountArgs) -> Vec<fuser::MountOption> {
+    use fuser::MountOption as M;
+    let mut v = vec![M::FSName(args.source.clone()), M::Subtype("cairn".into())];
+    if args.opts.default_permissions {
+        v.push(M::DefaultPermissions);
+    }
+    v.push(if args.opts.read_only { M::RO } else { M::RW });
+    for k in &args.opts.kernel {
+        v.push(match k.as_str() {
+            "dev" => M::Dev,
+            "nodev" => M::NoDev,
+            "suid" => M::Suid,
+            "nosuid" => M::NoSuid,
+            "exec" => M::Exec,
+            "noexec" => M::NoExec,
+            "atime" => M::Atime,
+            "noatime" => M::NoAtime,
+            "sync" => M::Sync,
+            "async" => M::Async,
+            "dirsync" => M::DirSync,
+            other => M::CUSTOM(other.to_string()),
+        });
+    }
+    v
+}
+
+/// SIGTERM or SIGINT unmounts (lazily, so busy mounts do not block shutdown).
+fn install_signal_handlers(rt: &tokio::runtime::Runtime, mountpoint: PathBuf) {
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!("signal received, unmounting");
+        if let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+            // SAFETY: `path` is a valid NUL-terminated path.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    });
+}

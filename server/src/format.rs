@@ -1,0 +1,215 @@
+//! `cairn format`: everything a new volume needs, written into one directory.
+//!
+//! ```text
+//! DIR/cluster.toml          what `cairn local` and `cairn status` need: volume, addresses
+//! DIR/tls/ca.pem, ca.key    the cluster CA (keep ca.key offline in real deployments)
+//! DIR/tls/{meta,chunk,client}.{pem,key}   node certificates signed by the CA
+//! DIR/volume.key            32 random bytes: the volume's data key
+//! DIR/meta.toml, meta.db    metadata server config and SQLite database
+//! DIR/chunk-N.toml, chunk-N/   chunk server N config and block directory
+//! DIR/client.toml           client settings for mount.cairn
+//! ```
+
+use anyhow::{Context, bail};
+use cairn_config::{ChunkFile, ClientFile, MetaFile, Tls};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Options of `cairn format`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FormatArgs {
+    /// Directory for the volume's files (created if missing; must not hold a volume yet).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Volume name, as used in the mount source HOST:PORT:/NAME.
+    #[arg(long, default_value = "cairn")]
+    pub volume: String,
+    /// Metadata server address; port 0 picks a free port now and keeps it.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub meta_listen: String,
+    /// Number of chunk server configurations to create.
+    #[arg(long, default_value_t = 3)]
+    pub chunk_servers: u32,
+    /// Host the chunk servers listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub chunk_host: String,
+    /// Copies of every block (at most the number of live chunk servers is used).
+    #[arg(long, default_value_t = 1)]
+    pub replication: u32,
+}
+
+/// `cluster.toml`: the shape of a formatted volume directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Volume name.
+    pub volume: String,
+    /// Metadata server address clients use.
+    pub meta: String,
+    /// Ids of the chunk servers configured in this directory (chunk-<id>.toml).
+    pub chunk_servers: Vec<u64>,
+    /// Host new chunk servers listen on.
+    pub chunk_host: String,
+}
+
+impl ClusterFile {
+    /// The mount source naming this volume.
+    pub fn source(&self) -> String {
+        format!("{}:/{}", self.meta, self.volume)
+    }
+}
+
+impl cairn_config::HasTls for ClusterFile {
+    fn resolve_paths(&mut self, _dir: &Path) {}
+}
+
+fn free_port(host: &str) -> anyhow::Result<u16> {
+    let sock = std::net::UdpSocket::bind((host, 0))
+        .with_context(|| format!("binding a UDP port on {host}"))?;
+    Ok(sock.local_addr()?.port())
+}
+
+fn with_free_port(addr: &str) -> anyhow::Result<String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("address {addr:?} is not HOST:PORT"))?;
+    let port: u16 = port.parse().with_context(|| format!("port in {addr:?}"))?;
+    let port = if port == 0 { free_port(host)? } else { port };
+    Ok(format!("{host}:{port}"))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents)?;
+    Ok(())
+}
+
+fn tls(name: &str) -> Tls {
+    Tls {
+        ca: "tls/ca.pem".into(),
+        cert: format!("tls/{name}.pem").into(),
+        key: format!("tls/{name}.key").into(),
+    }
+}
+
+/// Adds the configuration of chunk server `id` to a formatted directory.
+pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyhow::Result<()> {
+    let listen = format!("{}:{}", cluster.chunk_host, free_port(&cluster.chunk_host)?);
+    let file = ChunkFile {
+        id,
+        listen,
+        advertise: None,
+        meta: cluster.meta.clone(),
+        data_dir: format!("chunk-{id}").into(),
+        heartbeat_ms: 1000,
+        tls: tls("chunk"),
+    };
+    std::fs::create_dir_all(dir.join(format!("chunk-{id}")))?;
+    cairn_config::save(
+        &dir.join(format!("chunk-{id}.toml")),
+        &format!("Cairn chunk server {id}"),
+        &file,
+    )?;
+    cluster.chunk_servers.push(id);
+    cairn_config::save(&dir.join("cluster.toml"), "Cairn volume directory", cluster)?;
+    Ok(())
+}
+
+/// Creates the volume directory; fails if it already holds a volume.
+pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
+    let dir = &args.data;
+    if dir.join("cluster.toml").exists() || dir.join("meta.db").exists() {
+        bail!(
+            "{} already holds a volume; remove it first to format again",
+            dir.display()
+        );
+    }
+    if args.volume.is_empty() || args.volume.contains(['/', ':', ',']) || args.volume.len() > 64 {
+        bail!(
+            "volume name {:?} must be 1-64 characters without '/', ':' or ','",
+            args.volume
+        );
+    }
+    std::fs::create_dir_all(dir.join("tls"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let meta = with_free_port(&args.meta_listen)?;
+    let ca = cairn_net::pki::generate_ca(&args.volume)?;
+    write_private(&dir.join("tls/ca.key"), ca.key_pem.as_bytes())?;
+    std::fs::write(dir.join("tls/ca.pem"), &ca.cert_pem)?;
+    for (name, dns) in [
+        ("meta", cairn_net::META_SERVER_NAME),
+        ("chunk", cairn_net::CHUNK_SERVER_NAME),
+        ("client", "client.cairn"),
+    ] {
+        let pair = cairn_net::pki::issue(&ca, &format!("cairn {name}"), &[dns])?;
+        std::fs::write(dir.join(format!("tls/{name}.pem")), &pair.cert_pem)?;
+        write_private(
+            &dir.join(format!("tls/{name}.key")),
+            pair.key_pem.as_bytes(),
+        )?;
+    }
+    let key: [u8; 32] = rand::random();
+    write_private(&dir.join("volume.key"), &key)?;
+    let meta_file = MetaFile {
+        listen: meta.clone(),
+        database: "meta.db".into(),
+        dead_after_secs: 5,
+        tls: tls("meta"),
+    };
+    cairn_config::save(&dir.join("meta.toml"), "Cairn metadata server", &meta_file)?;
+    let client = ClientFile {
+        timeout_secs: 10,
+        cache_mib: 64,
+        write_buffer_mib: 64,
+        tls: tls("client"),
+    };
+    cairn_config::save(
+        &dir.join("client.toml"),
+        "Cairn client (mount.cairn -o config=...)",
+        &client,
+    )?;
+    let uuid = format!("{:032x}", rand::random::<u128>());
+    let info = cairn_proto::VolumeInfo {
+        name: args.volume.clone(),
+        uuid,
+        chunk_size: 64 << 20,
+        block_size: 4 << 20,
+        replication: args.replication.max(1),
+    };
+    let db = dir.join("meta.db");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let store = cairn_meta::Store::open(&db).await?;
+            store.format(&info, 0, 0).await
+        })?;
+    let mut cluster = ClusterFile {
+        volume: args.volume.clone(),
+        meta,
+        chunk_servers: Vec::new(),
+        chunk_host: args.chunk_host.clone(),
+    };
+    cairn_config::save(
+        &dir.join("cluster.toml"),
+        "Cairn volume directory",
+        &cluster,
+    )?;
+    for id in 1..=u64::from(args.chunk_servers) {
+        add_chunk_server(dir, &mut cluster, id)?;
+    }
+    println!(
+        "formatted volume {:?} in {} (mount source {})",
+        args.volume,
+        dir.display(),
+        cluster.source()
+    );
+    Ok(cluster)
+}

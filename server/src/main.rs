@@ -1,0 +1,112 @@
+//! `cairn`: runs the servers and administers volumes.
+
+mod format;
+mod local;
+mod status;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Cairn distributed POSIX filesystem")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new volume: cluster CA, certificates, volume key, metadata database, configs.
+    Format(format::FormatArgs),
+    /// Run the metadata server.
+    Meta {
+        /// Path of meta.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a chunk server.
+    Chunk {
+        /// Path of a chunk server's TOML file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// An all-in-one cluster on this machine (metadata server, chunk servers, mount).
+    Local {
+        #[command(subcommand)]
+        command: local::LocalCommand,
+    },
+    /// Show servers, capacity and files of a volume.
+    Status(status::StatusArgs),
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Format(args) => format::run(&args).map(|_| ()),
+        Command::Meta { config } => run_meta(&config),
+        Command::Chunk { config } => run_chunk(&config),
+        Command::Local { command } => local::run(command),
+        Command::Status(args) => status::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("cairn: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
+    init_tracing();
+    let f: cairn_config::MetaFile = cairn_config::load(path)?;
+    let config = cairn_meta::MetaConfig {
+        listen: f
+            .listen
+            .parse()
+            .with_context(|| format!("listen address {:?}", f.listen))?,
+        db: f.database,
+        ca: f.tls.ca,
+        cert: f.tls.cert,
+        key: f.tls.key,
+        dead_after: Duration::from_secs(f.dead_after_secs.max(1)),
+    };
+    runtime()?.block_on(cairn_meta::run(config))?;
+    Ok(())
+}
+
+fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
+    init_tracing();
+    let f: cairn_config::ChunkFile = cairn_config::load(path)?;
+    let config = cairn_chunk::ChunkConfig {
+        id: f.id,
+        listen: f
+            .listen
+            .parse()
+            .with_context(|| format!("listen address {:?}", f.listen))?,
+        advertise: f.advertise.unwrap_or_else(|| f.listen.clone()),
+        meta: f.meta,
+        data_dir: f.data_dir,
+        ca: f.tls.ca,
+        cert: f.tls.cert,
+        key: f.tls.key,
+        heartbeat: Duration::from_millis(f.heartbeat_ms.max(50)),
+    };
+    runtime()?.block_on(cairn_chunk::run(config))?;
+    Ok(())
+}

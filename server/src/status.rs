@@ -1,0 +1,52 @@
+//! `cairn status`: what the metadata server knows about servers, capacity and files.
+
+use crate::format::ClusterFile;
+use anyhow::Context;
+use std::path::PathBuf;
+
+/// Options of `cairn status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Volume directory written by `cairn format` / `cairn local up`.
+    #[arg(long, default_value = crate::local::DEFAULT_DATA)]
+    pub data: PathBuf,
+}
+
+/// Connects as a client and prints the cluster's state.
+pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
+    let cluster: ClusterFile = cairn_config::load(&args.data.join("cluster.toml"))?;
+    let rt = crate::runtime()?;
+    rt.block_on(async {
+        let client = crate::local::connect(&args.data, &cluster).await?;
+        let stats = client.statfs().await?;
+        let servers = client.list_servers().await?;
+        let v = client.volume();
+        println!("volume      {} ({})", v.name, cluster.source());
+        println!("uuid        {}", v.uuid);
+        println!("replication {}", v.replication);
+        println!("files       {}", stats.files);
+        println!(
+            "capacity    {:.1} GiB, {:.1} GiB free",
+            gib(stats.capacity),
+            gib(stats.free)
+        );
+        println!("chunk servers:");
+        for s in servers {
+            let state = if s.alive { "alive" } else { "DEAD" };
+            println!(
+                "  {:>4}  {:<22} {:<5}  {:.1}/{:.1} GiB free",
+                s.id,
+                s.addr,
+                state,
+                gib(s.free),
+                gib(s.capacity)
+            );
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .context("querying the metadata server")
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
