@@ -1,0 +1,190 @@
+//! Test harness: starts a real local cluster (`cairn local up`) in a temporary directory and
+//! tears it down (unmount, stop every process it started) when dropped, even after a panic.
+//!
+//! The binaries must be built first (`cargo build --workspace`); they are looked up next to
+//! the test executable's target directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["cairn", "cairn-mount"] {
+        assert!(dir.join(b).exists(), "{} is missing: run `cargo build --workspace` before the tests", dir.join(b).display());
+    }
+    dir
+}
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a shell command line in `dir` and panics if it fails.
+pub fn sh(dir: &Path, script: &str) -> String {
+    run(Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script).current_dir(dir))
+}
+
+/// A local cluster with one mount, torn down on drop.
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub mnt: PathBuf,
+    extra_mounts: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl Cluster {
+    /// Formats and starts a cluster with `chunk_servers` chunk servers and mounts it.
+    pub fn start(chunk_servers: u32) -> Cluster {
+        Self::start_with(chunk_servers, &[])
+    }
+
+    /// Like [`Cluster::start`] with extra `cairn local up` arguments.
+    pub fn start_with(chunk_servers: u32, extra: &[&str]) -> Cluster {
+        let tmp = tempfile::Builder::new().prefix("cairn-test-").tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let mnt = tmp.path().join("mnt");
+        let c = Cluster { data, mnt, tmp, extra_mounts: Default::default() };
+        c.up(chunk_servers, extra);
+        c
+    }
+
+    /// Runs `cairn local up` again (after `down` or a crash) on the same data.
+    pub fn up(&self, chunk_servers: u32, extra: &[&str]) {
+        run(Command::new(bin("cairn"))
+            .args(["local", "up"])
+            .arg(&self.mnt)
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--chunk-servers", &chunk_servers.to_string()])
+            .args(extra));
+    }
+
+    /// Runs `cairn local down`.
+    pub fn down(&self) {
+        run(Command::new(bin("cairn")).args(["local", "down"]).arg(&self.mnt).arg("--data").arg(&self.data));
+    }
+
+    /// A path inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The mount SOURCE as shown in /proc/mounts.
+    pub fn source(&self) -> String {
+        mount_source(&self.mnt).expect("cluster is mounted")
+    }
+
+    /// Mounts the same volume a second time with the helper, as a separate client process.
+    pub fn mount_again(&self, name: &str, opts: &str) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut o = format!("log={}", self.data.join(format!("logs/{name}.log")).display());
+        if !opts.is_empty() {
+            o = format!("{o},{opts}");
+        }
+        run(Command::new(bin("cairn-mount")).arg(self.source()).arg(&dir).arg("-o").arg(o));
+        self.extra_mounts.borrow_mut().push(dir.clone());
+        dir
+    }
+
+    /// Pid of a server process started by `cairn local up` (`meta`, `chunk-1`, `mount`, …).
+    pub fn pid(&self, name: &str) -> i32 {
+        let p = self.data.join("run").join(format!("{name}.pid"));
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).trim().parse().unwrap()
+    }
+
+    /// SIGKILLs a process started by the cluster and waits until it is gone.
+    pub fn kill9(&self, name: &str) {
+        kill9(self.pid(name));
+    }
+}
+
+/// SIGKILLs a process and waits for it to disappear.
+pub fn kill9(pid: i32) {
+    // SAFETY: kill(2) on a pid this test's cluster started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The SOURCE of whatever is mounted at `dir`.
+pub fn mount_source(dir: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (src, dst) = (f.next()?, f.next()?);
+            (dst == want).then(|| src.to_string())
+        })
+        .last()
+}
+
+/// Lazily unmounts `dir` if anything is mounted there.
+pub fn umount_lazy(dir: &Path) {
+    if mount_source(dir).is_some() {
+        let _ = Command::new("umount").arg("-l").arg(dir).status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in self.extra_mounts.borrow().iter() {
+            umount_lazy(m);
+        }
+        let ok = Command::new(bin("cairn"))
+            .args(["local", "down"])
+            .arg(&self.mnt)
+            .arg("--data")
+            .arg(&self.data)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        umount_lazy(&self.mnt);
+        if !ok {
+            // Last resort: kill whatever the pid files name.
+            if let Ok(dir) = std::fs::read_dir(self.data.join("run")) {
+                for e in dir.flatten() {
+                    if let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok()) {
+                        kill9(pid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// errno of the last failed libc call.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Builds a C string from a path.
+pub fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in path")
+}
