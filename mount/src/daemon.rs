@@ -20,8 +20,7 @@ pub fn spawn_background(log: &Path) -> anyhow::Result<()> {
         return Err(std::io::Error::last_os_error()).context("creating the readiness pipe");
     }
     // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -55,18 +54,13 @@ pub fn spawn_background(log: &Path) -> anyhow::Result<()> {
     let mut child = cmd.spawn().context("starting the background client")?;
     drop(write_end);
     let mut answer = String::new();
-    std::fs::File::from(read_end)
-        .read_to_string(&mut answer)
-        .context("waiting for the client")?;
+    std::fs::File::from(read_end).read_to_string(&mut answer).context("waiting for the client")?;
     if answer.trim() == "ok" {
         return Ok(());
     }
     let status = child.wait()?;
     if answer.trim().is_empty() {
-        bail!(
-            "the background client exited ({status}) before the mount was ready; see {}",
-            log.display()
-        );
+        bail!("the background client exited ({status}) before the mount was ready; see {}", log.display());
     }
     bail!("{}", answer.trim())
 }

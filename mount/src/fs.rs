@@ -33,12 +33,7 @@ pub struct CairnFs {
 
 impl CairnFs {
     pub fn new(client: Arc<Client>, rt: tokio::runtime::Handle) -> CairnFs {
-        CairnFs {
-            client,
-            rt,
-            next_fh: AtomicU64::new(1),
-            dirs: Arc::new(DashMap::new()),
-        }
+        CairnFs { client, rt, next_fh: AtomicU64::new(1), dirs: Arc::new(DashMap::new()) }
     }
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
@@ -83,10 +78,7 @@ fn to_fuse(a: &Attr) -> FileAttr {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-    }
+    Caller { uid: req.uid(), gid: req.gid() }
 }
 
 fn time_set(t: TimeOrNow) -> TimeSet {
@@ -129,25 +121,18 @@ impl Filesystem for CairnFs {
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(
-            InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
         );
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
-        run!(self, reply, |c| c.lookup(parent.0, &name), |a| reply.entry(
-            &TTL,
-            &to_fuse(&a),
-            Generation(0)
-        ))
+        run!(self, reply, |c| c.lookup(parent.0, &name), |a| reply.entry(&TTL, &to_fuse(&a), Generation(0)))
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        run!(self, reply, |c| c.getattr(ino.0), |a| reply
-            .attr(&TTL, &to_fuse(&a)))
+        run!(self, reply, |c| c.getattr(ino.0), |a| reply.attr(&TTL, &to_fuse(&a)))
     }
 
     fn setattr(
@@ -178,8 +163,7 @@ impl Filesystem for CairnFs {
             ctime: ctime.map(Timestamp::from_system_time),
         };
         let who = caller(req);
-        run!(self, reply, |c| c.setattr(ino.0, set, who), |a| reply
-            .attr(&TTL, &to_fuse(&a)))
+        run!(self, reply, |c| c.setattr(ino.0, set, who), |a| reply.attr(&TTL, &to_fuse(&a)))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -200,39 +184,15 @@ impl Filesystem for CairnFs {
             return reply.error(Errno::EINVAL);
         };
         let (name, who) = (name_bytes(name), caller(req));
-        run!(
-            self,
-            reply,
-            |c| c.make_node(parent.0, &name, kind, mode & 0o7777, rdev, None, who, false),
-            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
-        )
+        run!(self, reply, |c| c.make_node(parent.0, &name, kind, mode & 0o7777, rdev, None, who, false), |a| reply
+            .entry(&TTL, &to_fuse(&a), Generation(0)))
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let (name, who) = (name_bytes(name), caller(req));
-        run!(
-            self,
-            reply,
-            |c| c.make_node(
-                parent.0,
-                &name,
-                FileKind::Dir,
-                mode & 0o7777,
-                0,
-                None,
-                who,
-                false
-            ),
-            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
-        )
+        run!(self, reply, |c| c.make_node(parent.0, &name, FileKind::Dir, mode & 0o7777, 0, None, who, false), |a| {
+            reply.entry(&TTL, &to_fuse(&a), Generation(0))
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -245,29 +205,13 @@ impl Filesystem for CairnFs {
         run!(self, reply, |c| c.rmdir(parent.0, &name), |_v| reply.ok())
     }
 
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (name, who) = (name_bytes(link_name), caller(req));
         let target = target.as_os_str().as_bytes().to_vec();
         run!(
             self,
             reply,
-            |c| c.make_node(
-                parent.0,
-                &name,
-                FileKind::Symlink,
-                0o777,
-                0,
-                Some(target),
-                who,
-                false
-            ),
+            |c| c.make_node(parent.0, &name, FileKind::Symlink, 0o777, 0, Some(target), who, false),
             |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
         )
     }
@@ -292,22 +236,10 @@ impl Filesystem for CairnFs {
             return reply.error(Errno::EINVAL);
         };
         let (name, newname) = (name_bytes(name), name_bytes(newname));
-        run!(
-            self,
-            reply,
-            |c| c.rename(parent.0, &name, newparent.0, &newname, mode),
-            |_v| reply.ok()
-        )
+        run!(self, reply, |c| c.rename(parent.0, &name, newparent.0, &newname, mode), |_v| reply.ok())
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let newname = name_bytes(newname);
         run!(self, reply, |c| c.link(ino.0, newparent.0, &newname), |a| {
             reply.entry(&TTL, &to_fuse(&a), Generation(0))
@@ -316,8 +248,7 @@ impl Filesystem for CairnFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        run!(self, reply, |c| c.open(ino.0), |_a| reply
-            .opened(FileHandle(fh), FopenFlags::empty()))
+        run!(self, reply, |c| c.open(ino.0), |_a| reply.opened(FileHandle(fh), FopenFlags::empty()))
     }
 
     fn read(
@@ -331,8 +262,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        run!(self, reply, |c| c.read(ino.0, offset, size), |data| reply
-            .data(&data))
+        run!(self, reply, |c| c.read(ino.0, offset, size), |data| reply.data(&data))
     }
 
     fn write(
@@ -348,18 +278,10 @@ impl Filesystem for CairnFs {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        run!(self, reply, |c| c.write(ino.0, offset, &data), |n| reply
-            .written(n))
+        run!(self, reply, |c| c.write(ino.0, offset, &data), |n| reply.written(n))
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         run!(self, reply, |c| c.flush(ino.0, false), |_v| reply.ok())
     }
 
@@ -376,14 +298,7 @@ impl Filesystem for CairnFs {
         run!(self, reply, |c| c.release(ino.0), |_v| reply.ok())
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         run!(self, reply, |c| c.flush(ino.0, true), |_v| reply.ok())
     }
 
@@ -393,14 +308,7 @@ impl Filesystem for CairnFs {
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let (client, dirs) = (self.client.clone(), self.dirs.clone());
         self.spawn(async move {
             if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
@@ -412,12 +320,7 @@ impl Filesystem for CairnFs {
             match next_entries(&client, &dirs, ino.0, fh.0, offset, false).await {
                 Ok(entries) => {
                     for e in entries {
-                        if reply.add(
-                            INodeNo(e.ino),
-                            e.cookie + 2,
-                            kind_of(e.kind),
-                            OsStr::from_bytes(&e.name),
-                        ) {
+                        if reply.add(INodeNo(e.ino), e.cookie + 2, kind_of(e.kind), OsStr::from_bytes(&e.name)) {
                             break;
                         }
                     }
@@ -428,14 +331,7 @@ impl Filesystem for CairnFs {
         });
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let (client, dirs) = (self.client.clone(), self.dirs.clone());
         self.spawn(async move {
             if offset < 2 {
@@ -455,14 +351,7 @@ impl Filesystem for CairnFs {
                     for e in entries {
                         let Some(a) = &e.attr else { continue };
                         let name = OsStr::from_bytes(&e.name);
-                        if reply.add(
-                            INodeNo(e.ino),
-                            e.cookie + 2,
-                            name,
-                            &TTL,
-                            &to_fuse(a),
-                            Generation(0),
-                        ) {
+                        if reply.add(INodeNo(e.ino), e.cookie + 2, name, &TTL, &to_fuse(a), Generation(0)) {
                             break;
                         }
                     }
@@ -473,26 +362,12 @@ impl Filesystem for CairnFs {
         });
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.dirs.remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         run!(self, reply, |c| c.sync_metadata(), |_v| reply.ok())
     }
 
@@ -527,19 +402,12 @@ impl Filesystem for CairnFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let (name, value) = (name_bytes(name), value.to_vec());
-        run!(
-            self,
-            reply,
-            |c| c.set_xattr(ino.0, &name, &value, mode),
-            |_v| reply.ok()
-        )
+        run!(self, reply, |c| c.set_xattr(ino.0, &name, &value, mode), |_v| reply.ok())
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name_bytes(name);
-        run!(self, reply, |c| c.get_xattr(ino.0, &name), |v| reply_sized(
-            reply, size, &v
-        ))
+        run!(self, reply, |c| c.get_xattr(ino.0, &name), |v| reply_sized(reply, size, &v))
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -555,8 +423,7 @@ impl Filesystem for CairnFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name_bytes(name);
-        run!(self, reply, |c| c.remove_xattr(ino.0, &name), |_v| reply
-            .ok())
+        run!(self, reply, |c| c.remove_xattr(ino.0, &name), |_v| reply.ok())
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -577,27 +444,9 @@ impl Filesystem for CairnFs {
     ) {
         let (name, who) = (name_bytes(name), caller(req));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        run!(
-            self,
-            reply,
-            |c| c.make_node(
-                parent.0,
-                &name,
-                FileKind::File,
-                mode & 0o7777,
-                0,
-                None,
-                who,
-                true
-            ),
-            |a| reply.created(
-                &TTL,
-                &to_fuse(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty()
-            )
-        )
+        run!(self, reply, |c| c.make_node(parent.0, &name, FileKind::File, mode & 0o7777, 0, None, who, true), |a| {
+            reply.created(&TTL, &to_fuse(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+        })
     }
 
     fn fallocate(
@@ -616,17 +465,10 @@ impl Filesystem for CairnFs {
             KEEP => FallocMode::KeepSize,
             m if m == libc::FALLOC_FL_PUNCH_HOLE | KEEP => FallocMode::PunchHole,
             libc::FALLOC_FL_ZERO_RANGE => FallocMode::ZeroRange { keep_size: false },
-            m if m == libc::FALLOC_FL_ZERO_RANGE | KEEP => {
-                FallocMode::ZeroRange { keep_size: true }
-            }
+            m if m == libc::FALLOC_FL_ZERO_RANGE | KEEP => FallocMode::ZeroRange { keep_size: true },
             _ => return reply.error(Errno::from_i32(ErrorCode::NotSupported.errno())),
         };
-        run!(
-            self,
-            reply,
-            |c| c.fallocate(ino.0, mode, offset, length),
-            |_a| reply.ok()
-        )
+        run!(self, reply, |c| c.fallocate(ino.0, mode, offset, length), |_a| reply.ok())
     }
 }
 
@@ -653,16 +495,14 @@ async fn next_entries(
 ) -> Result<Vec<DirEntry>, ClientError> {
     const PER_REPLY: usize = 256;
     let after = offset.saturating_sub(2);
-    if let Some(cached) = dirs.get(&fh) {
+    // Offset 0 starts a listing (opendir or rewinddir), which must show the directory as it
+    // is now: the prefetched batch only serves a listing that continues.
+    if offset > 0
+        && let Some(cached) = dirs.get(&fh)
+    {
         let b = cached.lock().expect("dir lock");
         if b.plus == plus && (b.after == after || b.entries.iter().any(|e| e.cookie == after)) {
-            let rest: Vec<_> = b
-                .entries
-                .iter()
-                .filter(|e| e.cookie > after)
-                .take(PER_REPLY)
-                .cloned()
-                .collect();
+            let rest: Vec<_> = b.entries.iter().filter(|e| e.cookie > after).take(PER_REPLY).cloned().collect();
             if !rest.is_empty() || b.complete {
                 return Ok(rest);
             }
@@ -672,12 +512,7 @@ async fn next_entries(
     let first: Vec<_> = entries.iter().take(PER_REPLY).cloned().collect();
     if let Some(cached) = dirs.get(&fh) {
         let complete = entries.len() < READDIR_BATCH as usize;
-        *cached.lock().expect("dir lock") = DirBatch {
-            after,
-            plus,
-            complete,
-            entries,
-        };
+        *cached.lock().expect("dir lock") = DirBatch { after, plus, complete, entries };
     }
     Ok(first)
 }

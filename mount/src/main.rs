@@ -29,11 +29,7 @@ fn main() {
         }
     };
     if !parsed.opts.foreground {
-        let log = parsed
-            .opts
-            .log
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/var/log/cairn/mount.log"));
+        let log = parsed.opts.log.clone().unwrap_or_else(|| PathBuf::from("/var/log/cairn/mount.log"));
         match daemon::spawn_background(&log) {
             Ok(()) => std::process::exit(0),
             Err(e) => {
@@ -44,8 +40,7 @@ fn main() {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| "info,fuser=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "info,fuser=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -130,11 +125,9 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
     let session = fuser::spawn_mount(fs, &args.mountpoint, &fuse_config)
         .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     // Confirm the mount answers before reporting success.
-    std::fs::metadata(&args.mountpoint)
-        .with_context(|| format!("checking {}", args.mountpoint.display()))?;
+    std::fs::metadata(&args.mountpoint).with_context(|| format!("checking {}", args.mountpoint.display()))?;
     if let Some(p) = &args.opts.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", p.display()))?;
     }
     install_signal_handlers(&rt, args.mountpoint.clone());
     // The runtime must outlive the session; leak it for the life of the process.
@@ -172,10 +165,7 @@ fn mount_options(args: &MountArgs) -> Vec<fuser::MountOption> {
 fn install_signal_handlers(rt: &tokio::runtime::Runtime, mountpoint: PathBuf) {
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return;
         };
         tokio::select! {

@@ -61,9 +61,7 @@ pub fn parse_source(source: &str) -> anyhow::Result<(Vec<String>, String)> {
     }
     let meta: Vec<String> = addrs.split(',').map(str::to_string).collect();
     for a in &meta {
-        if a.rsplit_once(':')
-            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-        {
+        if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
             bail!("metadata server address {a:?} in {source:?} is not HOST:PORT");
         }
     }
@@ -79,10 +77,7 @@ pub fn apply_options(opts: &mut CairnOptions, list: &str) -> anyhow::Result<()> 
         };
         match key {
             "config" => {
-                opts.config =
-                    Some(PathBuf::from(value.with_context(|| {
-                        format!("mount option {key} needs a value")
-                    })?))
+                opts.config = Some(PathBuf::from(value.with_context(|| format!("mount option {key} needs a value"))?))
             }
             "timeout" => {
                 opts.timeout_secs = Some(
@@ -99,29 +94,21 @@ pub fn apply_options(opts: &mut CairnOptions, list: &str) -> anyhow::Result<()> 
                     .context("threads= takes a number")?
             }
             "log" => {
-                opts.log =
-                    Some(PathBuf::from(value.with_context(|| {
-                        format!("mount option {key} needs a value")
-                    })?))
+                opts.log = Some(PathBuf::from(value.with_context(|| format!("mount option {key} needs a value"))?))
             }
-            "pidfile" => {
-                opts.pidfile = Some(PathBuf::from(
-                    value.with_context(|| "pidfile= needs a path")?,
-                ))
-            }
+            "pidfile" => opts.pidfile = Some(PathBuf::from(value.with_context(|| "pidfile= needs a path")?)),
             "foreground" => opts.foreground = true,
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "allow_other" => opts.allow_other = true,
             "noallow_other" => opts.allow_other = false,
             "default_permissions" => opts.default_permissions = true,
-            "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime"
-            | "sync" | "async" | "dirsync" => opts.kernel.push(key.to_string()),
+            "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime" | "sync" | "async"
+            | "dirsync" => opts.kernel.push(key.to_string()),
             // Accepted and ignored: meaningful to mount(8), systemd or fstab, not to the client.
-            "defaults" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "users"
-            | "owner" | "group" | "relatime" | "norelatime" | "strictatime" | "lazytime"
-            | "nolazytime" | "loud" | "silent" => {}
-            k if k.starts_with("x-") || k.starts_with("comment=") => {}
+            "defaults" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "users" | "owner" | "group"
+            | "relatime" | "norelatime" | "strictatime" | "lazytime" | "nolazytime" | "loud" | "silent" => {}
+            k if k.starts_with("x-") || k == "comment" => {}
             _ => bail!("unknown mount option {opt:?} (see `man mount.cairn` in docs/MOUNT.md)"),
         }
     }
@@ -148,13 +135,7 @@ pub fn parse_args(args: &[String]) -> anyhow::Result<MountArgs> {
         bail!("usage: mount.cairn HOST:PORT:/VOLUME MOUNTPOINT [-o OPTIONS]");
     };
     let (meta, volume) = parse_source(source)?;
-    Ok(MountArgs {
-        source: source.clone(),
-        meta,
-        volume,
-        mountpoint: PathBuf::from(mountpoint),
-        opts,
-    })
+    Ok(MountArgs { source: source.clone(), meta, volume, mountpoint: PathBuf::from(mountpoint), opts })
 }
 
 #[cfg(test)]
@@ -186,9 +167,6 @@ mod tests {
         assert!(parse_args(&args("127.0.0.1:7000:/vol /mnt -o bogus")).is_err());
         assert!(parse_args(&args("127.0.0.1:7000:/vol")).is_err());
         let (m, v) = parse_source("a:1,b:2:/v").unwrap();
-        assert_eq!(
-            (m, v.as_str()),
-            (vec!["a:1".to_string(), "b:2".to_string()], "v")
-        );
+        assert_eq!((m, v.as_str()), (vec!["a:1".to_string(), "b:2".to_string()], "v"));
     }
 }

@@ -64,15 +64,12 @@ impl cairn_config::HasTls for ClusterFile {
 }
 
 fn free_port(host: &str) -> anyhow::Result<u16> {
-    let sock = std::net::UdpSocket::bind((host, 0))
-        .with_context(|| format!("binding a UDP port on {host}"))?;
+    let sock = std::net::UdpSocket::bind((host, 0)).with_context(|| format!("binding a UDP port on {host}"))?;
     Ok(sock.local_addr()?.port())
 }
 
 fn with_free_port(addr: &str) -> anyhow::Result<String> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("address {addr:?} is not HOST:PORT"))?;
+    let (host, port) = addr.rsplit_once(':').with_context(|| format!("address {addr:?} is not HOST:PORT"))?;
     let port: u16 = port.parse().with_context(|| format!("port in {addr:?}"))?;
     let port = if port == 0 { free_port(host)? } else { port };
     Ok(format!("{host}:{port}"))
@@ -92,11 +89,7 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 }
 
 fn tls(name: &str) -> Tls {
-    Tls {
-        ca: "tls/ca.pem".into(),
-        cert: format!("tls/{name}.pem").into(),
-        key: format!("tls/{name}.key").into(),
-    }
+    Tls { ca: "tls/ca.pem".into(), cert: format!("tls/{name}.pem").into(), key: format!("tls/{name}.key").into() }
 }
 
 /// Adds the configuration of chunk server `id` to a formatted directory.
@@ -112,11 +105,7 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
         tls: tls("chunk"),
     };
     std::fs::create_dir_all(dir.join(format!("chunk-{id}")))?;
-    cairn_config::save(
-        &dir.join(format!("chunk-{id}.toml")),
-        &format!("Cairn chunk server {id}"),
-        &file,
-    )?;
+    cairn_config::save(&dir.join(format!("chunk-{id}.toml")), &format!("Cairn chunk server {id}"), &file)?;
     cluster.chunk_servers.push(id);
     cairn_config::save(&dir.join("cluster.toml"), "Cairn volume directory", cluster)?;
     Ok(())
@@ -126,55 +115,29 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
 pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
     let dir = &args.data;
     if dir.join("cluster.toml").exists() || dir.join("meta.db").exists() {
-        bail!(
-            "{} already holds a volume; remove it first to format again",
-            dir.display()
-        );
+        bail!("{} already holds a volume; remove it first to format again", dir.display());
     }
     if args.volume.is_empty() || args.volume.contains(['/', ':', ',']) || args.volume.len() > 64 {
-        bail!(
-            "volume name {:?} must be 1-64 characters without '/', ':' or ','",
-            args.volume
-        );
+        bail!("volume name {:?} must be 1-64 characters without '/', ':' or ','", args.volume);
     }
-    std::fs::create_dir_all(dir.join("tls"))
-        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("tls")).with_context(|| format!("creating {}", dir.display()))?;
     let meta = with_free_port(&args.meta_listen)?;
     let ca = cairn_net::pki::generate_ca(&args.volume)?;
     write_private(&dir.join("tls/ca.key"), ca.key_pem.as_bytes())?;
     std::fs::write(dir.join("tls/ca.pem"), &ca.cert_pem)?;
-    for (name, dns) in [
-        ("meta", cairn_net::META_SERVER_NAME),
-        ("chunk", cairn_net::CHUNK_SERVER_NAME),
-        ("client", "client.cairn"),
-    ] {
+    for (name, dns) in
+        [("meta", cairn_net::META_SERVER_NAME), ("chunk", cairn_net::CHUNK_SERVER_NAME), ("client", "client.cairn")]
+    {
         let pair = cairn_net::pki::issue(&ca, &format!("cairn {name}"), &[dns])?;
         std::fs::write(dir.join(format!("tls/{name}.pem")), &pair.cert_pem)?;
-        write_private(
-            &dir.join(format!("tls/{name}.key")),
-            pair.key_pem.as_bytes(),
-        )?;
+        write_private(&dir.join(format!("tls/{name}.key")), pair.key_pem.as_bytes())?;
     }
     let key: [u8; 32] = rand::random();
     write_private(&dir.join("volume.key"), &key)?;
-    let meta_file = MetaFile {
-        listen: meta.clone(),
-        database: "meta.db".into(),
-        dead_after_secs: 5,
-        tls: tls("meta"),
-    };
+    let meta_file = MetaFile { listen: meta.clone(), database: "meta.db".into(), dead_after_secs: 5, tls: tls("meta") };
     cairn_config::save(&dir.join("meta.toml"), "Cairn metadata server", &meta_file)?;
-    let client = ClientFile {
-        timeout_secs: 10,
-        cache_mib: 64,
-        write_buffer_mib: 64,
-        tls: tls("client"),
-    };
-    cairn_config::save(
-        &dir.join("client.toml"),
-        "Cairn client (mount.cairn -o config=...)",
-        &client,
-    )?;
+    let client = ClientFile { timeout_secs: 10, cache_mib: 64, write_buffer_mib: 64, tls: tls("client") };
+    cairn_config::save(&dir.join("client.toml"), "Cairn client (mount.cairn -o config=...)", &client)?;
     let uuid = format!("{:032x}", rand::random::<u128>());
     let info = cairn_proto::VolumeInfo {
         name: args.volume.clone(),
@@ -184,32 +147,20 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         replication: args.replication.max(1),
     };
     let db = dir.join("meta.db");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(async {
-            let store = cairn_meta::Store::open(&db).await?;
-            store.format(&info, 0, 0).await
-        })?;
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+        let store = cairn_meta::Store::open(&db).await?;
+        store.format(&info, 0, 0).await
+    })?;
     let mut cluster = ClusterFile {
         volume: args.volume.clone(),
         meta,
         chunk_servers: Vec::new(),
         chunk_host: args.chunk_host.clone(),
     };
-    cairn_config::save(
-        &dir.join("cluster.toml"),
-        "Cairn volume directory",
-        &cluster,
-    )?;
+    cairn_config::save(&dir.join("cluster.toml"), "Cairn volume directory", &cluster)?;
     for id in 1..=u64::from(args.chunk_servers) {
         add_chunk_server(dir, &mut cluster, id)?;
     }
-    println!(
-        "formatted volume {:?} in {} (mount source {})",
-        args.volume,
-        dir.display(),
-        cluster.source()
-    );
+    println!("formatted volume {:?} in {} (mount source {})", args.volume, dir.display(), cluster.source());
     Ok(cluster)
 }

@@ -48,21 +48,9 @@ pub enum LocalCommand {
 
 pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
     match cmd {
-        LocalCommand::Up {
-            mountpoint,
-            data,
-            chunk_servers,
-            volume,
-            replication,
-            options,
-        } => up(
-            &mountpoint,
-            &data,
-            chunk_servers,
-            &volume,
-            replication,
-            options.as_deref(),
-        ),
+        LocalCommand::Up { mountpoint, data, chunk_servers, volume, replication, options } => {
+            up(&mountpoint, &data, chunk_servers, &volume, replication, options.as_deref())
+        }
         LocalCommand::Down { mountpoint, data } => down(&mountpoint, data),
     }
 }
@@ -92,9 +80,14 @@ fn up(
     replication: u32,
     options: Option<&str>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(mountpoint)
-        .with_context(|| format!("creating {}", mountpoint.display()))?;
-    let mountpoint = mountpoint.canonicalize()?;
+    let mountpoint = match std::fs::create_dir_all(mountpoint).and_then(|()| mountpoint.canonicalize()) {
+        Ok(p) => p,
+        // A live mount whose servers are down cannot be stat'ed; `up` is what brings them back.
+        Err(e) => match std::path::absolute(mountpoint) {
+            Ok(p) if mounted_source(&p).is_some() => p,
+            _ => return Err(e).with_context(|| format!("creating {}", mountpoint.display())),
+        },
+    };
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize()?;
     if !data.join("cluster.toml").exists() {
@@ -115,36 +108,15 @@ fn up(
     std::fs::create_dir_all(data.join("run"))?;
     std::fs::create_dir_all(data.join("logs"))?;
     let exe = std::env::current_exe()?;
-    start(
-        &data,
-        "meta",
-        &exe,
-        &[
-            "meta",
-            "--config",
-            &data.join("meta.toml").to_string_lossy(),
-        ],
-    )?;
+    start(&data, "meta", &exe, &["meta", "--config", &data.join("meta.toml").to_string_lossy()])?;
     let rt = crate::runtime()?;
-    let client = rt.block_on(wait_for(START_TIMEOUT, "the metadata server", || {
-        connect(&data, &cluster)
-    }))?;
+    let client = rt.block_on(wait_for(START_TIMEOUT, "the metadata server", || connect(&data, &cluster)))?;
     for id in cluster.chunk_servers.iter().take(chunk_servers as usize) {
         let config = data.join(format!("chunk-{id}.toml"));
-        start(
-            &data,
-            &format!("chunk-{id}"),
-            &exe,
-            &["chunk", "--config", &config.to_string_lossy()],
-        )?;
+        start(&data, &format!("chunk-{id}"), &exe, &["chunk", "--config", &config.to_string_lossy()])?;
     }
     rt.block_on(wait_for(START_TIMEOUT, "the chunk servers", || async {
-        let alive = client
-            .list_servers()
-            .await?
-            .iter()
-            .filter(|s| s.alive)
-            .count();
+        let alive = client.list_servers().await?.iter().filter(|s| s.alive).count();
         if alive < chunk_servers as usize {
             bail!("{alive} of {chunk_servers} chunk servers registered");
         }
@@ -161,11 +133,8 @@ fn up(
         return Ok(());
     }
     let helper = mount_helper(&exe)?;
-    let mut opts = format!(
-        "log={},pidfile={}",
-        data.join("logs/mount.log").display(),
-        data.join("run/mount.pid").display()
-    );
+    let mut opts =
+        format!("log={},pidfile={}", data.join("logs/mount.log").display(), data.join("run/mount.pid").display());
     if let Some(extra) = options {
         opts.push(',');
         opts.push_str(extra);
@@ -178,16 +147,9 @@ fn up(
         .status()
         .with_context(|| format!("running {}", helper.display()))?;
     if !status.success() {
-        bail!(
-            "mounting {source} on {} failed ({status})",
-            mountpoint.display()
-        );
+        bail!("mounting {source} on {} failed ({status})", mountpoint.display());
     }
-    println!(
-        "Cairn volume {source} is mounted on {} (data in {})",
-        mountpoint.display(),
-        data.display()
-    );
+    println!("Cairn volume {source} is mounted on {} (data in {})", mountpoint.display(), data.display());
     Ok(())
 }
 
@@ -222,10 +184,7 @@ fn mount_helper(exe: &Path) -> anyhow::Result<PathBuf> {
             return Ok(p.into());
         }
     }
-    bail!(
-        "cannot find the mount helper (cairn-mount) next to {}",
-        exe.display()
-    )
+    bail!("cannot find the mount helper (cairn-mount) next to {}", exe.display())
 }
 
 /// The SOURCE of the mount at `mountpoint`, if one is there.
@@ -239,7 +198,7 @@ fn mounted_source(mountpoint: &Path) -> Option<String> {
             let (src, dst) = (f.next()?, f.next()?);
             (dst == want).then(|| src.to_string())
         })
-        .last()
+        .next_back()
 }
 
 fn pid_path(data: &Path, name: &str) -> PathBuf {
@@ -248,15 +207,9 @@ fn pid_path(data: &Path, name: &str) -> PathBuf {
 
 /// The process recorded in a pid file, if it still runs a cairn program.
 fn running_pid(data: &Path, name: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_path(data, name))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: i32 = std::fs::read_to_string(pid_path(data, name)).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline)
-        .contains("cairn")
-        .then_some(pid)
+    String::from_utf8_lossy(&cmdline).contains("cairn").then_some(pid)
 }
 
 /// Starts `exe args` in its own session with output to `logs/<name>.log`, unless running.
@@ -265,15 +218,9 @@ fn start(data: &Path, name: &str, exe: &Path, args: &[&str]) -> anyhow::Result<(
         return Ok(());
     }
     let log_path = data.join("logs").join(format!("{name}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -309,17 +256,12 @@ fn stop(data: &Path, name: &str) {
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
         .unwrap_or(true)
 }
 
 fn down(mountpoint: &Path, data: Option<PathBuf>) -> anyhow::Result<()> {
-    let mountpoint = mountpoint
-        .canonicalize()
-        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mountpoint = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
     let data = match data {
         Some(d) => d,
         None => data_of_mount(&mountpoint).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
@@ -329,10 +271,7 @@ fn down(mountpoint: &Path, data: Option<PathBuf>) -> anyhow::Result<()> {
         // SAFETY: valid NUL-terminated path.
         if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
             let err = std::io::Error::last_os_error();
-            eprintln!(
-                "cairn: unmounting {}: {err}; detaching it instead",
-                mountpoint.display()
-            );
+            eprintln!("cairn: unmounting {}: {err}; detaching it instead", mountpoint.display());
             // SAFETY: as above.
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }

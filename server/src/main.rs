@@ -43,18 +43,13 @@ enum Command {
 
 fn init_tracing() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn main() {
@@ -76,10 +71,7 @@ fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
     init_tracing();
     let f: cairn_config::MetaFile = cairn_config::load(path)?;
     let config = cairn_meta::MetaConfig {
-        listen: f
-            .listen
-            .parse()
-            .with_context(|| format!("listen address {:?}", f.listen))?,
+        listen: f.listen.parse().with_context(|| format!("listen address {:?}", f.listen))?,
         db: f.database,
         ca: f.tls.ca,
         cert: f.tls.cert,
@@ -95,10 +87,7 @@ fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
     let f: cairn_config::ChunkFile = cairn_config::load(path)?;
     let config = cairn_chunk::ChunkConfig {
         id: f.id,
-        listen: f
-            .listen
-            .parse()
-            .with_context(|| format!("listen address {:?}", f.listen))?,
+        listen: f.listen.parse().with_context(|| format!("listen address {:?}", f.listen))?,
         advertise: f.advertise.unwrap_or_else(|| f.listen.clone()),
         meta: f.meta,
         data_dir: f.data_dir,

@@ -25,22 +25,11 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         println!("uuid        {}", v.uuid);
         println!("replication {}", v.replication);
         println!("files       {}", stats.files);
-        println!(
-            "capacity    {:.1} GiB, {:.1} GiB free",
-            gib(stats.capacity),
-            gib(stats.free)
-        );
+        println!("capacity    {:.1} GiB, {:.1} GiB free", gib(stats.capacity), gib(stats.free));
         println!("chunk servers:");
         for s in servers {
             let state = if s.alive { "alive" } else { "DEAD" };
-            println!(
-                "  {:>4}  {:<22} {:<5}  {:.1}/{:.1} GiB free",
-                s.id,
-                s.addr,
-                state,
-                gib(s.free),
-                gib(s.capacity)
-            );
+            println!("  {:>4}  {:<22} {:<5}  {:.1}/{:.1} GiB free", s.id, s.addr, state, gib(s.free), gib(s.capacity));
         }
         Ok::<_, anyhow::Error>(())
     })

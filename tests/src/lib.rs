@@ -14,7 +14,11 @@ pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
     for b in ["cairn", "cairn-mount"] {
-        assert!(dir.join(b).exists(), "{} is missing: run `cargo build --workspace` before the tests", dir.join(b).display());
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo build --workspace` before the tests",
+            dir.join(b).display()
+        );
     }
     dir
 }
@@ -142,7 +146,7 @@ pub fn mount_source(dir: &Path) -> Option<String> {
             let (src, dst) = (f.next()?, f.next()?);
             (dst == want).then(|| src.to_string())
         })
-        .last()
+        .next_back()
 }
 
 /// Lazily unmounts `dir` if anything is mounted there.

@@ -77,18 +77,15 @@ pub fn verify(block: &[u8]) -> Result<(), BlockError> {
     Ok(())
 }
 
-/// Verifies and decodes a stored block into its plain bytes.
-pub fn decode(block: &[u8]) -> Result<Vec<u8>, BlockError> {
+/// Verifies a stored block and returns its plain bytes (borrowed: no copy).
+pub fn decode(block: &[u8]) -> Result<&[u8], BlockError> {
     verify(block)?;
     let plain_len = u32::from_le_bytes(block[8..12].try_into().expect("4 bytes")) as usize;
     let body = &block[HEADER_LEN..];
     if plain_len != body.len() {
-        return Err(BlockError::LengthMismatch {
-            declared: plain_len,
-            actual: body.len(),
-        });
+        return Err(BlockError::LengthMismatch { declared: plain_len, actual: body.len() });
     }
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -99,7 +96,7 @@ mod tests {
     fn round_trip() {
         for len in [0usize, 1, 4095, 4096, 1 << 20] {
             let plain: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-            assert_eq!(decode(&encode(&plain)).unwrap(), plain);
+            assert_eq!(decode(&encode(&plain)).unwrap(), &plain[..]);
         }
     }
 

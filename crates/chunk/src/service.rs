@@ -40,10 +40,7 @@ fn wire(e: StoreError) -> WireError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, WireError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| WireError::new(ErrorCode::Io, e.to_string()))?
-        .map_err(wire)
+    tokio::task::spawn_blocking(f).await.map_err(|e| WireError::new(ErrorCode::Io, e.to_string()))?.map_err(wire)
 }
 
 impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
@@ -59,10 +56,12 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
                 blocking(move || store.put(key, &payload, sync)).await?;
                 Ok((ChunkResponse::Done, Vec::new()))
             }
-            ChunkRequest::Get { key } => Ok((
-                ChunkResponse::Block,
-                blocking(move || store.get(key)).await?,
-            )),
+            ChunkRequest::Get { key } => {
+                let t0 = std::time::Instant::now();
+                let b = blocking(move || store.get(key)).await?;
+                tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
+                Ok((ChunkResponse::Block, b))
+            }
             ChunkRequest::Sync { keys } => {
                 blocking(move || store.sync(&keys)).await?;
                 Ok((ChunkResponse::Done, Vec::new()))
@@ -83,12 +82,7 @@ async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, meta: RpcClient)
     let mut announced = false;
     loop {
         let (capacity, free) = store.usage().unwrap_or((0, 0));
-        let req = MetaRequest::Heartbeat {
-            id: config.id,
-            addr: config.advertise.clone(),
-            capacity,
-            free,
-        };
+        let req = MetaRequest::Heartbeat { id: config.id, addr: config.advertise.clone(), capacity, free };
         match meta.call::<_, MetaResponse>(&req, &[]).await {
             Ok(_) if !announced => {
                 info!(meta = %config.meta, "registered with the metadata server");

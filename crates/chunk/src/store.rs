@@ -49,25 +49,16 @@ impl BlockStore {
     }
 
     fn path_of(&self, key: BlockKey) -> PathBuf {
-        self.dir_of(key)
-            .join(format!("{:016x}-{}", key.slice, key.index))
+        self.dir_of(key).join(format!("{:016x}-{}", key.slice, key.index))
     }
 
     /// Stores a block after checking its format; with `sync` it is on disk when this returns.
     pub fn put(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
-        cairn_block::verify(block).map_err(|e| StoreError::Malformed {
-            key,
-            reason: e.to_string(),
-        })?;
+        cairn_block::verify(block).map_err(|e| StoreError::Malformed { key, reason: e.to_string() })?;
         let dir = self.dir_of(key);
         std::fs::create_dir_all(&dir)?;
         let path = self.path_of(key);
-        let tmp = dir.join(format!(
-            ".tmp-{:016x}-{}-{:08x}",
-            key.slice,
-            key.index,
-            rand::random::<u32>()
-        ));
+        let tmp = dir.join(format!(".tmp-{:016x}-{}-{:08x}", key.slice, key.index, rand::random::<u32>()));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(block)?;
@@ -114,10 +105,7 @@ impl BlockStore {
             }
             Err(e) => return Err(e.into()),
         };
-        cairn_block::verify(&data).map_err(|e| StoreError::Corrupt {
-            key,
-            reason: e.to_string(),
-        })?;
+        cairn_block::verify(&data).map_err(|e| StoreError::Corrupt { key, reason: e.to_string() })?;
         Ok(data)
     }
 
@@ -155,17 +143,11 @@ mod tests {
     fn put_get_corrupt_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path()).unwrap();
-        let key = BlockKey {
-            slice: 0x1234,
-            index: 2,
-        };
+        let key = BlockKey { slice: 0x1234, index: 2 };
         let block = cairn_block::encode(b"hello block");
         store.put(key, &block, true).unwrap();
         assert_eq!(store.get(key).unwrap(), block);
-        assert!(matches!(
-            store.put(key, b"garbage", false),
-            Err(StoreError::Malformed { .. })
-        ));
+        assert!(matches!(store.put(key, b"garbage", false), Err(StoreError::Malformed { .. })));
         let path = store.path_of(key);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;

@@ -16,13 +16,26 @@ const SERVER_LIST_TTL: Duration = Duration::from_secs(3);
 /// Slice ids reserved per request to the metadata server.
 const SLICE_ID_BATCH: u64 = 256;
 
+/// A cached block: its plain bytes are `bytes[start..]` (a verified encoded block keeps its
+/// header in front, so fetching costs no copy).
+pub(crate) struct Block {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl Block {
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
 pub(crate) struct BlockClient {
     endpoint: quinn::Endpoint,
     timeout: Duration,
     rpcs: DashMap<ServerId, Arc<RpcClient>>,
     servers: Mutex<Option<(Instant, Arc<Vec<ChunkServerInfo>>)>>,
     slice_ids: Mutex<(SliceId, SliceId)>,
-    pub(crate) cache: moka::future::Cache<BlockKey, Arc<Vec<u8>>>,
+    pub(crate) cache: moka::future::Cache<BlockKey, Arc<Block>>,
 }
 
 impl BlockClient {
@@ -35,7 +48,10 @@ impl BlockClient {
             slice_ids: Mutex::new((0, 0)),
             cache: moka::future::Cache::builder()
                 .max_capacity(config.cache_bytes)
-                .weigher(|_, v: &Arc<Vec<u8>>| v.len().try_into().unwrap_or(u32::MAX))
+                // Plain LRU: TinyLFU admission would turn away freshly read blocks under a
+                // sequential scan, so the next read of the same block would fetch it again.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .weigher(|_, v: &Arc<Block>| v.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
         }
     }
@@ -70,10 +86,7 @@ impl Client {
             false => self.servers(true).await?,
         };
         let Some(info) = servers.iter().find(|s| s.id == id) else {
-            return Err(ClientError::new(
-                ErrorCode::Io,
-                format!("chunk server {id} is not registered"),
-            ));
+            return Err(ClientError::new(ErrorCode::Io, format!("chunk server {id} is not registered")));
         };
         if let Some(rpc) = self.blocks.rpcs.get(&id)
             && rpc.addr() == info.addr
@@ -90,12 +103,7 @@ impl Client {
         Ok(rpc)
     }
 
-    async fn chunk_call(
-        &self,
-        id: ServerId,
-        req: &ChunkRequest,
-        payload: &[u8],
-    ) -> Result<Vec<u8>> {
+    async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: &[u8]) -> Result<Vec<u8>> {
         let rpc = self.rpc(id).await?;
         let (_resp, data): (ChunkResponse, _) = rpc.call(req, payload).await?;
         Ok(data)
@@ -110,12 +118,7 @@ impl Client {
                 return Ok(ids.0 - 1);
             }
         }
-        let first = match self
-            .call(MetaRequest::AllocSlices {
-                count: SLICE_ID_BATCH,
-            })
-            .await?
-        {
+        let first = match self.call(MetaRequest::AllocSlices { count: SLICE_ID_BATCH }).await? {
             MetaResponse::SliceIds { first } => first,
             other => return Err(unexpected(other)),
         };
@@ -125,25 +128,12 @@ impl Client {
     }
 
     /// Stores a slice's bytes as blocks on `replication` servers; returns the servers used.
-    pub(crate) async fn store_slice(
-        &self,
-        slice: SliceId,
-        data: &[u8],
-        sync: bool,
-    ) -> Result<Vec<ServerId>> {
+    pub(crate) async fn store_slice(&self, slice: SliceId, data: &[u8], sync: bool) -> Result<Vec<ServerId>> {
         let bs = self.volume.block_size as usize;
         let encoded: Vec<(BlockKey, Vec<u8>)> = data
             .chunks(bs)
             .enumerate()
-            .map(|(i, part)| {
-                (
-                    BlockKey {
-                        slice,
-                        index: i as u32,
-                    },
-                    cairn_block::encode(part),
-                )
-            })
+            .map(|(i, part)| (BlockKey { slice, index: i as u32 }, cairn_block::encode(part)))
             .collect();
         let mut last_err = None;
         for attempt in 0..3 {
@@ -152,22 +142,14 @@ impl Client {
             let want = (self.volume.replication as usize).min(alive).max(1);
             let chosen = placement::place(&servers, slice, want, data.len() as u64);
             if chosen.is_empty() {
-                let code = if alive == 0 {
-                    ErrorCode::Io
-                } else {
-                    ErrorCode::NoSpace
-                };
-                return Err(ClientError::new(
-                    code,
-                    "no live chunk server has room for the data",
-                ));
+                let code = if alive == 0 { ErrorCode::Io } else { ErrorCode::NoSpace };
+                return Err(ClientError::new(code, "no live chunk server has room for the data"));
             }
             let puts = chosen.iter().map(|&id| {
                 let encoded = &encoded;
                 async move {
                     for (key, block) in encoded {
-                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block)
-                            .await?;
+                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block).await?;
                     }
                     Ok::<_, ClientError>(())
                 }
@@ -176,18 +158,11 @@ impl Client {
             match results.into_iter().find_map(|r| r.err()) {
                 None => {
                     for ((key, _), plain) in encoded.iter().zip(data.chunks(bs)) {
-                        self.blocks
-                            .cache
-                            .insert(*key, Arc::new(plain.to_vec()))
-                            .await;
+                        self.blocks.cache.insert(*key, Arc::new(Block { bytes: plain.to_vec(), start: 0 })).await;
                     }
                     return Ok(chosen);
                 }
-                Some(e)
-                    if e.code == ErrorCode::NoSpace
-                        || e.code == ErrorCode::Io
-                        || e.code == ErrorCode::TimedOut =>
-                {
+                Some(e) if e.code == ErrorCode::NoSpace || e.code == ErrorCode::Io || e.code == ErrorCode::TimedOut => {
                     warn!(slice, "storing a slice failed, retrying elsewhere: {e}");
                     last_err = Some(e);
                 }
@@ -203,29 +178,32 @@ impl Client {
         for (s, k) in blocks {
             per_server.entry(s).or_default().push(k);
         }
-        let calls = per_server.into_iter().map(|(id, keys)| async move {
-            self.chunk_call(id, &ChunkRequest::Sync { keys }, &[])
-                .await
-                .map(|_| ())
-        });
+        let calls = per_server
+            .into_iter()
+            .map(|(id, keys)| async move { self.chunk_call(id, &ChunkRequest::Sync { keys }, &[]).await.map(|_| ()) });
         futures::future::join_all(calls).await.into_iter().collect()
     }
 
     /// The decoded bytes of a block, from the cache or from the first replica that has a
     /// good copy. A block that fails its checksum everywhere is `EIO`, never wrong bytes.
-    pub(crate) async fn block(&self, key: BlockKey, servers: &[ServerId]) -> Result<Arc<Vec<u8>>> {
+    pub(crate) async fn block(&self, key: BlockKey, servers: &[ServerId]) -> Result<Arc<Block>> {
         let servers = servers.to_vec();
         self.blocks
             .cache
             .try_get_with(key, async move {
-                let mut last =
-                    ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
+                let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
                 let start = (key.slice as usize) % servers.len().max(1);
                 for i in 0..servers.len() {
                     let id = servers[(start + i) % servers.len()];
-                    match self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await {
+                    let t0 = std::time::Instant::now();
+                    let got = self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await;
+                    tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
+                    match got {
                         Ok(bytes) => match cairn_block::decode(&bytes) {
-                            Ok(plain) => return Ok(Arc::new(plain)),
+                            Ok(plain) => {
+                                let start = bytes.len() - plain.len();
+                                return Ok(Arc::new(Block { bytes, start }));
+                            }
                             Err(e) => {
                                 error!(server = id, ?key, "block failed verification: {e}");
                                 last = ClientError::new(ErrorCode::Corrupt, e.to_string());
@@ -233,12 +211,7 @@ impl Client {
                         },
                         Err(e) => {
                             if e.code == ErrorCode::Corrupt {
-                                error!(
-                                    server = id,
-                                    ?key,
-                                    "chunk server reports a corrupt block: {}",
-                                    e.message
-                                );
+                                error!(server = id, ?key, "chunk server reports a corrupt block: {}", e.message);
                             } else {
                                 warn!(server = id, ?key, "reading a block failed: {}", e.message);
                             }

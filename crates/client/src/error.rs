@@ -12,10 +12,7 @@ pub struct ClientError {
 impl ClientError {
     /// Shorthand constructor.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ClientError {
-        ClientError {
-            code,
-            message: message.into(),
-        }
+        ClientError { code, message: message.into() }
     }
 
     /// The errno for this error (the one place codes become errno is `ErrorCode::errno`).
@@ -28,10 +25,7 @@ impl From<NetError> for ClientError {
     fn from(e: NetError) -> ClientError {
         match e {
             NetError::Remote(WireError { code, message }) => ClientError { code, message },
-            other => ClientError {
-                code: other.code(),
-                message: other.to_string(),
-            },
+            other => ClientError { code: other.code(), message: other.to_string() },
         }
     }
 }

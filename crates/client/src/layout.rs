@@ -28,11 +28,7 @@ pub fn resolve(slices: &[SliceRef], start: u64, end: u64) -> Vec<Piece<'_>> {
                 rest.push((a, b));
                 continue;
             }
-            pieces.push(Piece {
-                start: lo,
-                end: hi,
-                slice: (s.id != HOLE_SLICE).then_some(s),
-            });
+            pieces.push(Piece { start: lo, end: hi, slice: (s.id != HOLE_SLICE).then_some(s) });
             if a < lo {
                 rest.push((a, lo));
             }
@@ -42,11 +38,7 @@ pub fn resolve(slices: &[SliceRef], start: u64, end: u64) -> Vec<Piece<'_>> {
         }
         uncovered = rest;
     }
-    pieces.extend(uncovered.into_iter().map(|(a, b)| Piece {
-        start: a,
-        end: b,
-        slice: None,
-    }));
+    pieces.extend(uncovered.into_iter().map(|(a, b)| Piece { start: a, end: b, slice: None }));
     pieces.sort_by_key(|p| p.start);
     pieces
 }
@@ -56,18 +48,11 @@ mod tests {
     use super::*;
 
     fn s(pos: u32, len: u32, id: u64) -> SliceRef {
-        SliceRef {
-            pos,
-            len,
-            id,
-            servers: vec![],
-        }
+        SliceRef { pos, len, id, servers: vec![] }
     }
 
     fn ids(p: &[Piece<'_>]) -> Vec<(u64, u64, u64)> {
-        p.iter()
-            .map(|p| (p.start, p.end, p.slice.map_or(0, |s| s.id)))
-            .collect()
+        p.iter().map(|p| (p.start, p.end, p.slice.map_or(0, |s| s.id))).collect()
     }
 
     #[test]
@@ -75,20 +60,9 @@ mod tests {
         let map = vec![s(0, 100, 1), s(20, 10, 2), s(50, 100, 3), s(60, 5, 0)];
         assert_eq!(
             ids(&resolve(&map, 0, 200)),
-            vec![
-                (0, 20, 1),
-                (20, 30, 2),
-                (30, 50, 1),
-                (50, 60, 3),
-                (60, 65, 0),
-                (65, 150, 3),
-                (150, 200, 0)
-            ]
+            vec![(0, 20, 1), (20, 30, 2), (30, 50, 1), (50, 60, 3), (60, 65, 0), (65, 150, 3), (150, 200, 0)]
         );
-        assert_eq!(
-            ids(&resolve(&map, 25, 55)),
-            vec![(25, 30, 2), (30, 50, 1), (50, 55, 3)]
-        );
+        assert_eq!(ids(&resolve(&map, 25, 55)), vec![(25, 30, 2), (30, 50, 1), (50, 55, 3)]);
         assert_eq!(ids(&resolve(&[], 5, 9)), vec![(5, 9, 0)]);
     }
 
@@ -104,13 +78,7 @@ mod tests {
         };
         for _ in 0..200 {
             let map: Vec<SliceRef> = (0..next(12))
-                .map(|i| {
-                    s(
-                        next(200) as u32,
-                        1 + next(80) as u32,
-                        if next(4) == 0 { 0 } else { i + 1 },
-                    )
-                })
+                .map(|i| s(next(200) as u32, 1 + next(80) as u32, if next(4) == 0 { 0 } else { i + 1 }))
                 .collect();
             let mut model = vec![0u64; 300];
             for sl in &map {

@@ -60,6 +60,9 @@ pub struct Client {
     pub(crate) generations: DashMap<Ino, u64>,
     pub(crate) sizes: moka::sync::Cache<Ino, u64>,
     pub(crate) write_budget: write::WriteBudget,
+    /// Blocks stored without fsync, per file, until an fsync of that file syncs them. Kept
+    /// apart from the open-file state so an fsync after close and reopen still covers them.
+    pub(crate) unsynced: DashMap<Ino, Vec<(ServerId, cairn_proto::chunk::BlockKey)>>,
     /// End offset of the last read per inode, to detect sequential reads for readahead.
     pub(crate) last_read: DashMap<Ino, u64>,
 }
@@ -68,16 +71,8 @@ impl Client {
     /// Connects to the metadata server and checks that it serves `config.volume`.
     pub async fn connect(config: ClientConfig, identity: &Identity) -> Result<Arc<Client>> {
         let endpoint = cairn_net::client_endpoint(identity)?;
-        let meta = RpcClient::new(
-            endpoint.clone(),
-            &config.meta,
-            cairn_net::META_SERVER_NAME,
-            config.timeout,
-        );
-        let hello = MetaRequest::Hello {
-            version: PROTOCOL_VERSION,
-            volume: config.volume.clone(),
-        };
+        let meta = RpcClient::new(endpoint.clone(), &config.meta, cairn_net::META_SERVER_NAME, config.timeout);
+        let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: config.volume.clone() };
         let volume = match meta.call::<_, MetaResponse>(&hello, &[]).await?.0 {
             MetaResponse::Hello { volume } => volume,
             other => return Err(unexpected(other)),
@@ -87,15 +82,10 @@ impl Client {
             files: DashMap::new(),
             generations: DashMap::new(),
             write_budget: write::WriteBudget::new(config.write_buffer_bytes),
+            unsynced: DashMap::new(),
             last_read: DashMap::new(),
-            maps: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(config.map_ttl)
-                .build(),
-            sizes: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(config.map_ttl)
-                .build(),
+            maps: moka::future::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            sizes: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             meta,
             volume,
         };
@@ -139,6 +129,10 @@ impl Client {
         if a.kind == FileKind::File {
             if let Some(f) = self.files.get(&a.ino) {
                 a.size = a.size.max(f.buffered_size());
+                if let Some(t) = f.buffered_mtime() {
+                    a.mtime = a.mtime.max(t);
+                    a.ctime = a.ctime.max(t);
+                }
             }
             self.sizes.insert(a.ino, a.size);
         }
@@ -147,8 +141,5 @@ impl Client {
 }
 
 pub(crate) fn unexpected(resp: MetaResponse) -> ClientError {
-    ClientError::new(
-        ErrorCode::Io,
-        format!("unexpected answer from the metadata server: {resp:?}"),
-    )
+    ClientError::new(ErrorCode::Io, format!("unexpected answer from the metadata server: {resp:?}"))
 }

@@ -5,12 +5,18 @@ use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
 
+/// POSIX ACLs are not supported (the kernel would otherwise store them as plain xattrs without
+/// enforcing them); answering locally also spares `ls -l` a round trip per file.
+fn check_acl_name(name: &[u8]) -> Result<()> {
+    if name.starts_with(b"system.posix_acl_") {
+        return Err(ClientError::new(ErrorCode::NotSupported, "POSIX ACLs are not supported"));
+    }
+    Ok(())
+}
+
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_MAX {
-        return Err(ClientError::new(
-            ErrorCode::NameTooLong,
-            format!("name of {} bytes", name.len()),
-        ));
+        return Err(ClientError::new(ErrorCode::NameTooLong, format!("name of {} bytes", name.len())));
     }
     Ok(())
 }
@@ -18,11 +24,7 @@ fn check_name(name: &[u8]) -> Result<()> {
 impl Client {
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
-        self.call_attr(MetaRequest::Lookup {
-            parent,
-            name: name.to_vec(),
-        })
-        .await
+        self.call_attr(MetaRequest::Lookup { parent, name: name.to_vec() }).await
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
@@ -31,22 +33,11 @@ impl Client {
 
     /// Changes attributes; a size change first flushes buffered writes so they cannot land
     /// past the new end of file afterwards.
-    pub async fn setattr(
-        self: &Arc<Self>,
-        ino: Ino,
-        set: SetAttrs,
-        caller: Caller,
-    ) -> Result<Attr> {
-        if set.size.is_some() {
-            self.flush(ino, false).await?;
-        }
-        let attr = self
-            .call_attr(MetaRequest::SetAttr {
-                ino,
-                set: set.clone(),
-                caller,
-            })
-            .await?;
+    pub async fn setattr(self: &Arc<Self>, ino: Ino, set: SetAttrs, caller: Caller) -> Result<Attr> {
+        // Buffered writes land first, so neither a new size nor explicit times (cp -p) are
+        // overwritten by a later commit of older data.
+        self.flush(ino, false).await?;
+        let attr = self.call_attr(MetaRequest::SetAttr { ino, set: set.clone(), caller }).await?;
         if set.size.is_some() {
             self.invalidate_data(ino);
             self.sizes.insert(ino, attr.size);
@@ -68,16 +59,7 @@ impl Client {
         open: bool,
     ) -> Result<Attr> {
         check_name(name)?;
-        let req = MetaRequest::MakeNode {
-            parent,
-            name: name.to_vec(),
-            kind,
-            perm,
-            rdev,
-            target,
-            caller,
-            open,
-        };
+        let req = MetaRequest::MakeNode { parent, name: name.to_vec(), kind, perm, rdev, target, caller, open };
         let attr = self.call_attr(req).await?;
         if open {
             self.opened(attr.ino);
@@ -87,30 +69,17 @@ impl Client {
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
         check_name(new_name)?;
-        self.call_attr(MetaRequest::Link {
-            ino,
-            new_parent,
-            new_name: new_name.to_vec(),
-        })
-        .await
+        self.call_attr(MetaRequest::Link { ino, new_parent, new_name: new_name.to_vec() }).await
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        self.call_empty(MetaRequest::Unlink {
-            parent,
-            name: name.to_vec(),
-        })
-        .await
+        self.call_empty(MetaRequest::Unlink { parent, name: name.to_vec() }).await
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        self.call_empty(MetaRequest::Rmdir {
-            parent,
-            name: name.to_vec(),
-        })
-        .await
+        self.call_empty(MetaRequest::Rmdir { parent, name: name.to_vec() }).await
     }
 
     pub async fn rename(
@@ -123,13 +92,7 @@ impl Client {
     ) -> Result<()> {
         check_name(name)?;
         check_name(new_name)?;
-        let req = MetaRequest::Rename {
-            parent,
-            name: name.to_vec(),
-            new_parent,
-            new_name: new_name.to_vec(),
-            mode,
-        };
+        let req = MetaRequest::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), mode };
         self.call_empty(req).await
     }
 
@@ -141,22 +104,8 @@ impl Client {
     }
 
     /// Up to `limit` entries after `cookie` (0 to start).
-    pub async fn readdir(
-        &self,
-        ino: Ino,
-        after: u64,
-        limit: u32,
-        plus: bool,
-    ) -> Result<Vec<DirEntry>> {
-        match self
-            .call(MetaRequest::ReadDir {
-                ino,
-                after,
-                limit,
-                plus,
-            })
-            .await?
-        {
+    pub async fn readdir(&self, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
+        match self.call(MetaRequest::ReadDir { ino, after, limit, plus }).await? {
             MetaResponse::Dir(mut entries) => {
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
@@ -180,63 +129,42 @@ impl Client {
     pub async fn release(self: &Arc<Self>, ino: Ino) -> Result<()> {
         let flushed = self.flush(ino, false).await;
         self.closed(ino);
-        let closed = self.call_empty(MetaRequest::Close { ino }).await;
-        flushed.and(closed)
+        // Dropping the registration needs no answer: the server orders it after every earlier
+        // request of this client that could observe it, and a lost one is cleaned up with the
+        // connection. Not waiting saves a round trip on every close.
+        let client = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.call_empty(MetaRequest::Close { ino }).await {
+                tracing::debug!(ino, "close registration: {e}");
+            }
+        });
+        flushed
     }
 
-    pub async fn fallocate(
-        self: &Arc<Self>,
-        ino: Ino,
-        mode: FallocMode,
-        offset: u64,
-        len: u64,
-    ) -> Result<Attr> {
+    pub async fn fallocate(self: &Arc<Self>, ino: Ino, mode: FallocMode, offset: u64, len: u64) -> Result<Attr> {
         self.flush(ino, false).await?;
-        let attr = self
-            .call_attr(MetaRequest::Fallocate {
-                ino,
-                mode,
-                offset,
-                len,
-            })
-            .await?;
+        let attr = self.call_attr(MetaRequest::Fallocate { ino, mode, offset, len }).await?;
         self.invalidate_data(ino);
         Ok(attr)
     }
 
-    pub async fn set_xattr(
-        &self,
-        ino: Ino,
-        name: &[u8],
-        value: &[u8],
-        mode: XattrMode,
-    ) -> Result<()> {
+    pub async fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+        check_acl_name(name)?;
         if name.len() > XATTR_NAME_MAX {
             return Err(ClientError::new(ErrorCode::Range, "xattr name too long"));
         }
         if value.len() > XATTR_SIZE_MAX {
             return Err(ClientError::new(ErrorCode::TooBig, "xattr value too large"));
         }
-        self.call_empty(MetaRequest::SetXattr {
-            ino,
-            name: name.to_vec(),
-            value: value.to_vec(),
-            mode,
-        })
-        .await
+        self.call_empty(MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode }).await
     }
 
     pub async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        check_acl_name(name)?;
         if name.len() > XATTR_NAME_MAX {
             return Err(ClientError::new(ErrorCode::Range, "xattr name too long"));
         }
-        match self
-            .call(MetaRequest::GetXattr {
-                ino,
-                name: name.to_vec(),
-            })
-            .await?
-        {
+        match self.call(MetaRequest::GetXattr { ino, name: name.to_vec() }).await? {
             MetaResponse::Xattr(v) => Ok(v),
             other => Err(unexpected(other)),
         }
@@ -250,11 +178,8 @@ impl Client {
     }
 
     pub async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        self.call_empty(MetaRequest::RemoveXattr {
-            ino,
-            name: name.to_vec(),
-        })
-        .await
+        check_acl_name(name)?;
+        self.call_empty(MetaRequest::RemoveXattr { ino, name: name.to_vec() }).await
     }
 
     pub async fn statfs(&self) -> Result<FsStats> {

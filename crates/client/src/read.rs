@@ -42,11 +42,13 @@ impl Client {
         }
         let end = file_size.min(offset + size as u64);
         let mut out = vec![0u8; (end - offset) as usize];
+        let started = std::time::Instant::now();
         self.read_into(ino, offset, &mut out).await?;
-        let sequential = self
-            .last_read
-            .insert(ino, end)
-            .is_some_and(|prev| prev == offset);
+        tracing::debug!(ino, offset, size, micros = started.elapsed().as_micros() as u64, "read");
+        // Readahead when this read starts near where the previous one ended: the kernel's own
+        // readahead sends several reads at once, so exact adjacency is too strict a test.
+        let near = |prev: u64| offset.abs_diff(prev) <= 2 * self.volume.block_size;
+        let sequential = self.last_read.insert(ino, end).is_some_and(near);
         if sequential && end < file_size {
             let client = self.clone();
             let ahead = (READAHEAD_BLOCKS * self.volume.block_size).min(file_size - end);
@@ -58,18 +60,12 @@ impl Client {
     /// Fills `out` with the file's bytes starting at `offset` (zeros where nothing is stored).
     async fn read_into(&self, ino: Ino, offset: u64, out: &mut [u8]) -> Result<()> {
         let jobs = self.plan(ino, offset, out.len() as u64).await?;
-        let fetched =
-            futures::future::join_all(jobs.iter().map(|j| self.block(j.key, &j.servers))).await;
+        let fetched = futures::future::join_all(jobs.iter().map(|j| self.block(j.key, &j.servers))).await;
         for (job, block) in jobs.iter().zip(fetched) {
             let block = block?;
-            let src = block
-                .get(job.block_off..job.block_off + job.len)
-                .ok_or_else(|| {
-                    ClientError::new(
-                        ErrorCode::Io,
-                        format!("block {:?} is shorter than its slice", job.key),
-                    )
-                })?;
+            let src = block.data().get(job.block_off..job.block_off + job.len).ok_or_else(|| {
+                ClientError::new(ErrorCode::Io, format!("block {:?} is shorter than its slice", job.key))
+            })?;
             out[job.out_off..job.out_off + job.len].copy_from_slice(src);
         }
         Ok(())
@@ -105,10 +101,7 @@ impl Client {
                     let block_off = in_slice % bs;
                     let n = (bs - block_off).min(piece.end - at);
                     jobs.push(Copy {
-                        key: BlockKey {
-                            slice: slice.id,
-                            index: index as u32,
-                        },
+                        key: BlockKey { slice: slice.id, index: index as u32 },
                         servers: slice.servers.clone(),
                         block_off: block_off as usize,
                         out_off: (chunk_start + at - offset) as usize,

@@ -17,6 +17,8 @@ pub(crate) struct FileState {
     handles: AtomicU32,
     /// Highest end offset written since the last commit (0 when clean).
     size: AtomicU64,
+    /// Time of the last buffered write, in nanoseconds since the epoch.
+    written_at: AtomicU64,
     inner: Mutex<WriteState>,
 }
 
@@ -26,14 +28,22 @@ struct WriteState {
     buf: Option<(u64, Vec<u8>)>,
     /// Sealed buffers being stored, in write order (which is commit order).
     pending: Vec<JoinHandle<Stored>>,
-    /// Blocks stored without fsync since the last `fsync`.
-    unsynced: Vec<(ServerId, BlockKey)>,
+    /// Slices stored but not committed yet (kept for a retry if the commit fails).
+    stored: Vec<NewSlice>,
     dirty: bool,
 }
 
 impl FileState {
     pub(crate) fn buffered_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    /// When the file was last written, while the write is still buffered: the file's mtime
+    /// and ctime until the commit records them on the metadata server.
+    pub(crate) fn buffered_mtime(&self) -> Option<Timestamp> {
+        let nanos = self.written_at.load(Ordering::Acquire);
+        (self.buffered_size() > 0 && nanos > 0)
+            .then(|| Timestamp { secs: (nanos / 1_000_000_000) as i64, nanos: (nanos % 1_000_000_000) as u32 })
     }
 }
 
@@ -46,19 +56,12 @@ pub(crate) struct WriteBudget {
 impl WriteBudget {
     pub(crate) fn new(bytes: u64) -> WriteBudget {
         let max = bytes.clamp(1 << 20, u32::MAX as u64) as u32;
-        WriteBudget {
-            sem: Arc::new(Semaphore::new(max as usize)),
-            max,
-        }
+        WriteBudget { sem: Arc::new(Semaphore::new(max as usize)), max }
     }
 
     async fn acquire(&self, bytes: usize) -> OwnedSemaphorePermit {
         let n = (bytes as u64).clamp(1, self.max as u64) as u32;
-        self.sem
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .expect("write budget semaphore is never closed")
+        self.sem.clone().acquire_many_owned(n).await.expect("write budget semaphore is never closed")
     }
 }
 
@@ -70,6 +73,7 @@ impl Client {
                 Arc::new(FileState {
                     handles: AtomicU32::new(0),
                     size: AtomicU64::new(0),
+                    written_at: AtomicU64::new(0),
                     inner: Mutex::default(),
                 })
             })
@@ -89,21 +93,14 @@ impl Client {
     }
 
     pub(crate) fn is_dirty(&self, ino: Ino) -> bool {
-        self.files
-            .get(&ino)
-            .is_some_and(|f| f.size.load(Ordering::Acquire) > 0)
+        self.files.get(&ino).is_some_and(|f| f.size.load(Ordering::Acquire) > 0)
     }
 
     /// Buffers `data` at `offset`. Returns once the bytes are buffered (not yet stored).
     pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|e| *e <= MAX_FILE_SIZE);
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= MAX_FILE_SIZE);
         let Some(end) = end else {
-            return Err(crate::ClientError::new(
-                ErrorCode::FileTooBig,
-                "write past the maximum file size",
-            ));
+            return Err(crate::ClientError::new(ErrorCode::FileTooBig, "write past the maximum file size"));
         };
         let cs = self.volume.chunk_size;
         let bs = self.volume.block_size;
@@ -114,14 +111,14 @@ impl Client {
             let chunk_end = (off / cs + 1) * cs;
             let mut n = (rest.len() as u64).min(chunk_end - off);
             let appendable = match &st.buf {
-                Some((b_off, b)) => {
-                    off >= *b_off && off <= *b_off + b.len() as u64 && off / cs == *b_off / cs
-                }
+                Some((b_off, b)) => off >= *b_off && off <= *b_off + b.len() as u64 && off / cs == *b_off / cs,
                 None => false,
             };
             if !appendable {
                 self.seal(&mut st, false).await;
-                st.buf = Some((off, Vec::new()));
+                // Sequential writers fill whole blocks: reserve one so the buffer never regrows.
+                let cap = if rest.len() as u64 >= bs / 8 { bs.min(chunk_end - off) as usize } else { rest.len() };
+                st.buf = Some((off, Vec::with_capacity(cap)));
             }
             let (b_off, b) = st.buf.as_mut().expect("buffer exists");
             let at = (off - *b_off) as usize;
@@ -139,6 +136,8 @@ impl Client {
             rest = &rest[n_us..];
         }
         st.dirty = true;
+        let now = Timestamp::now();
+        f.written_at.store(now.secs as u64 * 1_000_000_000 + now.nanos as u64, Ordering::Release);
         f.size.fetch_max(end, Ordering::AcqRel);
         Ok(data.len() as u32)
     }
@@ -159,23 +158,16 @@ impl Client {
             let servers = client.store_slice(id, &data, sync).await?;
             drop(permit);
             let blocks = data.len().div_ceil(client.volume.block_size as usize) as u32;
-            let keys = servers
-                .iter()
-                .flat_map(|s| (0..blocks).map(move |index| (*s, BlockKey { slice: id, index })))
-                .collect();
-            let slice = SliceRef {
-                pos: (off % cs) as u32,
-                len: data.len() as u32,
-                id,
-                servers,
+            // Blocks stored without sync must be synced by the next fsync.
+            let keys = match sync {
+                true => Vec::new(),
+                false => servers
+                    .iter()
+                    .flat_map(|s| (0..blocks).map(move |index| (*s, BlockKey { slice: id, index })))
+                    .collect(),
             };
-            Ok((
-                NewSlice {
-                    chunk: off / cs,
-                    slice,
-                },
-                keys,
-            ))
+            let slice = SliceRef { pos: (off % cs) as u32, len: data.len() as u32, id, servers };
+            Ok((NewSlice { chunk: off / cs, slice }, keys))
         }));
     }
 
@@ -183,54 +175,61 @@ impl Client {
     /// a crash of every server (fsync).
     pub async fn flush(self: &Arc<Self>, ino: Ino, durable: bool) -> Result<()> {
         let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
-            return Ok(());
+            return if durable { self.sync_file(ino).await } else { Ok(()) };
         };
         let mut st = f.inner.lock().await;
-        if !st.dirty && (!durable || st.unsynced.is_empty()) {
-            return Ok(());
+        if !st.dirty && st.stored.is_empty() {
+            return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
         self.seal(&mut st, durable).await;
-        let mut slices = Vec::with_capacity(st.pending.len());
         let mut first_err = None;
         for handle in std::mem::take(&mut st.pending) {
             match handle.await {
                 Ok(Ok((slice, keys))) => {
-                    slices.push(slice);
-                    if !durable {
-                        st.unsynced.extend(keys);
+                    st.stored.push(slice);
+                    if !keys.is_empty() {
+                        self.unsynced.entry(ino).or_default().extend(keys);
                     }
                 }
                 Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => {
-                    first_err =
-                        first_err.or(Some(crate::ClientError::new(ErrorCode::Io, e.to_string())))
-                }
+                Err(e) => first_err = first_err.or(Some(crate::ClientError::new(ErrorCode::Io, e.to_string()))),
             }
         }
         if let Some(e) = first_err {
             // The data could not be stored: report it once, as a local filesystem reports a
             // failed writeback, and drop the buffered state so later calls do not repeat it.
+            st.stored.clear();
             st.dirty = false;
             f.size.store(0, Ordering::Release);
             return Err(e);
         }
-        if durable && !st.unsynced.is_empty() {
-            let unsynced = std::mem::take(&mut st.unsynced);
-            self.sync_blocks(unsynced).await?;
+        if durable {
+            self.sync_blocks_of(ino).await?;
         }
         let min_size = f.size.load(Ordering::Acquire);
-        let attr = self
-            .call_attr(MetaRequest::Commit {
-                ino,
-                slices,
-                min_size,
-                durable,
-            })
-            .await?;
+        let slices = st.stored.clone();
+        let attr = self.call_attr(MetaRequest::Commit { ino, slices, min_size, durable }).await?;
+        st.stored.clear();
         st.dirty = false;
         f.size.store(0, Ordering::Release);
         self.sizes.insert(ino, attr.size);
         self.invalidate_data(ino);
+        Ok(())
+    }
+
+    /// fsync of a file with nothing buffered: blocks stored earlier without sync (possibly
+    /// through a handle closed since) and the metadata committed so far become durable.
+    async fn sync_file(&self, ino: Ino) -> Result<()> {
+        self.sync_blocks_of(ino).await?;
+        self.sync_metadata().await
+    }
+
+    async fn sync_blocks_of(&self, ino: Ino) -> Result<()> {
+        let Some((_, keys)) = self.unsynced.remove(&ino) else { return Ok(()) };
+        if let Err(e) = self.sync_blocks(keys.clone()).await {
+            self.unsynced.entry(ino).or_default().extend(keys);
+            return Err(e);
+        }
         Ok(())
     }
 }

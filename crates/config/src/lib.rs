@@ -9,20 +9,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// Credentials of one node: the cluster CA and this node's certificate and key (PEM files).
@@ -106,14 +97,8 @@ fn default_write_buffer_mib() -> u64 {
 
 /// Reads and parses a configuration file, resolving relative TLS paths against its directory.
 pub fn load<T: DeserializeOwned + HasTls>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    let mut value: T = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.into(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let mut value: T = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
     // Resolve against the real file's directory, so a symlink to a config works.
     let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     if let Some(dir) = real.parent() {
@@ -126,10 +111,7 @@ pub fn load<T: DeserializeOwned + HasTls>(path: &Path) -> Result<T, ConfigError>
 pub fn save<T: Serialize>(path: &Path, header: &str, value: &T) -> Result<(), ConfigError> {
     let body = toml::to_string_pretty(value).expect("config structs always serialize");
     let text = format!("# {header}\n# Every key is described in docs/CONFIG.md.\n\n{body}");
-    std::fs::write(path, text).map_err(|source| ConfigError::Write {
-        path: path.into(),
-        source,
-    })
+    std::fs::write(path, text).map_err(|source| ConfigError::Write { path: path.into(), source })
 }
 
 /// Files that carry paths to resolve relative to their own location.
@@ -180,33 +162,12 @@ mod tests {
     fn round_trip_resolves_paths_and_refuses_typos() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("client.toml");
-        let tls = Tls {
-            ca: "ca.pem".into(),
-            cert: "client.pem".into(),
-            key: "/abs/client.key".into(),
-        };
-        save(
-            &path,
-            "test",
-            &ClientFile {
-                timeout_secs: 3,
-                cache_mib: 1,
-                write_buffer_mib: 2,
-                tls,
-            },
-        )
-        .unwrap();
+        let tls = Tls { ca: "ca.pem".into(), cert: "client.pem".into(), key: "/abs/client.key".into() };
+        save(&path, "test", &ClientFile { timeout_secs: 3, cache_mib: 1, write_buffer_mib: 2, tls }).unwrap();
         let back: ClientFile = load(&path).unwrap();
         assert_eq!(back.tls.ca, dir.path().join("ca.pem"));
         assert_eq!(back.tls.key, PathBuf::from("/abs/client.key"));
-        std::fs::write(
-            &path,
-            "timeout_secs = 3\ntimeuot = 4\n[tls]\nca='a'\ncert='b'\nkey='c'\n",
-        )
-        .unwrap();
-        assert!(matches!(
-            load::<ClientFile>(&path),
-            Err(ConfigError::Parse { .. })
-        ));
+        std::fs::write(&path, "timeout_secs = 3\ntimeuot = 4\n[tls]\nca='a'\ncert='b'\nkey='c'\n").unwrap();
+        assert!(matches!(load::<ClientFile>(&path), Err(ConfigError::Parse { .. })));
     }
 }

@@ -8,13 +8,12 @@ use cairn_proto::*;
 
 impl MetaService {
     pub(crate) async fn read_map(&self, ino: Ino, chunk: u64) -> Result<Vec<SliceRef>> {
-        let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
-            "SELECT pos, len, slice, servers FROM slices WHERE ino = ? AND chunk = ? ORDER BY seq",
-        )
-        .bind(ino as i64)
-        .bind(chunk as i64)
-        .fetch_all(&self.store.readers)
-        .await?;
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as("SELECT pos, len, slice, servers FROM slices WHERE ino = ? AND chunk = ? ORDER BY seq")
+                .bind(ino as i64)
+                .bind(chunk as i64)
+                .fetch_all(&self.store.readers)
+                .await?;
         Ok(rows
             .into_iter()
             .map(|(pos, len, id, servers)| SliceRef {
@@ -30,53 +29,38 @@ impl MetaService {
         let count = count.clamp(1, 1 << 20);
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
-        let (first,): (i64,) = sqlx::query_as(
-            "UPDATE counters SET value = value + ? WHERE name = 'next_slice' RETURNING value - ?",
-        )
-        .bind(count as i64)
-        .bind(count as i64)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (first,): (i64,) =
+            sqlx::query_as("UPDATE counters SET value = value + ? WHERE name = 'next_slice' RETURNING value - ?")
+                .bind(count as i64)
+                .bind(count as i64)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(first as u64)
     }
 
     async fn insert_slice(tx: &mut Tx<'_>, ino: Ino, chunk: u64, s: &SliceRef) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO slices (ino, chunk, pos, len, slice, servers) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(ino as i64)
-        .bind(chunk as i64)
-        .bind(s.pos as i64)
-        .bind(s.len as i64)
-        .bind(s.id as i64)
-        .bind(servers_to_text(&s.servers))
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query("INSERT INTO slices (ino, chunk, pos, len, slice, servers) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(ino as i64)
+            .bind(chunk as i64)
+            .bind(s.pos as i64)
+            .bind(s.len as i64)
+            .bind(s.id as i64)
+            .bind(servers_to_text(&s.servers))
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
-    pub(crate) async fn commit(
-        &self,
-        ino: Ino,
-        slices: &[NewSlice],
-        min_size: u64,
-        durable: bool,
-    ) -> Result<Attr> {
+    pub(crate) async fn commit(&self, ino: Ino, slices: &[NewSlice], min_size: u64, durable: bool) -> Result<Attr> {
         let cs = self.volume.chunk_size;
         for s in slices {
-            if s.slice.len == 0
-                || s.slice.pos as u64 + s.slice.len as u64 > cs
-                || s.slice.id == HOLE_SLICE
-            {
+            if s.slice.len == 0 || s.slice.pos as u64 + s.slice.len as u64 > cs || s.slice.id == HOLE_SLICE {
                 return Err(MetaError::fs(ErrorCode::Invalid, "slice outside its chunk"));
             }
         }
         if min_size > MAX_FILE_SIZE {
-            return Err(MetaError::fs(
-                ErrorCode::FileTooBig,
-                "file would exceed the maximum size",
-            ));
+            return Err(MetaError::fs(ErrorCode::FileTooBig, "file would exceed the maximum size"));
         }
         let mut w = self.store.write().await?;
         if durable {
@@ -117,12 +101,7 @@ impl MetaService {
             let chunk = pos / cs;
             let in_chunk = pos % cs;
             let n = (cs - in_chunk).min(end - pos);
-            let hole = SliceRef {
-                pos: in_chunk as u32,
-                len: n as u32,
-                id: HOLE_SLICE,
-                servers: vec![],
-            };
+            let hole = SliceRef { pos: in_chunk as u32, len: n as u32, id: HOLE_SLICE, servers: vec![] };
             Self::insert_slice(tx, ino, chunk, &hole).await?;
             pos += n;
         }
@@ -134,7 +113,7 @@ impl MetaService {
         let cs = self.volume.chunk_size;
         let first_dropped = size.div_ceil(cs);
         self.drop_slices(tx, ino, first_dropped).await?;
-        if size % cs != 0 {
+        if !size.is_multiple_of(cs) {
             let tail = cs - size % cs;
             self.punch(tx, ino, size, tail).await?;
         }
@@ -162,14 +141,12 @@ impl MetaService {
                 .await?
                 .is_some();
             if !still_used {
-                sqlx::query(
-                    "INSERT OR IGNORE INTO gc_slices (slice, len, servers) VALUES (?, ?, ?)",
-                )
-                .bind(slice)
-                .bind(len)
-                .bind(servers)
-                .execute(&mut **tx)
-                .await?;
+                sqlx::query("INSERT OR IGNORE INTO gc_slices (slice, len, servers) VALUES (?, ?, ?)")
+                    .bind(slice)
+                    .bind(len)
+                    .bind(servers)
+                    .execute(&mut **tx)
+                    .await?;
             }
         }
         Ok(())
@@ -178,14 +155,8 @@ impl MetaService {
     /// Removes an inode nothing refers to any more, with its xattrs and data.
     pub(crate) async fn purge_inode(&self, tx: &mut Tx<'_>, ino: Ino) -> Result<()> {
         self.drop_slices(tx, ino, 0).await?;
-        sqlx::query("DELETE FROM xattrs WHERE ino = ?")
-            .bind(ino as i64)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("DELETE FROM inodes WHERE ino = ?")
-            .bind(ino as i64)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query("DELETE FROM xattrs WHERE ino = ?").bind(ino as i64).execute(&mut **tx).await?;
+        sqlx::query("DELETE FROM inodes WHERE ino = ?").bind(ino as i64).execute(&mut **tx).await?;
         self.gc_wakeup.notify_one();
         Ok(())
     }
@@ -194,9 +165,7 @@ impl MetaService {
     pub(crate) async fn purge_orphans(&self) -> Result<()> {
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
-        let orphans: Vec<(i64,)> = sqlx::query_as("SELECT ino FROM inodes WHERE nlink = 0")
-            .fetch_all(&mut *tx)
-            .await?;
+        let orphans: Vec<(i64,)> = sqlx::query_as("SELECT ino FROM inodes WHERE nlink = 0").fetch_all(&mut *tx).await?;
         for (ino,) in orphans {
             self.purge_inode(&mut tx, ino as u64).await?;
         }
@@ -204,22 +173,13 @@ impl MetaService {
         Ok(())
     }
 
-    pub(crate) async fn fallocate(
-        &self,
-        ino: Ino,
-        mode: FallocMode,
-        offset: u64,
-        len: u64,
-    ) -> Result<Attr> {
+    pub(crate) async fn fallocate(&self, ino: Ino, mode: FallocMode, offset: u64, len: u64) -> Result<Attr> {
         if len == 0 {
             return Err(MetaError::fs(ErrorCode::Invalid, "zero length"));
         }
         let end = offset.checked_add(len).filter(|e| *e <= MAX_FILE_SIZE);
         let Some(end) = end else {
-            return Err(MetaError::fs(
-                ErrorCode::FileTooBig,
-                "range exceeds the maximum file size",
-            ));
+            return Err(MetaError::fs(ErrorCode::FileTooBig, "range exceeds the maximum file size"));
         };
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
@@ -254,21 +214,14 @@ impl MetaService {
 
     /// Takes a batch of unreferenced slices off the GC queue: `(slice, blocks, servers)`.
     pub(crate) async fn gc_batch(&self, limit: i64) -> Result<Vec<(SliceId, u32, Vec<ServerId>)>> {
-        let rows: Vec<(i64, i64, String)> =
-            sqlx::query_as("SELECT slice, len, servers FROM gc_slices LIMIT ?")
-                .bind(limit)
-                .fetch_all(&self.store.readers)
-                .await?;
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as("SELECT slice, len, servers FROM gc_slices LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.store.readers)
+            .await?;
         let bs = self.volume.block_size;
         Ok(rows
             .into_iter()
-            .map(|(s, len, servers)| {
-                (
-                    s as u64,
-                    (len as u64).div_ceil(bs) as u32,
-                    servers_from_text(&servers),
-                )
-            })
+            .map(|(s, len, servers)| (s as u64, (len as u64).div_ceil(bs) as u32, servers_from_text(&servers)))
             .collect())
     }
 
@@ -276,10 +229,7 @@ impl MetaService {
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
         for s in slices {
-            sqlx::query("DELETE FROM gc_slices WHERE slice = ?")
-                .bind(*s as i64)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("DELETE FROM gc_slices WHERE slice = ?").bind(*s as i64).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -291,9 +241,7 @@ impl MetaService {
         w.set_durable(true).await?;
         let r = async {
             let mut tx = w.begin().await?;
-            sqlx::query("UPDATE counters SET value = value WHERE name = 'next_slice'")
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("UPDATE counters SET value = value WHERE name = 'next_slice'").execute(&mut *tx).await?;
             tx.commit().await?;
             Ok(())
         }

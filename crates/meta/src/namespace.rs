@@ -2,9 +2,7 @@
 
 use crate::MetaService;
 use crate::error::{MetaError, Result};
-use crate::store::{
-    self, Tx, delete_dentry, find_dentry, get_attr, insert_dentry, insert_inode, put_attr,
-};
+use crate::store::{self, Tx, delete_dentry, find_dentry, get_attr, insert_dentry, insert_inode, put_attr};
 use cairn_proto::meta::{Caller, RenameMode, SetAttrs, XattrMode};
 use cairn_proto::*;
 use sqlx::Row;
@@ -14,15 +12,11 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> MetaError {
 }
 
 pub(crate) fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
         return Err(err(ErrorCode::Invalid, "invalid file name"));
     }
     if name.len() > NAME_MAX {
-        return Err(err(
-            ErrorCode::NameTooLong,
-            format!("name of {} bytes exceeds {NAME_MAX}", name.len()),
-        ));
+        return Err(err(ErrorCode::NameTooLong, format!("name of {} bytes exceeds {NAME_MAX}", name.len())));
     }
     Ok(())
 }
@@ -30,25 +24,24 @@ pub(crate) fn check_name(name: &[u8]) -> Result<()> {
 async fn dir_attr(tx: &mut Tx<'_>, ino: Ino) -> Result<Attr> {
     let a = get_attr(&mut **tx, ino).await?;
     if a.kind != FileKind::Dir {
-        return Err(err(
-            ErrorCode::NotDir,
-            format!("inode {ino} is not a directory"),
-        ));
+        return Err(err(ErrorCode::NotDir, format!("inode {ino} is not a directory")));
     }
     Ok(a)
 }
 
 /// Marks a directory as changed (mtime and ctime), optionally adjusting its link count.
 async fn touch_dir(tx: &mut Tx<'_>, ino: Ino, nlink_delta: i64, now: Timestamp) -> Result<()> {
-    sqlx::query("UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?")
-        .bind(nlink_delta)
-        .bind(now.secs)
-        .bind(now.nanos as i64)
-        .bind(now.secs)
-        .bind(now.nanos as i64)
-        .bind(ino as i64)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?",
+    )
+    .bind(nlink_delta)
+    .bind(now.secs)
+    .bind(now.nanos as i64)
+    .bind(now.secs)
+    .bind(now.nanos as i64)
+    .bind(ino as i64)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -87,10 +80,7 @@ impl MetaService {
         if let Some(t) = &target
             && (t.is_empty() || t.len() > SYMLINK_MAX)
         {
-            return Err(err(
-                ErrorCode::NameTooLong,
-                "symlink target length out of range",
-            ));
+            return Err(err(ErrorCode::NameTooLong, "symlink target length out of range"));
         }
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
@@ -114,28 +104,10 @@ impl MetaService {
         }
         let nlink = if kind == FileKind::Dir { 2 } else { 1 };
         let now = Timestamp::now();
-        let ino = insert_inode(
-            &mut tx,
-            None,
-            kind,
-            perm,
-            nlink,
-            caller.uid,
-            gid,
-            rdev,
-            parent,
-            target.as_deref(),
-            now,
-        )
-        .await?;
+        let ino = insert_inode(&mut tx, None, kind, perm, nlink, caller.uid, gid, rdev, parent, target.as_deref(), now)
+            .await?;
         insert_dentry(&mut tx, parent, name, ino, kind).await?;
-        touch_dir(
-            &mut tx,
-            parent,
-            if kind == FileKind::Dir { 1 } else { 0 },
-            now,
-        )
-        .await?;
+        touch_dir(&mut tx, parent, if kind == FileKind::Dir { 1 } else { 0 }, now).await?;
         let attr = get_attr(&mut *tx, ino).await?;
         tx.commit().await?;
         if open {
@@ -175,17 +147,9 @@ impl MetaService {
     /// Drops one link of `ino` inside a transaction; frees the inode if nothing refers to it.
     async fn drop_link(&self, tx: &mut Tx<'_>, ino: Ino, now: Timestamp) -> Result<()> {
         let mut a = get_attr(&mut **tx, ino).await?;
-        a.nlink = if a.kind == FileKind::Dir {
-            0
-        } else {
-            a.nlink.saturating_sub(1)
-        };
+        a.nlink = if a.kind == FileKind::Dir { 0 } else { a.nlink.saturating_sub(1) };
         a.ctime = now;
-        if a.nlink == 0 && !self.opens.is_open(ino) {
-            self.purge_inode(tx, ino).await
-        } else {
-            put_attr(tx, &a).await
-        }
+        if a.nlink == 0 && !self.opens.is_open(ino) { self.purge_inode(tx, ino).await } else { put_attr(tx, &a).await }
     }
 
     pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -302,10 +266,7 @@ impl MetaService {
         };
         let dst = find_dentry(&mut *tx, new_parent, new_name).await?;
         if src_kind == FileKind::Dir && Self::is_within(&mut tx, new_parent, src).await? {
-            return Err(err(
-                ErrorCode::Invalid,
-                "cannot move a directory into itself",
-            ));
+            return Err(err(ErrorCode::Invalid, "cannot move a directory into itself"));
         }
         let now = Timestamp::now();
         match (mode, dst) {
@@ -318,10 +279,7 @@ impl MetaService {
             (_, Some((d, _))) if d == src => return Ok(()),
             (RenameMode::Exchange, Some((dst, dst_kind))) => {
                 if dst_kind == FileKind::Dir && Self::is_within(&mut tx, parent, dst).await? {
-                    return Err(err(
-                        ErrorCode::Invalid,
-                        "cannot move a directory into itself",
-                    ));
+                    return Err(err(ErrorCode::Invalid, "cannot move a directory into itself"));
                 }
                 delete_dentry(&mut tx, parent, name).await?;
                 delete_dentry(&mut tx, new_parent, new_name).await?;
@@ -386,11 +344,10 @@ impl MetaService {
     }
 
     pub(crate) async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        let row: Option<(i64, Option<Vec<u8>>)> =
-            sqlx::query_as("SELECT kind, target FROM inodes WHERE ino = ?")
-                .bind(ino as i64)
-                .fetch_optional(&self.store.readers)
-                .await?;
+        let row: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as("SELECT kind, target FROM inodes WHERE ino = ?")
+            .bind(ino as i64)
+            .fetch_optional(&self.store.readers)
+            .await?;
         match row {
             None => Err(err(ErrorCode::NotFound, "no such inode")),
             Some((kind, Some(t))) if kind == FileKind::Symlink.to_i64() => Ok(t),
@@ -398,13 +355,7 @@ impl MetaService {
         }
     }
 
-    pub(crate) async fn readdir(
-        &self,
-        ino: Ino,
-        after: u64,
-        limit: u32,
-        plus: bool,
-    ) -> Result<Vec<DirEntry>> {
+    pub(crate) async fn readdir(&self, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
         let a = get_attr(&self.store.readers, ino).await?;
         if a.kind != FileKind::Dir {
             return Err(err(ErrorCode::NotDir, "not a directory"));
@@ -435,11 +386,7 @@ impl MetaService {
                     ino: row.try_get::<i64, _>("ino")? as u64,
                     kind: FileKind::from_i64(kind).ok_or_else(|| err(ErrorCode::Io, "bad kind"))?,
                     cookie: row.try_get::<i64, _>("cookie")? as u64,
-                    attr: if plus {
-                        Some(store::attr_from_row(row)?)
-                    } else {
-                        None
-                    },
+                    attr: if plus { Some(store::attr_from_row(row)?) } else { None },
                 })
             })
             .collect()
@@ -508,10 +455,7 @@ impl MetaService {
                 _ => return Err(err(ErrorCode::Invalid, "cannot truncate this kind of file")),
             }
             if size > MAX_FILE_SIZE {
-                return Err(err(
-                    ErrorCode::FileTooBig,
-                    "size exceeds the maximum file size",
-                ));
+                return Err(err(ErrorCode::FileTooBig, "size exceeds the maximum file size"));
             }
             if size < a.size {
                 self.truncate_data(&mut tx, ino, size).await?;
@@ -535,13 +479,7 @@ impl MetaService {
         Ok(a)
     }
 
-    pub(crate) async fn set_xattr(
-        &self,
-        ino: Ino,
-        name: &[u8],
-        value: &[u8],
-        mode: XattrMode,
-    ) -> Result<()> {
+    pub(crate) async fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(err(ErrorCode::Range, "xattr name length out of range"));
         }
@@ -574,12 +512,11 @@ impl MetaService {
     }
 
     pub(crate) async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        let row: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT value FROM xattrs WHERE ino = ? AND name = ?")
-                .bind(ino as i64)
-                .bind(name)
-                .fetch_optional(&self.store.readers)
-                .await?;
+        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM xattrs WHERE ino = ? AND name = ?")
+            .bind(ino as i64)
+            .bind(name)
+            .fetch_optional(&self.store.readers)
+            .await?;
         match row {
             Some((v,)) => Ok(v),
             None => {
@@ -591,11 +528,10 @@ impl MetaService {
 
     pub(crate) async fn list_xattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
         get_attr(&self.store.readers, ino).await?;
-        let rows: Vec<(Vec<u8>,)> =
-            sqlx::query_as("SELECT name FROM xattrs WHERE ino = ? ORDER BY name")
-                .bind(ino as i64)
-                .fetch_all(&self.store.readers)
-                .await?;
+        let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT name FROM xattrs WHERE ino = ? ORDER BY name")
+            .bind(ino as i64)
+            .fetch_all(&self.store.readers)
+            .await?;
         Ok(rows.into_iter().map(|(n,)| n).collect())
     }
 

@@ -42,11 +42,7 @@ impl Opens {
     }
 
     pub(crate) fn is_open(&self, ino: Ino) -> bool {
-        self.inner
-            .lock()
-            .expect("opens lock")
-            .by_ino
-            .contains_key(&ino)
+        self.inner.lock().expect("opens lock").by_ino.contains_key(&ino)
     }
 
     /// Drops every handle of a connection; returns the inodes that lost their last handle.
@@ -55,11 +51,7 @@ impl Opens {
         let Some(per_conn) = g.by_conn.remove(&conn) else {
             return Vec::new();
         };
-        per_conn
-            .into_iter()
-            .filter(|(ino, n)| decrement(&mut g.by_ino, *ino, *n))
-            .map(|(ino, _)| ino)
-            .collect()
+        per_conn.into_iter().filter(|(ino, n)| decrement(&mut g.by_ino, *ino, *n)).map(|(ino, _)| ino).collect()
     }
 }
 

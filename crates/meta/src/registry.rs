@@ -19,28 +19,14 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn new(dead_after: Duration) -> Registry {
-        Registry {
-            servers: DashMap::new(),
-            dead_after,
-        }
+        Registry { servers: DashMap::new(), dead_after }
     }
 
     /// Records a heartbeat; returns true if the server was unknown or had been declared dead.
     pub(crate) fn heartbeat(&self, id: ServerId, addr: String, capacity: u64, free: u64) -> bool {
         let now = Instant::now();
-        let fresh = self
-            .servers
-            .get(&id)
-            .is_none_or(|e| now - e.last_seen > self.dead_after);
-        self.servers.insert(
-            id,
-            Entry {
-                addr,
-                capacity,
-                free,
-                last_seen: now,
-            },
-        );
+        let fresh = self.servers.get(&id).is_none_or(|e| now - e.last_seen > self.dead_after);
+        self.servers.insert(id, Entry { addr, capacity, free, last_seen: now });
         fresh
     }
 

@@ -60,49 +60,24 @@ impl MetaService {
                 if version != PROTOCOL_VERSION {
                     return Err(MetaError::fs(
                         ErrorCode::Mismatch,
-                        format!(
-                            "protocol version {version} unsupported (server speaks {PROTOCOL_VERSION})"
-                        ),
+                        format!("protocol version {version} unsupported (server speaks {PROTOCOL_VERSION})"),
                     ));
                 }
                 if volume != self.volume.name {
                     return Err(MetaError::fs(
                         ErrorCode::NotFound,
-                        format!(
-                            "no volume {volume:?} here (this server holds {:?})",
-                            self.volume.name
-                        ),
+                        format!("no volume {volume:?} here (this server holds {:?})", self.volume.name),
                     ));
                 }
-                R::Hello {
-                    volume: self.volume.clone(),
-                }
+                R::Hello { volume: self.volume.clone() }
             }
             MetaRequest::Lookup { parent, name } => R::Attr(self.lookup(parent, &name).await?),
             MetaRequest::GetAttr { ino } => R::Attr(self.getattr(ino).await?),
-            MetaRequest::SetAttr {
-                ino,
-                set,
-                caller: _,
-            } => R::Attr(self.setattr(ino, &set).await?),
-            MetaRequest::MakeNode {
-                parent,
-                name,
-                kind,
-                perm,
-                rdev,
-                target,
-                caller,
-                open,
-            } => R::Attr(
-                self.make_node(conn, parent, &name, kind, perm, rdev, target, &caller, open)
-                    .await?,
-            ),
-            MetaRequest::Link {
-                ino,
-                new_parent,
-                new_name,
-            } => R::Attr(self.link(ino, new_parent, &new_name).await?),
+            MetaRequest::SetAttr { ino, set, caller: _ } => R::Attr(self.setattr(ino, &set).await?),
+            MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, open } => {
+                R::Attr(self.make_node(conn, parent, &name, kind, perm, rdev, target, &caller, open).await?)
+            }
+            MetaRequest::Link { ino, new_parent, new_name } => R::Attr(self.link(ino, new_parent, &new_name).await?),
             MetaRequest::Unlink { parent, name } => {
                 self.unlink(parent, &name).await?;
                 R::Empty
@@ -111,55 +86,28 @@ impl MetaService {
                 self.rmdir(parent, &name).await?;
                 R::Empty
             }
-            MetaRequest::Rename {
-                parent,
-                name,
-                new_parent,
-                new_name,
-                mode,
-            } => {
-                self.rename(parent, &name, new_parent, &new_name, mode)
-                    .await?;
+            MetaRequest::Rename { parent, name, new_parent, new_name, mode } => {
+                self.rename(parent, &name, new_parent, &new_name, mode).await?;
                 R::Empty
             }
             MetaRequest::ReadLink { ino } => R::Link(self.readlink(ino).await?),
-            MetaRequest::ReadDir {
-                ino,
-                after,
-                limit,
-                plus,
-            } => R::Dir(self.readdir(ino, after, limit, plus).await?),
+            MetaRequest::ReadDir { ino, after, limit, plus } => R::Dir(self.readdir(ino, after, limit, plus).await?),
             MetaRequest::Open { ino } => R::Attr(self.open(conn, ino).await?),
             MetaRequest::Close { ino } => {
                 self.close(conn, ino).await?;
                 R::Empty
             }
             MetaRequest::ReadMap { ino, chunk } => R::Map(self.read_map(ino, chunk).await?),
-            MetaRequest::AllocSlices { count } => R::SliceIds {
-                first: self.alloc_slices(count).await?,
-            },
-            MetaRequest::Commit {
-                ino,
-                slices,
-                min_size,
-                durable,
-            } => R::Attr(self.commit(ino, &slices, min_size, durable).await?),
+            MetaRequest::AllocSlices { count } => R::SliceIds { first: self.alloc_slices(count).await? },
+            MetaRequest::Commit { ino, slices, min_size, durable } => {
+                R::Attr(self.commit(ino, &slices, min_size, durable).await?)
+            }
             MetaRequest::Sync => {
                 self.sync().await?;
                 R::Empty
             }
-            MetaRequest::Fallocate {
-                ino,
-                mode,
-                offset,
-                len,
-            } => R::Attr(self.fallocate(ino, mode, offset, len).await?),
-            MetaRequest::SetXattr {
-                ino,
-                name,
-                value,
-                mode,
-            } => {
+            MetaRequest::Fallocate { ino, mode, offset, len } => R::Attr(self.fallocate(ino, mode, offset, len).await?),
+            MetaRequest::SetXattr { ino, name, value, mode } => {
                 self.set_xattr(ino, &name, &value, mode).await?;
                 R::Empty
             }
@@ -171,12 +119,7 @@ impl MetaService {
             }
             MetaRequest::StatFs => R::StatFs(self.statfs().await?),
             MetaRequest::ListServers => R::Servers(self.registry.list()),
-            MetaRequest::Heartbeat {
-                id,
-                addr,
-                capacity,
-                free,
-            } => {
+            MetaRequest::Heartbeat { id, addr, capacity, free } => {
                 if self.registry.heartbeat(id, addr.clone(), capacity, free) {
                     info!(id, %addr, "chunk server joined");
                 }
@@ -186,23 +129,12 @@ impl MetaService {
     }
 
     async fn statfs(&self) -> crate::Result<FsStats> {
-        let (files,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes")
-            .fetch_one(&self.store.readers)
-            .await?;
-        let alive: Vec<_> = self
-            .registry
-            .list()
-            .into_iter()
-            .filter(|s| s.alive)
-            .collect();
+        let (files,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes").fetch_one(&self.store.readers).await?;
+        let alive: Vec<_> = self.registry.list().into_iter().filter(|s| s.alive).collect();
         let r = u64::from(self.volume.replication.max(1)).min(alive.len().max(1) as u64);
         let capacity = alive.iter().map(|s| s.capacity).sum::<u64>() / r;
         let free = alive.iter().map(|s| s.free).sum::<u64>() / r;
-        Ok(FsStats {
-            capacity,
-            free,
-            files: files as u64,
-        })
+        Ok(FsStats { capacity, free, files: files as u64 })
     }
 
     /// Deletes the blocks of unreferenced slices, forever, in the background.
@@ -228,10 +160,7 @@ impl MetaService {
                     per_server
                         .entry(*s)
                         .or_default()
-                        .extend((0..*blocks).map(|index| BlockKey {
-                            slice: *slice,
-                            index,
-                        }));
+                        .extend((0..*blocks).map(|index| BlockKey { slice: *slice, index }));
                 }
             }
             let mut done = true;
@@ -241,22 +170,11 @@ impl MetaService {
                     continue;
                 };
                 let client = clients.entry(id).or_insert_with(|| {
-                    RpcClient::new(
-                        endpoint.clone(),
-                        &info.addr,
-                        cairn_net::CHUNK_SERVER_NAME,
-                        Duration::from_secs(30),
-                    )
+                    RpcClient::new(endpoint.clone(), &info.addr, cairn_net::CHUNK_SERVER_NAME, Duration::from_secs(30))
                 });
                 for part in keys.chunks(4096) {
-                    let r: Result<(ChunkResponse, Vec<u8>), _> = client
-                        .call(
-                            &ChunkRequest::Delete {
-                                keys: part.to_vec(),
-                            },
-                            &[],
-                        )
-                        .await;
+                    let r: Result<(ChunkResponse, Vec<u8>), _> =
+                        client.call(&ChunkRequest::Delete { keys: part.to_vec() }, &[]).await;
                     if let Err(e) = r {
                         warn!(server = id, "gc: {e}");
                         done = false;

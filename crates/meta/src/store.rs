@@ -31,16 +31,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10))
             .pragma("cache_size", "-65536");
-        let readers = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts.clone())
-            .await?;
+        let readers = SqlitePoolOptions::new().max_connections(4).connect_with(opts.clone()).await?;
         MIGRATOR.run(&readers).await?;
         let writer = sqlx::ConnectOptions::connect(&opts).await?;
-        Ok(Store {
-            readers,
-            writer: Mutex::new(writer),
-        })
+        Ok(Store { readers, writer: Mutex::new(writer) })
     }
 
     /// Writes the volume settings and the root directory of a new volume.
@@ -48,14 +42,9 @@ impl Store {
         let mut w = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         let existing: Option<(String,)> =
-            sqlx::query_as("SELECT value FROM volume WHERE key = 'name'")
-                .fetch_optional(&mut *tx)
-                .await?;
+            sqlx::query_as("SELECT value FROM volume WHERE key = 'name'").fetch_optional(&mut *tx).await?;
         if let Some((name,)) = existing {
-            return Err(MetaError::fs(
-                ErrorCode::Exists,
-                format!("database already holds volume {name:?}"),
-            ));
+            return Err(MetaError::fs(ErrorCode::Exists, format!("database already holds volume {name:?}")));
         }
         for (k, v) in [
             ("name", info.name.clone()),
@@ -64,70 +53,32 @@ impl Store {
             ("block_size", info.block_size.to_string()),
             ("replication", info.replication.to_string()),
         ] {
-            sqlx::query("INSERT INTO volume (key, value) VALUES (?, ?)")
-                .bind(k)
-                .bind(v)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("INSERT INTO volume (key, value) VALUES (?, ?)").bind(k).bind(v).execute(&mut *tx).await?;
         }
         let now = Timestamp::now();
-        insert_inode(
-            &mut tx,
-            Some(ROOT_INO),
-            FileKind::Dir,
-            0o755,
-            2,
-            root_uid,
-            root_gid,
-            0,
-            ROOT_INO,
-            None,
-            now,
-        )
-        .await?;
+        insert_inode(&mut tx, Some(ROOT_INO), FileKind::Dir, 0o755, 2, root_uid, root_gid, 0, ROOT_INO, None, now)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Reads the volume settings written by [`Store::format`].
     pub async fn volume(&self) -> Result<VolumeInfo> {
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT key, value FROM volume")
-            .fetch_all(&self.readers)
-            .await?;
-        let get = |k: &str| {
-            rows.iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        };
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, value FROM volume").fetch_all(&self.readers).await?;
+        let get = |k: &str| rows.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
         let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
-        match (
-            get("name"),
-            get("uuid"),
-            num("chunk_size"),
-            num("block_size"),
-            num("replication"),
-        ) {
+        match (get("name"), get("uuid"), num("chunk_size"), num("block_size"), num("replication")) {
             (Some(name), Some(uuid), Some(chunk_size), Some(block_size), Some(replication)) => {
-                Ok(VolumeInfo {
-                    name,
-                    uuid,
-                    chunk_size,
-                    block_size,
-                    replication: replication as u32,
-                })
+                Ok(VolumeInfo { name, uuid, chunk_size, block_size, replication: replication as u32 })
             }
-            _ => Err(MetaError::fs(
-                ErrorCode::Invalid,
-                "database holds no formatted volume (run `cairn format`)",
-            )),
+            _ => Err(MetaError::fs(ErrorCode::Invalid, "database holds no formatted volume (run `cairn format`)")),
         }
     }
 
     /// Starts a write transaction on the single writer connection.
     pub(crate) async fn write(&self) -> Result<WriteGuard<'_>> {
-        Ok(WriteGuard {
-            conn: self.writer.lock().await,
-        })
+        Ok(WriteGuard { conn: self.writer.lock().await })
     }
 }
 
@@ -144,25 +95,19 @@ impl WriteGuard<'_> {
     /// Runs `PRAGMA synchronous` so the next commit is (or is not) fsynced to the WAL.
     pub(crate) async fn set_durable(&mut self, durable: bool) -> Result<()> {
         let mode = if durable { "FULL" } else { "NORMAL" };
-        sqlx::query(&format!("PRAGMA synchronous = {mode}"))
-            .execute(&mut *self.conn)
-            .await?;
+        sqlx::query(&format!("PRAGMA synchronous = {mode}")).execute(&mut *self.conn).await?;
         Ok(())
     }
 }
 
 pub(crate) fn attr_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Attr> {
     let ts = |s: &str, n: &str| -> Result<Timestamp> {
-        Ok(Timestamp {
-            secs: row.try_get(s)?,
-            nanos: row.try_get::<i64, _>(n)? as u32,
-        })
+        Ok(Timestamp { secs: row.try_get(s)?, nanos: row.try_get::<i64, _>(n)? as u32 })
     };
     let kind: i64 = row.try_get("kind")?;
     Ok(Attr {
         ino: row.try_get::<i64, _>("ino")? as u64,
-        kind: FileKind::from_i64(kind)
-            .ok_or_else(|| MetaError::fs(ErrorCode::Io, format!("bad kind {kind}")))?,
+        kind: FileKind::from_i64(kind).ok_or_else(|| MetaError::fs(ErrorCode::Io, format!("bad kind {kind}")))?,
         perm: row.try_get::<i64, _>("perm")? as u32,
         nlink: row.try_get::<i64, _>("nlink")? as u32,
         uid: row.try_get::<i64, _>("uid")? as u32,
@@ -184,10 +129,7 @@ pub(crate) async fn get_attr<'e, E: sqlx::SqliteExecutor<'e>>(ex: E, ino: Ino) -
         .await?;
     match row {
         Some(row) => attr_from_row(&row),
-        None => Err(MetaError::fs(
-            ErrorCode::NotFound,
-            format!("no inode {ino}"),
-        )),
+        None => Err(MetaError::fs(ErrorCode::NotFound, format!("no inode {ino}"))),
     }
 }
 
@@ -264,22 +206,15 @@ pub(crate) async fn find_dentry<'e, E: sqlx::SqliteExecutor<'e>>(
     parent: Ino,
     name: &[u8],
 ) -> Result<Option<(Ino, FileKind)>> {
-    let row: Option<(i64, i64)> =
-        sqlx::query_as("SELECT ino, kind FROM dentries WHERE parent = ? AND name = ?")
-            .bind(parent as i64)
-            .bind(name)
-            .fetch_optional(ex)
-            .await?;
+    let row: Option<(i64, i64)> = sqlx::query_as("SELECT ino, kind FROM dentries WHERE parent = ? AND name = ?")
+        .bind(parent as i64)
+        .bind(name)
+        .fetch_optional(ex)
+        .await?;
     Ok(row.and_then(|(ino, kind)| Some((ino as u64, FileKind::from_i64(kind)?))))
 }
 
-pub(crate) async fn insert_dentry(
-    tx: &mut Tx<'_>,
-    parent: Ino,
-    name: &[u8],
-    ino: Ino,
-    kind: FileKind,
-) -> Result<()> {
+pub(crate) async fn insert_dentry(tx: &mut Tx<'_>, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) -> Result<()> {
     sqlx::query("INSERT INTO dentries (parent, name, ino, kind) VALUES (?, ?, ?, ?)")
         .bind(parent as i64)
         .bind(name)
@@ -300,11 +235,7 @@ pub(crate) async fn delete_dentry(tx: &mut Tx<'_>, parent: Ino, name: &[u8]) -> 
 }
 
 pub(crate) fn servers_to_text(servers: &[ServerId]) -> String {
-    servers
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
 }
 
 pub(crate) fn servers_from_text(text: &str) -> Vec<ServerId> {

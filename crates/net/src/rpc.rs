@@ -33,21 +33,14 @@ pub struct RpcClient {
 
 impl std::fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcClient")
-            .field("addr", &self.addr)
-            .finish()
+        f.debug_struct("RpcClient").field("addr", &self.addr).finish()
     }
 }
 
 impl RpcClient {
     /// A client for the server at `addr` (`host:port`) whose certificate names `server_name`.
     /// Nothing is sent until the first call.
-    pub fn new(
-        endpoint: quinn::Endpoint,
-        addr: &str,
-        server_name: &str,
-        timeout: Duration,
-    ) -> RpcClient {
+    pub fn new(endpoint: quinn::Endpoint, addr: &str, server_name: &str, timeout: Duration) -> RpcClient {
         RpcClient {
             endpoint,
             addr: addr.to_string(),
@@ -69,10 +62,8 @@ impl RpcClient {
         req: &Req,
         payload: &[u8],
     ) -> Result<(Resp, Vec<u8>), NetError> {
-        let head = frame::encode_head(req, payload.len()).map_err(|source| NetError::Frame {
-            addr: self.addr.clone(),
-            source,
-        })?;
+        let head = frame::encode_head(req, payload.len())
+            .map_err(|source| NetError::Frame { addr: self.addr.clone(), source })?;
         let work = async {
             // One retry on a fresh connection when the cached one turns out to be dead (for
             // example after the server restarted): the request was never processed then.
@@ -95,12 +86,20 @@ impl RpcClient {
                 }
             }
         };
+        // A peer that sends nothing at all during a timed-out call is gone, or restarted and
+        // ignores this connection: dial again next time instead of waiting for the idle timeout.
+        let heard = self.live_connection().map(|c| (c.stats().udp_rx.datagrams, c));
         match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(NetError::Timeout {
-                addr: self.addr.clone(),
-                secs: self.timeout.as_secs_f64(),
-            }),
+            Err(_) => {
+                if let Some((before, conn)) = heard
+                    && conn.stats().udp_rx.datagrams == before
+                {
+                    debug!(addr = %self.addr, "peer silent for {:?}, reconnecting", self.timeout);
+                    self.forget(&conn);
+                }
+                Err(NetError::Timeout { addr: self.addr.clone(), secs: self.timeout.as_secs_f64() })
+            }
         }
     }
 
@@ -119,10 +118,7 @@ impl RpcClient {
         if let Some(c) = self.live_connection() {
             return Ok(c);
         }
-        let connect_err = |reason: String| NetError::Connect {
-            addr: self.addr.clone(),
-            reason,
-        };
+        let connect_err = |reason: String| NetError::Connect { addr: self.addr.clone(), reason };
         let sockaddr = tokio::net::lookup_host(&self.addr)
             .await
             .map_err(|e| connect_err(e.to_string()))?
@@ -140,10 +136,7 @@ impl RpcClient {
 
     fn live_connection(&self) -> Option<quinn::Connection> {
         let guard = self.conn.lock().expect("conn lock");
-        guard
-            .as_ref()
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+        guard.as_ref().filter(|c| c.close_reason().is_none()).cloned()
     }
 
     async fn exchange<Resp: DeserializeOwned>(
@@ -152,14 +145,17 @@ impl RpcClient {
         head: &[u8],
         payload: &[u8],
     ) -> Result<(Resp, Vec<u8>), Attempt> {
-        let conn_err = |e: &dyn std::fmt::Display| NetError::Connection {
-            addr: self.addr.clone(),
-            reason: e.to_string(),
+        // quinn says only "connection lost" on a stream; add why (e.g. a refused certificate).
+        let conn_err = |e: &dyn std::fmt::Display| {
+            let mut reason = e.to_string();
+            if let Some(why) = conn.close_reason().map(|w| w.to_string())
+                && why != reason
+            {
+                reason = format!("{reason}: {why}");
+            }
+            NetError::Connection { addr: self.addr.clone(), reason }
         };
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Attempt::Unsent(conn_err(&e)))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Attempt::Unsent(conn_err(&e)))?;
         let sent = async {
             send.write_all(head).await?;
             send.write_all(payload).await?;
@@ -174,19 +170,12 @@ impl RpcClient {
         }
         let (header, payload) = read_frame(&mut recv).await.map_err(|e| {
             Attempt::Failed(match e {
-                ReadError::Frame(source) => NetError::Frame {
-                    addr: self.addr.clone(),
-                    source,
-                },
+                ReadError::Frame(source) => NetError::Frame { addr: self.addr.clone(), source },
                 ReadError::Stream(e) => conn_err(&e),
             })
         })?;
-        let answer: Result<Resp, WireError> = frame::decode_header(&header).map_err(|source| {
-            Attempt::Failed(NetError::Frame {
-                addr: self.addr.clone(),
-                source,
-            })
-        })?;
+        let answer: Result<Resp, WireError> = frame::decode_header(&header)
+            .map_err(|source| Attempt::Failed(NetError::Frame { addr: self.addr.clone(), source }))?;
         match answer {
             Ok(resp) => Ok((resp, payload)),
             Err(e) => Err(Attempt::Failed(NetError::Remote(e))),
@@ -207,18 +196,19 @@ enum ReadError {
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<(Vec<u8>, Vec<u8>), ReadError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(ReadError::Stream)?;
+    recv.read_exact(&mut prefix).await.map_err(ReadError::Stream)?;
     let (h, p) = frame::decode_prefix(prefix).map_err(ReadError::Frame)?;
     let mut header = vec![0u8; h];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(ReadError::Stream)?;
-    let mut payload = vec![0u8; p];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(ReadError::Stream)?;
+    recv.read_exact(&mut header).await.map_err(ReadError::Stream)?;
+    // Append received chunks instead of zero-filling a buffer first: payloads are whole blocks.
+    let mut payload = Vec::with_capacity(p);
+    while payload.len() < p {
+        match recv.read_chunk(p - payload.len(), true).await {
+            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(ReadError::Stream(quinn::ReadExactError::FinishedEarly(payload.len()))),
+            Err(e) => return Err(ReadError::Stream(quinn::ReadExactError::ReadError(e))),
+        }
+    }
     Ok((header, payload))
 }
 
@@ -256,10 +246,7 @@ where
                     return;
                 }
             };
-            let peer = Peer {
-                conn_id: conn.stable_id(),
-                remote: conn.remote_address(),
-            };
+            let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address() };
             debug!(?peer, "peer connected");
             loop {
                 match conn.accept_bi().await {
@@ -279,21 +266,19 @@ where
     }
 }
 
-async fn answer<Req, Resp, H>(
-    handler: &H,
-    peer: &Peer,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) where
+async fn answer<Req, Resp, H>(handler: &H, peer: &Peer, mut send: quinn::SendStream, mut recv: quinn::RecvStream)
+where
     Req: DeserializeOwned,
     Resp: Serialize,
     H: Handler<Req, Resp>,
 {
     let result = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut recv)).await {
-        Err(_) => Err(WireError::new(
-            ErrorCode::BadRequest,
-            "request not received in time",
-        )),
+        Err(_) => Err(WireError::new(ErrorCode::BadRequest, "request not received in time")),
+        // The caller finished its side before the frame was complete: it still reads answers.
+        Ok(Err(ReadError::Stream(quinn::ReadExactError::FinishedEarly(_)))) => {
+            warn!(?peer, "rejected request: {}", FrameError::Truncated);
+            Err(WireError::new(ErrorCode::BadRequest, FrameError::Truncated.to_string()))
+        }
         Ok(Err(ReadError::Stream(e))) => {
             debug!(?peer, "request stream failed: {e}");
             return;
@@ -312,14 +297,8 @@ async fn answer<Req, Resp, H>(
         },
     };
     let (head, payload) = match result {
-        Ok((resp, payload)) => (
-            frame::encode_head(&Ok::<Resp, WireError>(resp), payload.len()),
-            payload,
-        ),
-        Err(e) => (
-            frame::encode_head(&Err::<Resp, WireError>(e), 0),
-            Vec::new(),
-        ),
+        Ok((resp, payload)) => (frame::encode_head(&Ok::<Resp, WireError>(resp), payload.len()), payload),
+        Err(e) => (frame::encode_head(&Err::<Resp, WireError>(e), 0), Vec::new()),
     };
     let head = match head {
         Ok(h) => h,

@@ -20,11 +20,7 @@ pub struct Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity {
-            ca: self.ca.clone(),
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
+        Identity { ca: self.ca.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
     }
 }
 
@@ -41,29 +37,18 @@ impl Identity {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| NetError::Tls(format!("{}: {e}", p.display())))?;
             if certs.is_empty() {
-                return Err(NetError::Tls(format!(
-                    "{}: no certificate found",
-                    p.display()
-                )));
+                return Err(NetError::Tls(format!("{}: no certificate found", p.display())));
             }
             Ok(certs)
         };
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| NetError::Tls(format!("{}: {e}", key.display())))?;
-        Ok(Identity {
-            ca: read_certs(ca)?,
-            chain: read_certs(cert)?,
-            key,
-        })
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| NetError::Tls(format!("{}: {e}", key.display())))?;
+        Ok(Identity { ca: read_certs(ca)?, chain: read_certs(cert)?, key })
     }
 
     /// Builds an identity from PEM strings (tests, and `cairn format` before files exist).
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Identity, NetError> {
-        let certs = |s: &str| {
-            CertificateDer::pem_slice_iter(s.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(tls_err)
-        };
+        let certs =
+            |s: &str| CertificateDer::pem_slice_iter(s.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(tls_err);
         Ok(Identity {
             ca: certs(ca)?,
             chain: certs(cert)?,
@@ -84,30 +69,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Largest UDP payload: MTU discovery probes up to it, so loopback and jumbo-frame links carry
+/// far fewer packets per block while ordinary 1500-byte paths settle at their own size.
+const MAX_UDP_PAYLOAD: u16 = 1472;
+/// Socket buffers for bursts of large blocks (the kernel caps them at net.core.[rw]mem_max).
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t.max_concurrent_bidi_streams(4096u32.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window((32u32 << 20).into())
-        .receive_window((256u32 << 20).into())
-        .send_window(256 << 20)
+        .stream_receive_window((8u32 << 20).into())
+        .receive_window((64u32 << 20).into())
+        .send_window(64 << 20)
         .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(Some(
-            Duration::from_secs(20)
-                .try_into()
-                .expect("valid idle timeout"),
-        ));
+        .max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("valid idle timeout")));
     Arc::new(t)
 }
 
 /// A server endpoint on `addr` that only accepts peers with a certificate from the cluster CA.
 pub fn server_endpoint(identity: &Identity, addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(identity.roots()?),
-        provider(),
-    )
-    .build()
-    .map_err(tls_err)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(identity.roots()?), provider())
+        .build()
+        .map_err(tls_err)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -119,7 +106,28 @@ pub fn server_endpoint(identity: &Identity, addr: SocketAddr) -> Result<quinn::E
     let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    Ok(quinn::Endpoint::server(config, addr)?)
+    endpoint(Some(config), addr)
+}
+
+/// A UDP socket with large buffers wrapped in a quinn endpoint.
+fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt on a socket we own with a valid c_int option value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                opt,
+                (&SOCKET_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(tls_err)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
+    Ok(quinn::Endpoint::new(config, server, socket, runtime)?)
 }
 
 /// A client endpoint presenting this node's certificate and trusting only the cluster CA.
@@ -135,7 +143,7 @@ pub fn client_endpoint(identity: &Identity) -> Result<quinn::Endpoint, NetError>
     let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
-    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid addr"))?;
+    let mut endpoint = endpoint(None, "0.0.0.0:0".parse().expect("valid addr"))?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

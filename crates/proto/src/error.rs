@@ -92,18 +92,12 @@ pub struct WireError {
 impl WireError {
     /// Shorthand constructor.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
-        WireError {
-            code,
-            message: message.into(),
-        }
+        WireError { code, message: message.into() }
     }
 }
 
 impl From<ErrorCode> for WireError {
     fn from(code: ErrorCode) -> WireError {
-        WireError {
-            code,
-            message: String::new(),
-        }
+        WireError { code, message: String::new() }
     }
 }

@@ -56,8 +56,7 @@ pub fn decode_prefix(prefix: [u8; PREFIX_LEN]) -> Result<(usize, usize), FrameEr
 
 /// Decodes a header; trailing bytes are an error so garbage is never half-accepted.
 pub fn decode_header<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
-    let (msg, rest) =
-        postcard::take_from_bytes(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::Decode(format!("{} trailing bytes", rest.len())));
     }
@@ -96,16 +95,10 @@ mod tests {
     fn rejects_oversized_and_garbage() {
         let mut prefix = [0u8; 8];
         prefix[0..4].copy_from_slice(&((MAX_HEADER + 1) as u32).to_le_bytes());
-        assert!(matches!(
-            decode_prefix(prefix),
-            Err(FrameError::HeaderTooLarge(_))
-        ));
+        assert!(matches!(decode_prefix(prefix), Err(FrameError::HeaderTooLarge(_))));
         prefix[0..4].copy_from_slice(&4u32.to_le_bytes());
         prefix[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            decode_prefix(prefix),
-            Err(FrameError::PayloadTooLarge(_))
-        ));
+        assert!(matches!(decode_prefix(prefix), Err(FrameError::PayloadTooLarge(_))));
         assert!(decode_header::<MetaRequest>(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
         let mut frame = encode_head(&MetaRequest::GetAttr { ino: 1 }, 0).unwrap();
         frame.push(0);
