@@ -77,6 +77,24 @@ fn to_fuse(a: &Attr) -> FileAttr {
     }
 }
 
+/// Placeholder attributes for a negative lookup reply (only the TTL matters to the kernel).
+fn negative_attr() -> Attr {
+    Attr {
+        ino: 0,
+        kind: FileKind::File,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: 0,
+        atime: Timestamp::default(),
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        crtime: Timestamp::default(),
+    }
+}
+
 fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid() }
 }
@@ -128,7 +146,20 @@ impl Filesystem for CairnFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
-        run!(self, reply, |c| c.lookup(parent.0, &name), |a| reply.entry(&TTL, &to_fuse(&a), Generation(0)))
+        let client = self.client.clone();
+        self.spawn(async move {
+            match client.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
+                // A negative entry (inode 0) lets the kernel remember the miss for the same TTL
+                // as positive entries, so create-after-lookup costs one round trip, not two.
+                Err(e) if e.code == ErrorCode::NotFound => {
+                    let mut none = to_fuse(&negative_attr());
+                    none.ino = INodeNo(0);
+                    reply.entry(&TTL, &none, Generation(0))
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

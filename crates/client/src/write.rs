@@ -98,10 +98,12 @@ impl Client {
 
     /// Buffers `data` at `offset`. Returns once the bytes are buffered (not yet stored).
     pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
-        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= MAX_FILE_SIZE);
-        let Some(end) = end else {
+        if offset >= MAX_FILE_SIZE {
             return Err(crate::ClientError::new(ErrorCode::FileTooBig, "write past the maximum file size"));
-        };
+        }
+        // Like Linux at a filesystem's size limit: a write crossing it is cut short.
+        let data = &data[..data.len().min((MAX_FILE_SIZE - offset) as usize)];
+        let end = offset + data.len() as u64;
         let cs = self.volume.chunk_size;
         let bs = self.volume.block_size;
         let f = self.file_state(ino);

@@ -122,33 +122,21 @@ impl MetaService {
 
     /// Deletes slice rows of chunks `>= from_chunk` and queues unreferenced slices for GC.
     async fn drop_slices(&self, tx: &mut Tx<'_>, ino: Ino, from_chunk: u64) -> Result<()> {
-        let dropped: Vec<(i64, i64, String)> = sqlx::query_as(
-            "DELETE FROM slices WHERE ino = ? AND chunk >= ? AND slice != 0 RETURNING slice, len, servers",
+        // A slice belongs to one chunk of one file, so deleting every row of these chunks
+        // leaves their slices unreferenced: queue them all for block deletion.
+        sqlx::query(
+            "INSERT OR IGNORE INTO gc_slices (slice, len, servers) \
+             SELECT slice, len, servers FROM slices WHERE ino = ? AND chunk >= ? AND slice != 0",
         )
         .bind(ino as i64)
         .bind(from_chunk as i64)
-        .fetch_all(&mut **tx)
+        .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM slices WHERE ino = ? AND chunk >= ?")
             .bind(ino as i64)
             .bind(from_chunk as i64)
             .execute(&mut **tx)
             .await?;
-        for (slice, len, servers) in dropped {
-            let still_used = sqlx::query("SELECT 1 FROM slices WHERE slice = ? LIMIT 1")
-                .bind(slice)
-                .fetch_optional(&mut **tx)
-                .await?
-                .is_some();
-            if !still_used {
-                sqlx::query("INSERT OR IGNORE INTO gc_slices (slice, len, servers) VALUES (?, ?, ?)")
-                    .bind(slice)
-                    .bind(len)
-                    .bind(servers)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-        }
         Ok(())
     }
 

@@ -45,6 +45,31 @@ async fn touch_dir(tx: &mut Tx<'_>, ino: Ino, nlink_delta: i64, now: Timestamp) 
     Ok(())
 }
 
+/// Marks a live directory as changed and returns its `(perm, gid)`; fails with the right errno
+/// if `ino` is missing, not a directory, or already removed.
+async fn touch_parent(tx: &mut Tx<'_>, ino: Ino, nlink_delta: i64, now: Timestamp) -> Result<(u32, u32)> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? \
+         WHERE ino = ? AND kind = ? AND nlink > 0 RETURNING perm, gid",
+    )
+    .bind(nlink_delta)
+    .bind(now.secs)
+    .bind(now.nanos as i64)
+    .bind(now.secs)
+    .bind(now.nanos as i64)
+    .bind(ino as i64)
+    .bind(FileKind::Dir.to_i64())
+    .fetch_optional(&mut **tx)
+    .await?;
+    match row {
+        Some((perm, gid)) => Ok((perm as u32, gid as u32)),
+        None => {
+            dir_attr(tx, ino).await?;
+            Err(err(ErrorCode::NotFound, "directory was removed"))
+        }
+    }
+}
+
 impl MetaService {
     pub(crate) async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         if name.len() > NAME_MAX {
@@ -84,17 +109,14 @@ impl MetaService {
         }
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
-        let p = dir_attr(&mut tx, parent).await?;
-        if p.nlink == 0 {
-            return Err(err(ErrorCode::NotFound, "parent directory was removed"));
-        }
-        if find_dentry(&mut *tx, parent, name).await?.is_some() {
-            return Err(err(ErrorCode::Exists, "entry exists"));
-        }
+        // Few statements per transaction: each one is a round trip to SQLite's worker thread.
+        let now = Timestamp::now();
+        let (parent_perm, parent_gid) =
+            touch_parent(&mut tx, parent, if kind == FileKind::Dir { 1 } else { 0 }, now).await?;
         let mut perm = perm & 0o7777;
         let mut gid = caller.gid;
-        if p.perm & libc::S_ISGID != 0 {
-            gid = p.gid;
+        if parent_perm & libc::S_ISGID != 0 {
+            gid = parent_gid;
             if kind == FileKind::Dir {
                 perm |= libc::S_ISGID;
             }
@@ -103,17 +125,28 @@ impl MetaService {
             perm = 0o777;
         }
         let nlink = if kind == FileKind::Dir { 2 } else { 1 };
-        let now = Timestamp::now();
         let ino = insert_inode(&mut tx, None, kind, perm, nlink, caller.uid, gid, rdev, parent, target.as_deref(), now)
             .await?;
         insert_dentry(&mut tx, parent, name, ino, kind).await?;
-        touch_dir(&mut tx, parent, if kind == FileKind::Dir { 1 } else { 0 }, now).await?;
-        let attr = get_attr(&mut *tx, ino).await?;
         tx.commit().await?;
         if open {
             self.opens.open(conn, ino);
         }
-        Ok(attr)
+        let size = target.as_ref().map_or(0, |t| t.len() as u64);
+        Ok(Attr {
+            ino,
+            kind,
+            perm,
+            nlink,
+            uid: caller.uid,
+            gid,
+            rdev,
+            size,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+        })
     }
 
     pub(crate) async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
@@ -155,17 +188,33 @@ impl MetaService {
     pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         let mut w = self.store.write().await?;
         let mut tx = w.begin().await?;
-        dir_attr(&mut tx, parent).await?;
-        let Some((ino, kind)) = find_dentry(&mut *tx, parent, name).await? else {
+        // Delete first and validate after: an error drops the transaction, which rolls back.
+        let removed: Option<(i64, i64)> =
+            sqlx::query_as("DELETE FROM dentries WHERE parent = ? AND name = ? RETURNING ino, kind")
+                .bind(parent as i64)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((ino, kind)) = removed else {
+            dir_attr(&mut tx, parent).await?;
             return Err(err(ErrorCode::NotFound, "no such entry"));
         };
-        if kind == FileKind::Dir {
+        if kind == FileKind::Dir.to_i64() {
             return Err(err(ErrorCode::IsDir, "is a directory"));
         }
         let now = Timestamp::now();
-        delete_dentry(&mut tx, parent, name).await?;
-        touch_dir(&mut tx, parent, 0, now).await?;
-        self.drop_link(&mut tx, ino, now).await?;
+        touch_parent(&mut tx, parent, 0, now).await?;
+        let left: (i64,) = sqlx::query_as(
+            "UPDATE inodes SET nlink = MAX(nlink - 1, 0), ctime_s = ?, ctime_ns = ? WHERE ino = ? RETURNING nlink",
+        )
+        .bind(now.secs)
+        .bind(now.nanos as i64)
+        .bind(ino)
+        .fetch_one(&mut *tx)
+        .await?;
+        if left.0 == 0 && !self.opens.is_open(ino as u64) {
+            self.purge_inode(&mut tx, ino as u64).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -214,15 +214,22 @@ pub(crate) async fn find_dentry<'e, E: sqlx::SqliteExecutor<'e>>(
     Ok(row.and_then(|(ino, kind)| Some((ino as u64, FileKind::from_i64(kind)?))))
 }
 
+/// Adds a directory entry; `EEXIST` if the name is taken.
 pub(crate) async fn insert_dentry(tx: &mut Tx<'_>, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) -> Result<()> {
-    sqlx::query("INSERT INTO dentries (parent, name, ino, kind) VALUES (?, ?, ?, ?)")
+    let done = sqlx::query("INSERT INTO dentries (parent, name, ino, kind) VALUES (?, ?, ?, ?)")
         .bind(parent as i64)
         .bind(name)
         .bind(ino as i64)
         .bind(kind.to_i64())
         .execute(&mut **tx)
-        .await?;
-    Ok(())
+        .await;
+    match done {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(MetaError::fs(ErrorCode::Exists, "entry exists"))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub(crate) async fn delete_dentry(tx: &mut Tx<'_>, parent: Ino, name: &[u8]) -> Result<()> {

@@ -71,7 +71,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Largest UDP payload: MTU discovery probes up to it, so loopback and jumbo-frame links carry
 /// far fewer packets per block while ordinary 1500-byte paths settle at their own size.
-const MAX_UDP_PAYLOAD: u16 = 1472;
+const MAX_UDP_PAYLOAD: u16 = 65_527;
 /// Socket buffers for bursts of large blocks (the kernel caps them at net.core.[rw]mem_max).
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
