@@ -45,6 +45,13 @@ fn errno(e: &ClientError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// errno for a request on an inode the kernel looked up earlier. If the inode is gone (its last
+/// link was removed after the lookup, e.g. by a rename over it), ESTALE makes the kernel redo
+/// the path walk once with a fresh lookup, as it does for NFS, instead of failing the call.
+fn errno_looked_up(e: &ClientError) -> Errno {
+    if e.code == ErrorCode::NotFound { Errno::from_i32(libc::ESTALE) } else { errno(e) }
+}
+
 fn kind_of(k: FileKind) -> FileType {
     match k {
         FileKind::File => FileType::RegularFile,
@@ -279,7 +286,13 @@ impl Filesystem for CairnFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        run!(self, reply, |c| c.open(ino.0), |_a| reply.opened(FileHandle(fh), FopenFlags::empty()))
+        let c = self.client.clone();
+        self.spawn(async move {
+            match c.open(ino.0).await {
+                Ok(_) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno_looked_up(&e)),
+            }
+        });
     }
 
     fn read(

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+/// Slices per commit request (well inside the frame header limit).
+const COMMIT_BATCH: usize = 4096;
+
 type Stored = Result<(NewSlice, Vec<(ServerId, BlockKey)>)>;
 
 /// Per-file write state, shared by every handle of the file on this client.
@@ -43,7 +46,7 @@ impl FileState {
     pub(crate) fn buffered_mtime(&self) -> Option<Timestamp> {
         let nanos = self.written_at.load(Ordering::Acquire);
         (self.buffered_size() > 0 && nanos > 0)
-            .then(|| Timestamp { secs: (nanos / 1_000_000_000) as i64, nanos: (nanos % 1_000_000_000) as u32 })
+            .then_some(Timestamp { secs: (nanos / 1_000_000_000) as i64, nanos: (nanos % 1_000_000_000) as u32 })
     }
 }
 
@@ -209,9 +212,23 @@ impl Client {
             self.sync_blocks_of(ino).await?;
         }
         let min_size = f.size.load(Ordering::Acquire);
-        let slices = st.stored.clone();
-        let attr = self.call_attr(MetaRequest::Commit { ino, slices, min_size, durable }).await?;
-        st.stored.clear();
+        // Many small random writes make many slices: commit them in batches that fit a frame,
+        // in order, dropping each batch from `stored` once it is committed.
+        let mut attr = None;
+        while attr.is_none() || !st.stored.is_empty() {
+            let n = st.stored.len().min(COMMIT_BATCH);
+            let last = n == st.stored.len();
+            let slices = st.stored[..n].to_vec();
+            let req = MetaRequest::Commit {
+                ino,
+                slices,
+                min_size: if last { min_size } else { 0 },
+                durable: durable && last,
+            };
+            attr = Some(self.call_attr(req).await?);
+            st.stored.drain(..n);
+        }
+        let attr = attr.expect("committed at least once");
         st.dirty = false;
         f.size.store(0, Ordering::Release);
         self.sizes.insert(ino, attr.size);

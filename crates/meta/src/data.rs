@@ -2,9 +2,13 @@
 
 use crate::MetaService;
 use crate::error::{MetaError, Result};
-use crate::store::{Tx, get_attr, put_attr, servers_from_text, servers_to_text};
+use crate::store::{INODE_COLUMNS, Tx, attr_from_row, get_attr, put_attr, servers_from_text, servers_to_text};
 use cairn_proto::meta::FallocMode;
 use cairn_proto::*;
+use std::time::Duration;
+
+/// How long an inode outlives its last link when nothing has it open.
+pub(crate) const REMOVED_GRACE: Duration = Duration::from_secs(5);
 
 impl MetaService {
     pub(crate) async fn read_map(&self, ino: Ino, chunk: u64) -> Result<Vec<SliceRef>> {
@@ -68,20 +72,46 @@ impl MetaService {
         }
         let result = async {
             let mut tx = w.begin().await?;
-            let mut a = get_attr(&mut *tx, ino).await?;
-            if a.kind != FileKind::File {
-                return Err(MetaError::fs(ErrorCode::Invalid, "not a regular file"));
-            }
-            for s in slices {
-                Self::insert_slice(&mut tx, ino, s.chunk, &s.slice).await?;
-            }
+            // Validate and update in one statement, insert all slices in one more: each
+            // statement is a round trip to SQLite's worker thread.
             let now = Timestamp::now();
-            a.size = a.size.max(min_size);
-            if !slices.is_empty() {
-                a.mtime = now;
-                a.ctime = now;
+            let touched = !slices.is_empty();
+            let row = sqlx::query(&format!(
+                "UPDATE inodes SET size = MAX(size, ?), \
+                 mtime_s = CASE WHEN ? THEN ? ELSE mtime_s END, mtime_ns = CASE WHEN ? THEN ? ELSE mtime_ns END, \
+                 ctime_s = CASE WHEN ? THEN ? ELSE ctime_s END, ctime_ns = CASE WHEN ? THEN ? ELSE ctime_ns END \
+                 WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}"
+            ))
+            .bind(min_size as i64)
+            .bind(touched)
+            .bind(now.secs)
+            .bind(touched)
+            .bind(now.nanos as i64)
+            .bind(touched)
+            .bind(now.secs)
+            .bind(touched)
+            .bind(now.nanos as i64)
+            .bind(ino as i64)
+            .bind(FileKind::File.to_i64())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                get_attr(&mut *tx, ino).await?;
+                return Err(MetaError::fs(ErrorCode::Invalid, "not a regular file"));
+            };
+            for part in slices.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::new("INSERT INTO slices (ino, chunk, pos, len, slice, servers) ");
+                q.push_values(part, |mut b, s| {
+                    b.push_bind(ino as i64)
+                        .push_bind(s.chunk as i64)
+                        .push_bind(s.slice.pos as i64)
+                        .push_bind(s.slice.len as i64)
+                        .push_bind(s.slice.id as i64)
+                        .push_bind(servers_to_text(&s.slice.servers));
+                });
+                q.build().execute(&mut *tx).await?;
             }
-            put_attr(&mut tx, &a).await?;
+            let a = attr_from_row(&row)?;
             tx.commit().await?;
             Ok(a)
         }
@@ -146,6 +176,54 @@ impl MetaService {
         sqlx::query("DELETE FROM xattrs WHERE ino = ?").bind(ino as i64).execute(&mut **tx).await?;
         sqlx::query("DELETE FROM inodes WHERE ino = ?").bind(ino as i64).execute(&mut **tx).await?;
         self.gc_wakeup.notify_one();
+        Ok(())
+    }
+
+    /// Frees an inode that lost its last link while nothing had it open, after [`REMOVED_GRACE`]:
+    /// a client's kernel may have looked the name up just before (or trust a cached entry for
+    /// up to its 1 s TTL) and still send an open or getattr for the inode, which then works
+    /// instead of failing with a spurious ENOENT (a rename over a file must look atomic).
+    pub(crate) fn defer_purge(&self, ino: Ino) {
+        let at = tokio::time::Instant::now() + REMOVED_GRACE;
+        self.removed.lock().expect("removed lock").push_back((ino, at));
+        self.removed_wakeup.notify_one();
+    }
+
+    /// Frees the inodes queued by [`MetaService::defer_purge`] once their grace period is over,
+    /// unless they were opened meanwhile (then their last close frees them).
+    pub(crate) async fn removed_loop(self: std::sync::Arc<Self>) {
+        loop {
+            let next = self.removed.lock().expect("removed lock").front().map(|(_, at)| *at);
+            let Some(at) = next else {
+                self.removed_wakeup.notified().await;
+                continue;
+            };
+            tokio::time::sleep_until(at).await;
+            let now = tokio::time::Instant::now();
+            let due: Vec<Ino> = {
+                let mut q = self.removed.lock().expect("removed lock");
+                let n = q.iter().take_while(|(_, at)| *at <= now).count();
+                q.drain(..n).map(|(ino, _)| ino).collect()
+            };
+            if let Err(e) = self.purge_removed(&due).await {
+                // They are freed at the next start (`purge_orphans`).
+                tracing::warn!("freeing removed inodes: {e}");
+            }
+        }
+    }
+
+    async fn purge_removed(&self, inos: &[Ino]) -> Result<()> {
+        let mut w = self.store.write().await?;
+        let mut tx = w.begin().await?;
+        for &ino in inos {
+            if let Ok(a) = get_attr(&mut *tx, ino).await
+                && a.nlink == 0
+                && !self.opens.is_open(ino)
+            {
+                self.purge_inode(&mut tx, ino).await?;
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -177,12 +177,17 @@ impl MetaService {
         Ok(a)
     }
 
-    /// Drops one link of `ino` inside a transaction; frees the inode if nothing refers to it.
+    /// Drops one link of `ino` inside a transaction; an inode left with no link and no handle
+    /// is freed after a grace period (see [`MetaService::defer_purge`]).
     async fn drop_link(&self, tx: &mut Tx<'_>, ino: Ino, now: Timestamp) -> Result<()> {
         let mut a = get_attr(&mut **tx, ino).await?;
         a.nlink = if a.kind == FileKind::Dir { 0 } else { a.nlink.saturating_sub(1) };
         a.ctime = now;
-        if a.nlink == 0 && !self.opens.is_open(ino) { self.purge_inode(tx, ino).await } else { put_attr(tx, &a).await }
+        put_attr(tx, &a).await?;
+        if a.nlink == 0 && !self.opens.is_open(ino) {
+            self.defer_purge(ino);
+        }
+        Ok(())
     }
 
     pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -212,10 +217,10 @@ impl MetaService {
         .bind(ino)
         .fetch_one(&mut *tx)
         .await?;
-        if left.0 == 0 && !self.opens.is_open(ino as u64) {
-            self.purge_inode(&mut tx, ino as u64).await?;
-        }
         tx.commit().await?;
+        if left.0 == 0 && !self.opens.is_open(ino as u64) {
+            self.defer_purge(ino as u64);
+        }
         Ok(())
     }
 
@@ -450,15 +455,10 @@ impl MetaService {
     }
 
     pub(crate) async fn close(&self, conn: usize, ino: Ino) -> Result<()> {
-        let mut w = self.store.write().await?;
-        if self.opens.close(conn, ino) {
-            let mut tx = w.begin().await?;
-            if let Ok(a) = get_attr(&mut *tx, ino).await
-                && a.nlink == 0
-            {
-                self.purge_inode(&mut tx, ino).await?;
-            }
-            tx.commit().await?;
+        // Under the writer lock so no unlink is half done while the link count is checked.
+        let _w = self.store.write().await?;
+        if self.opens.close(conn, ino) && get_attr(&self.store.readers, ino).await.is_ok_and(|a| a.nlink == 0) {
+            self.defer_purge(ino);
         }
         Ok(())
     }
@@ -469,17 +469,12 @@ impl MetaService {
         if closed.is_empty() {
             return Ok(());
         }
-        let mut w = self.store.write().await?;
-        let mut tx = w.begin().await?;
+        let _w = self.store.write().await?;
         for ino in closed {
-            if let Ok(a) = get_attr(&mut *tx, ino).await
-                && a.nlink == 0
-                && !self.opens.is_open(ino)
-            {
-                self.purge_inode(&mut tx, ino).await?;
+            if !self.opens.is_open(ino) && get_attr(&self.store.readers, ino).await.is_ok_and(|a| a.nlink == 0) {
+                self.defer_purge(ino);
             }
         }
-        tx.commit().await?;
         Ok(())
     }
 

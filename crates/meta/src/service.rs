@@ -35,6 +35,9 @@ pub struct MetaService {
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
     pub(crate) gc_wakeup: Notify,
+    /// Inodes that lost their last link while nothing had them open, with when to free them.
+    pub(crate) removed: std::sync::Mutex<std::collections::VecDeque<(Ino, tokio::time::Instant)>>,
+    pub(crate) removed_wakeup: Notify,
 }
 
 impl MetaService {
@@ -47,6 +50,8 @@ impl MetaService {
             opens: Opens::default(),
             registry: Registry::new(dead_after),
             gc_wakeup: Notify::new(),
+            removed: Default::default(),
+            removed_wakeup: Notify::new(),
         };
         svc.purge_orphans().await?;
         Ok(svc)
@@ -221,6 +226,7 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     let gc_endpoint = cairn_net::client_endpoint(&identity)?;
     info!(volume = %svc.volume.name, listen = %endpoint.local_addr()?, "metadata server ready");
     tokio::spawn(svc.clone().gc_loop(gc_endpoint));
+    tokio::spawn(svc.clone().removed_loop());
     cairn_net::serve(endpoint, svc).await;
     Ok(())
 }

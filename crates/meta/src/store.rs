@@ -19,7 +19,7 @@ pub struct Store {
 
 pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 
-const INODE_COLUMNS: &str = "ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, \
+pub(crate) const INODE_COLUMNS: &str = "ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, \
      mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns";
 
 impl Store {

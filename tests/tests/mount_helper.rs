@@ -1,0 +1,89 @@
+//! `mount -t cairn`, fstab lines and two volumes side by side, through mount(8) itself.
+//!
+//! mount(8) runs `/sbin/mount.cairn`; the test links it to the freshly built `cairn-mount`
+//! unless a real (non-symlink) helper is installed there already.
+
+use cairn_tests::*;
+use std::path::Path;
+use std::process::Command;
+
+fn install_helper() {
+    let link = Path::new("/sbin/mount.cairn");
+    let ours = bin("cairn-mount");
+    match std::fs::symlink_metadata(link) {
+        Ok(m) if !m.file_type().is_symlink() => {} // a packaged helper: use it
+        Ok(_) => {
+            if std::fs::read_link(link).ok().as_deref() == Some(ours.as_path()) {
+                return;
+            }
+            // Another checkout's build: point it at this one (atomically).
+            let tmp = Path::new("/sbin/.mount.cairn.tmp");
+            let _ = std::fs::remove_file(tmp);
+            std::os::unix::fs::symlink(&ours, tmp).unwrap();
+            std::fs::rename(tmp, link).unwrap();
+        }
+        Err(_) => std::os::unix::fs::symlink(&ours, link).unwrap(),
+    }
+}
+
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        umount_lazy(self.0);
+    }
+}
+
+#[test]
+fn mount_t_cairn_fstab_lines_and_two_volumes() {
+    install_helper();
+    let a = Cluster::start(1);
+    let b = Cluster::start(1);
+    std::fs::write(a.path("only-in-a"), b"A").unwrap();
+    std::fs::write(b.path("only-in-b"), b"B").unwrap();
+    let (src_a, src_b) = (a.source(), b.source());
+    assert_ne!(src_a, src_b, "two volumes must have different mount sources");
+
+    // `mount -t cairn SOURCE DIR` with the options users put in fstab.
+    let dir = a.tmp.path().join("via-mount");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = Unmount(&dir);
+    run(Command::new("mount")
+        .args(["-t", "cairn", "-o", "rw,_netdev,nofail,noatime,x-systemd.automount"])
+        .arg(&src_a)
+        .arg(&dir));
+    assert_eq!(mount_source(&dir).as_deref(), Some(src_a.as_str()));
+    assert_eq!(std::fs::read(dir.join("only-in-a")).unwrap(), b"A");
+    assert!(!dir.join("only-in-b").exists());
+    // `umount` ends the client.
+    run(Command::new("umount").arg(&dir));
+    assert!(mount_source(&dir).is_none());
+
+    // An fstab line (read from a file of our own with `mount -T`, never /etc/fstab).
+    let fstab = b.tmp.path().join("fstab");
+    let dir_b = b.tmp.path().join("via-fstab");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let _guard_b = Unmount(&dir_b);
+    std::fs::write(
+        &fstab,
+        format!(
+            "{src_b} {} cairn defaults,_netdev,nofail,noauto,x-systemd.requires=network-online.target 0 0\n",
+            dir_b.display()
+        ),
+    )
+    .unwrap();
+    run(Command::new("mount").arg("-T").arg(&fstab).arg(&dir_b));
+    assert_eq!(std::fs::read(dir_b.join("only-in-b")).unwrap(), b"B");
+    // Writes through the second client are seen by the first one's mount of the same volume.
+    std::fs::write(dir_b.join("from-fstab-mount"), b"hello").unwrap();
+    run(Command::new("umount").arg(&dir_b));
+    assert_eq!(std::fs::read(b.path("from-fstab-mount")).unwrap(), b"hello");
+
+    // A wrong volume name is refused with a clear error and a failing exit status.
+    let wrong = src_a.rsplit_once(":/").unwrap().0.to_string() + ":/no-such-volume";
+    let out = Command::new("mount").args(["-t", "cairn"]).arg(&wrong).arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("no-such-volume"), "unclear error: {msg}");
+    assert!(mount_source(&dir).is_none());
+}
