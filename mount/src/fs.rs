@@ -99,6 +99,7 @@ fn negative_attr() -> Attr {
         mtime: Timestamp::default(),
         ctime: Timestamp::default(),
         crtime: Timestamp::default(),
+        has_xattrs: false,
     }
 }
 
@@ -451,6 +452,11 @@ impl Filesystem for CairnFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name_bytes(name);
+        // Misses known locally (ls -l asks every file for security.selinux) are answered on
+        // the FUSE thread: no task, no round trip.
+        if let Some(e) = self.client.known_xattr_miss(ino.0, &name) {
+            return reply.error(errno(&e));
+        }
         run!(self, reply, |c| c.get_xattr(ino.0, &name), |v| reply_sized(reply, size, &v))
     }
 

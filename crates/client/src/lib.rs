@@ -59,6 +59,11 @@ pub struct Client {
     /// Bumped when a file's data changes through this client, retiring its cached maps.
     pub(crate) generations: DashMap<Ino, u64>,
     pub(crate) sizes: moka::sync::Cache<Ino, u64>,
+    /// Inodes recently seen without any xattr: getxattr/listxattr answer them locally.
+    pub(crate) no_xattrs: moka::sync::Cache<Ino, ()>,
+    /// Inodes whose xattrs this client changed lately; an attribute fetched before the change
+    /// must not mark them xattr-free again.
+    pub(crate) xattrs_changed: moka::sync::Cache<Ino, ()>,
     pub(crate) write_budget: write::WriteBudget,
     /// Blocks stored without fsync, per file, until an fsync of that file syncs them. Kept
     /// apart from the open-file state so an fsync after close and reopen still covers them.
@@ -85,6 +90,8 @@ impl Client {
             unsynced: DashMap::new(),
             last_read: DashMap::new(),
             maps: moka::future::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            no_xattrs: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            xattrs_changed: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl * 2).build(),
             sizes: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             meta,
             volume,
@@ -135,6 +142,11 @@ impl Client {
                 }
             }
             self.sizes.insert(a.ino, a.size);
+        }
+        if a.has_xattrs {
+            self.no_xattrs.invalidate(&a.ino);
+        } else if !self.xattrs_changed.contains_key(&a.ino) {
+            self.no_xattrs.insert(a.ino, ());
         }
         a
     }

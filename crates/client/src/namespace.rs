@@ -150,6 +150,8 @@ impl Client {
 
     pub async fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
         check_acl_name(name)?;
+        self.xattrs_changed.insert(ino, ());
+        self.no_xattrs.invalidate(&ino);
         if name.len() > XATTR_NAME_MAX {
             return Err(ClientError::new(ErrorCode::Range, "xattr name too long"));
         }
@@ -159,10 +161,21 @@ impl Client {
         self.call_empty(MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode }).await
     }
 
-    pub async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        check_acl_name(name)?;
+    /// The error for a getxattr that needs no server: ACL names, over-long names, and
+    /// inodes recently seen without any xattr.
+    pub fn known_xattr_miss(&self, ino: Ino, name: &[u8]) -> Option<ClientError> {
+        if let Err(e) = check_acl_name(name) {
+            return Some(e);
+        }
         if name.len() > XATTR_NAME_MAX {
-            return Err(ClientError::new(ErrorCode::Range, "xattr name too long"));
+            return Some(ClientError::new(ErrorCode::Range, "xattr name too long"));
+        }
+        self.no_xattrs.contains_key(&ino).then(|| ClientError::new(ErrorCode::NoData, "no such xattr"))
+    }
+
+    pub async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        if let Some(e) = self.known_xattr_miss(ino, name) {
+            return Err(e);
         }
         match self.call(MetaRequest::GetXattr { ino, name: name.to_vec() }).await? {
             MetaResponse::Xattr(v) => Ok(v),
@@ -171,6 +184,9 @@ impl Client {
     }
 
     pub async fn list_xattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        if self.no_xattrs.contains_key(&ino) {
+            return Ok(Vec::new());
+        }
         match self.call(MetaRequest::ListXattr { ino }).await? {
             MetaResponse::XattrNames(v) => Ok(v),
             other => Err(unexpected(other)),

@@ -146,6 +146,7 @@ impl MetaService {
             mtime: now,
             ctime: now,
             crtime: now,
+            has_xattrs: false,
         })
     }
 
@@ -418,7 +419,7 @@ impl MetaService {
         let rows = if plus {
             sqlx::query(
                 "SELECT d.cookie, d.name, i.ino, i.kind, i.perm, i.nlink, i.uid, i.gid, i.rdev, i.size, \
-                 i.atime_s, i.atime_ns, i.mtime_s, i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns \
+                 i.atime_s, i.atime_ns, i.mtime_s, i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs \
                  FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.cookie > ? \
                  ORDER BY d.cookie LIMIT ?",
             )
@@ -550,6 +551,7 @@ impl MetaService {
             .bind(value)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("UPDATE inodes SET xattrs = 1 WHERE ino = ?").bind(ino as i64).execute(&mut *tx).await?;
         Self::touch_ctime(&mut tx, ino, Timestamp::now()).await?;
         tx.commit().await?;
         Ok(())
@@ -591,6 +593,10 @@ impl MetaService {
         if done.rows_affected() == 0 {
             return Err(err(ErrorCode::NoData, "no such xattr"));
         }
+        sqlx::query("UPDATE inodes SET xattrs = EXISTS (SELECT 1 FROM xattrs WHERE ino = ?1) WHERE ino = ?1")
+            .bind(ino as i64)
+            .execute(&mut *tx)
+            .await?;
         Self::touch_ctime(&mut tx, ino, Timestamp::now()).await?;
         tx.commit().await?;
         Ok(())

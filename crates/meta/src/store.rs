@@ -20,7 +20,7 @@ pub struct Store {
 pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 
 pub(crate) const INODE_COLUMNS: &str = "ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, \
-     mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns";
+     mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, xattrs";
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and applies migrations.
@@ -118,6 +118,7 @@ pub(crate) fn attr_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Attr> {
         mtime: ts("mtime_s", "mtime_ns")?,
         ctime: ts("ctime_s", "ctime_ns")?,
         crtime: ts("crtime_s", "crtime_ns")?,
+        has_xattrs: row.try_get::<i64, _>("xattrs")? != 0,
     })
 }
 

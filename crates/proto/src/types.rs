@@ -143,6 +143,8 @@ pub struct Attr {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub crtime: Timestamp,
+    /// Whether the inode has any extended attribute (lets clients answer misses locally).
+    pub has_xattrs: bool,
 }
 
 /// A new value for a timestamp in `SetAttr`.
