@@ -128,19 +128,23 @@ impl Client {
     }
 
     /// Stores a slice's bytes as blocks on `replication` servers; returns the servers used.
-    pub(crate) async fn store_slice(&self, slice: SliceId, data: &[u8], sync: bool) -> Result<Vec<ServerId>> {
+    /// Takes the buffer by value and drops it once encoded, so a slice in flight is held in
+    /// memory once, not twice.
+    pub(crate) async fn store_slice(&self, slice: SliceId, data: Vec<u8>, sync: bool) -> Result<Vec<ServerId>> {
         let bs = self.volume.block_size as usize;
+        let len = data.len() as u64;
         let encoded: Vec<(BlockKey, Vec<u8>)> = data
             .chunks(bs)
             .enumerate()
             .map(|(i, part)| (BlockKey { slice, index: i as u32 }, cairn_block::encode(part)))
             .collect();
+        drop(data);
         let mut last_err = None;
         for attempt in 0..3 {
             let servers = self.servers(attempt > 0).await?;
             let alive = servers.iter().filter(|s| s.alive).count();
             let want = (self.volume.replication as usize).min(alive).max(1);
-            let chosen = placement::place(&servers, slice, want, data.len() as u64);
+            let chosen = placement::place(&servers, slice, want, len);
             if chosen.is_empty() {
                 let code = if alive == 0 { ErrorCode::Io } else { ErrorCode::NoSpace };
                 return Err(ClientError::new(code, "no live chunk server has room for the data"));
@@ -157,9 +161,7 @@ impl Client {
             let results = futures::future::join_all(puts).await;
             match results.into_iter().find_map(|r| r.err()) {
                 None => {
-                    for ((key, _), plain) in encoded.iter().zip(data.chunks(bs)) {
-                        self.blocks.cache.insert(*key, Arc::new(Block { bytes: plain.to_vec(), start: 0 })).await;
-                    }
+                    // Written blocks are not cached: a big write would only evict data being read.
                     return Ok(chosen);
                 }
                 Some(e) if e.code == ErrorCode::NoSpace || e.code == ErrorCode::Io || e.code == ErrorCode::TimedOut => {

@@ -160,9 +160,10 @@ impl Client {
         let cs = self.volume.chunk_size;
         st.pending.push(tokio::spawn(async move {
             let id = client.next_slice_id().await?;
-            let servers = client.store_slice(id, &data, sync).await?;
+            let len = data.len();
+            let servers = client.store_slice(id, data, sync).await?;
             drop(permit);
-            let blocks = data.len().div_ceil(client.volume.block_size as usize) as u32;
+            let blocks = len.div_ceil(client.volume.block_size as usize) as u32;
             // Blocks stored without sync must be synced by the next fsync.
             let keys = match sync {
                 true => Vec::new(),
@@ -171,7 +172,7 @@ impl Client {
                     .flat_map(|s| (0..blocks).map(move |index| (*s, BlockKey { slice: id, index })))
                     .collect(),
             };
-            let slice = SliceRef { pos: (off % cs) as u32, len: data.len() as u32, id, servers };
+            let slice = SliceRef { pos: (off % cs) as u32, len: len as u32, id, servers };
             Ok((NewSlice { chunk: off / cs, slice }, keys))
         }));
     }

@@ -83,8 +83,8 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(4096u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((8u32 << 20).into())
-        .receive_window((64u32 << 20).into())
-        .send_window(64 << 20)
+        .receive_window((32u32 << 20).into())
+        .send_window(16 << 20)
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("valid idle timeout")));
     Arc::new(t)
