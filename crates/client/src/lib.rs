@@ -57,7 +57,9 @@ pub struct Client {
     /// Chunk maps keyed by (inode, data generation, chunk index).
     pub(crate) maps: moka::future::Cache<(Ino, u64, u64), Arc<Vec<SliceRef>>>,
     /// Bumped when a file's data changes through this client, retiring its cached maps.
-    pub(crate) generations: DashMap<Ino, u64>,
+    /// Entries live twice the map TTL: once one expires (reading as 0 again), every map
+    /// cached under an older generation has expired too.
+    pub(crate) generations: moka::sync::Cache<Ino, u64>,
     pub(crate) sizes: moka::sync::Cache<Ino, u64>,
     /// Inodes recently seen without any xattr: getxattr/listxattr answer them locally.
     pub(crate) no_xattrs: moka::sync::Cache<Ino, ()>,
@@ -69,7 +71,7 @@ pub struct Client {
     /// apart from the open-file state so an fsync after close and reopen still covers them.
     pub(crate) unsynced: DashMap<Ino, Vec<(ServerId, cairn_proto::chunk::BlockKey)>>,
     /// End offset of the last read per inode, to detect sequential reads for readahead.
-    pub(crate) last_read: DashMap<Ino, u64>,
+    pub(crate) last_read: moka::sync::Cache<Ino, u64>,
 }
 
 impl Client {
@@ -85,10 +87,10 @@ impl Client {
         let client = Client {
             blocks: blocks::BlockClient::new(endpoint, &config),
             files: DashMap::new(),
-            generations: DashMap::new(),
+            generations: moka::sync::Cache::builder().time_to_live(config.map_ttl * 2).build(),
             write_budget: write::WriteBudget::new(config.write_buffer_bytes),
             unsynced: DashMap::new(),
-            last_read: DashMap::new(),
+            last_read: moka::sync::Cache::builder().max_capacity(10_000).time_to_idle(Duration::from_secs(10)).build(),
             maps: moka::future::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             no_xattrs: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             xattrs_changed: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl * 2).build(),
@@ -105,12 +107,12 @@ impl Client {
     }
 
     pub(crate) fn data_generation(&self, ino: Ino) -> u64 {
-        self.generations.get(&ino).map_or(0, |g| *g)
+        self.generations.get(&ino).unwrap_or(0)
     }
 
     /// Forgets cached maps of a file whose data changed.
     pub(crate) fn invalidate_data(&self, ino: Ino) {
-        *self.generations.entry(ino).or_default() += 1;
+        self.generations.entry(ino).and_upsert_with(|g| g.map_or(1, |g| g.into_value() + 1));
     }
 
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {

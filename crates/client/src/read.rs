@@ -48,7 +48,8 @@ impl Client {
         // Readahead when this read starts near where the previous one ended: the kernel's own
         // readahead sends several reads at once, so exact adjacency is too strict a test.
         let near = |prev: u64| offset.abs_diff(prev) <= 2 * self.volume.block_size;
-        let sequential = self.last_read.insert(ino, end).is_some_and(near);
+        let sequential = self.last_read.get(&ino).is_some_and(near);
+        self.last_read.insert(ino, end);
         if sequential && end < file_size {
             let client = self.clone();
             let ahead = (READAHEAD_BLOCKS * self.volume.block_size).min(file_size - end);
