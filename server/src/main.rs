@@ -78,7 +78,9 @@ fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
         key: f.tls.key,
         dead_after: Duration::from_secs(f.dead_after_secs.max(1)),
     };
-    runtime()?.block_on(cairn_meta::run(config))?;
+    // One thread: every SQL statement is a handoff to sqlx's SQLite worker thread, and a single
+    // runtime thread on the other side of it wakes faster than a work-stealing pool.
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(cairn_meta::run(config))?;
     Ok(())
 }
 
@@ -96,6 +98,6 @@ fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
         key: f.tls.key,
         heartbeat: Duration::from_millis(f.heartbeat_ms.max(50)),
     };
-    runtime()?.block_on(cairn_chunk::run(config))?;
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(cairn_chunk::run(config))?;
     Ok(())
 }
