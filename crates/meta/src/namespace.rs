@@ -29,22 +29,6 @@ async fn dir_attr(tx: &mut Tx<'_>, ino: Ino) -> Result<Attr> {
     Ok(a)
 }
 
-/// Marks a directory as changed (mtime and ctime), optionally adjusting its link count.
-async fn touch_dir(tx: &mut Tx<'_>, ino: Ino, nlink_delta: i64, now: Timestamp) -> Result<()> {
-    sqlx::query(
-        "UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?",
-    )
-    .bind(nlink_delta)
-    .bind(now.secs)
-    .bind(now.nanos as i64)
-    .bind(now.secs)
-    .bind(now.nanos as i64)
-    .bind(ino as i64)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// Marks a live directory as changed and returns its `(perm, gid)`; fails with the right errno
 /// if `ino` is missing, not a directory, or already removed.
 async fn touch_parent(tx: &mut Tx<'_>, ino: Ino, nlink_delta: i64, now: Timestamp) -> Result<(u32, u32)> {
@@ -170,7 +154,7 @@ impl MetaService {
         }
         let now = Timestamp::now();
         insert_dentry(&mut tx, new_parent, new_name, ino, a.kind).await?;
-        touch_dir(&mut tx, new_parent, 0, now).await?;
+        touch_parent(&mut tx, new_parent, 0, now).await?;
         a.nlink += 1;
         a.ctime = now;
         put_attr(&mut tx, &a).await?;
@@ -254,7 +238,7 @@ impl MetaService {
         }
         let now = Timestamp::now();
         delete_dentry(&mut tx, parent, name).await?;
-        touch_dir(&mut tx, parent, -1, now).await?;
+        touch_parent(&mut tx, parent, -1, now).await?;
         self.drop_link(&mut tx, ino, now).await?;
         tx.commit().await?;
         Ok(())
@@ -343,10 +327,10 @@ impl MetaService {
                 let dirs = |k: FileKind| i64::from(k == FileKind::Dir);
                 if parent != new_parent {
                     let delta = dirs(dst_kind) - dirs(src_kind);
-                    touch_dir(&mut tx, parent, delta, now).await?;
-                    touch_dir(&mut tx, new_parent, -delta, now).await?;
+                    touch_parent(&mut tx, parent, delta, now).await?;
+                    touch_parent(&mut tx, new_parent, -delta, now).await?;
                 } else {
-                    touch_dir(&mut tx, parent, 0, now).await?;
+                    touch_parent(&mut tx, parent, 0, now).await?;
                 }
                 if src_kind == FileKind::Dir {
                     Self::set_parent(&mut tx, src, new_parent).await?;
@@ -383,14 +367,14 @@ impl MetaService {
                 if src_kind == FileKind::Dir {
                     Self::set_parent(&mut tx, src, new_parent).await?;
                     if parent != new_parent {
-                        touch_dir(&mut tx, parent, -1, now).await?;
+                        touch_parent(&mut tx, parent, -1, now).await?;
                         new_parent_links += 1;
                     }
                 }
                 if parent != new_parent || src_kind != FileKind::Dir {
-                    touch_dir(&mut tx, parent, 0, now).await?;
+                    touch_parent(&mut tx, parent, 0, now).await?;
                 }
-                touch_dir(&mut tx, new_parent, new_parent_links, now).await?;
+                touch_parent(&mut tx, new_parent, new_parent_links, now).await?;
                 Self::touch_ctime(&mut tx, src, now).await?;
             }
         }
