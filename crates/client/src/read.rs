@@ -42,9 +42,7 @@ impl Client {
         }
         let end = file_size.min(offset + size as u64);
         let mut out = vec![0u8; (end - offset) as usize];
-        let started = std::time::Instant::now();
         self.read_into(ino, offset, &mut out).await?;
-        tracing::debug!(ino, offset, size, micros = started.elapsed().as_micros() as u64, "read");
         // Readahead when this read starts near where the previous one ended: the kernel's own
         // readahead sends several reads at once, so exact adjacency is too strict a test.
         let near = |prev: u64| offset.abs_diff(prev) <= 2 * self.volume.block_size;
