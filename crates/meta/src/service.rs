@@ -134,12 +134,12 @@ impl MetaService {
     }
 
     async fn statfs(&self) -> crate::Result<FsStats> {
-        let (files,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes").fetch_one(&self.store.readers).await?;
+        let files = crate::store::reads::inode_count(&self.store.readers).await?;
         let alive: Vec<_> = self.registry.list().into_iter().filter(|s| s.alive).collect();
         let r = u64::from(self.volume.replication.max(1)).min(alive.len().max(1) as u64);
         let capacity = alive.iter().map(|s| s.capacity).sum::<u64>() / r;
         let free = alive.iter().map(|s| s.free).sum::<u64>() / r;
-        Ok(FsStats { capacity, free, files: files as u64 })
+        Ok(FsStats { capacity, free, files })
     }
 
     /// Deletes the blocks of unreferenced slices, forever, in the background.

@@ -1,0 +1,197 @@
+//! The one module that talks SQL. Service logic (namespace, data, service) calls the typed
+//! reads in [`reads`] and gathers writes in a [`Batch`] through the methods in [`writes`];
+//! it never writes a query, so another sqlx backend (PostgreSQL) can be added here.
+//!
+//! Why batches: every sqlx statement is a round trip between the async runtime and SQLite's
+//! worker thread, and those thread wake-ups cost far more than SQLite's own work. A mutating
+//! operation therefore reads what it must check on the writer connection, decides in Rust,
+//! and sends all its writes as one transaction in one call. Nothing can change between the
+//! read and the batch: every write goes through the one writer connection, held throughout.
+
+pub(crate) mod reads;
+mod rows;
+mod writes;
+
+pub(crate) use rows::{Child, Returned};
+
+use crate::error::{MetaError, Result};
+use cairn_proto::*;
+use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Arguments, Executor, Sqlite, SqliteConnection, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use tokio::sync::Mutex;
+
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The metadata database: a read pool and one serialized writer connection.
+pub struct Store {
+    pub(crate) readers: SqlitePool,
+    writer: Mutex<Writer>,
+}
+
+struct Writer {
+    conn: SqliteConnection,
+    /// A batch was sent and its caller went away before it finished: its transaction may
+    /// still be open and is rolled back before the next use.
+    unfinished: bool,
+}
+
+impl Writer {
+    async fn recover(&mut self) {
+        let _ = self.conn.execute("ROLLBACK").await;
+        let _ = self.conn.execute("PRAGMA synchronous = NORMAL").await;
+        self.unfinished = false;
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .statement_cache_capacity(256)
+            .pragma("cache_size", "-65536");
+        let readers = SqlitePoolOptions::new().max_connections(4).connect_with(opts.clone()).await?;
+        MIGRATOR.run(&readers).await?;
+        let conn = sqlx::ConnectOptions::connect(&opts).await?;
+        Ok(Store { readers, writer: Mutex::new(Writer { conn, unfinished: false }) })
+    }
+
+    /// Writes the volume settings and the root directory of a new volume.
+    pub async fn format(&self, info: &VolumeInfo, root_uid: u32, root_gid: u32) -> Result<()> {
+        let mut w = self.write().await?;
+        if let Some(name) = reads::volume_setting(w.conn(), "name").await? {
+            return Err(MetaError::fs(ErrorCode::Exists, format!("database already holds volume {name:?}")));
+        }
+        let mut b = Batch::default();
+        for (k, v) in [
+            ("name", info.name.clone()),
+            ("uuid", info.uuid.clone()),
+            ("chunk_size", info.chunk_size.to_string()),
+            ("block_size", info.block_size.to_string()),
+            ("replication", info.replication.to_string()),
+        ] {
+            b.set_volume_setting(k, v);
+        }
+        b.insert_inode(
+            Some(ROOT_INO),
+            FileKind::Dir,
+            0o755,
+            2,
+            root_uid,
+            root_gid,
+            0,
+            ROOT_INO,
+            None,
+            Timestamp::now(),
+        );
+        w.apply(b).await?;
+        Ok(())
+    }
+
+    /// Reads the volume settings written by [`Store::format`].
+    pub async fn volume(&self) -> Result<VolumeInfo> {
+        reads::volume(&self.readers).await
+    }
+
+    /// Takes the writer connection; every mutation happens while holding it.
+    pub(crate) async fn write(&self) -> Result<WriteGuard<'_>> {
+        let mut w = self.writer.lock().await;
+        if w.unfinished {
+            w.recover().await;
+        }
+        Ok(WriteGuard { w })
+    }
+}
+
+/// Exclusive access to the writer connection.
+pub(crate) struct WriteGuard<'a> {
+    w: tokio::sync::MutexGuard<'a, Writer>,
+}
+
+impl WriteGuard<'_> {
+    /// The writer connection, for reads that must see the latest writes.
+    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.w.conn
+    }
+
+    /// Runs `b` as one transaction; on any error nothing of it is applied. A unique-key
+    /// violation (a directory entry that exists) is `EEXIST`.
+    pub(crate) async fn apply(&mut self, b: Batch) -> Result<Returned> {
+        if let Some(e) = b.bind_error {
+            return Err(MetaError::fs(ErrorCode::Invalid, format!("cannot bind a value: {e}")));
+        }
+        let sql = if b.durable {
+            format!("PRAGMA synchronous = FULL;\nBEGIN;\n{}COMMIT;\nPRAGMA synchronous = NORMAL;", b.sql)
+        } else {
+            format!("BEGIN;\n{}COMMIT;", b.sql)
+        };
+        self.w.unfinished = true;
+        match sqlx::query_with(&sql, b.args).fetch_all(&mut self.w.conn).await {
+            Ok(rows) => {
+                self.w.unfinished = false;
+                Ok(Returned(rows))
+            }
+            Err(e) => {
+                self.w.recover().await;
+                match e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        Err(MetaError::fs(ErrorCode::Exists, "entry exists"))
+                    }
+                    e => Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Statements that run as one transaction in a single call to SQLite (see the module doc).
+/// Built with the methods in `writes.rs`, run with [`WriteGuard::apply`].
+#[derive(Default)]
+pub(crate) struct Batch {
+    sql: String,
+    args: SqliteArguments<'static>,
+    bind_error: Option<String>,
+    durable: bool,
+}
+
+impl Batch {
+    /// A batch that is on disk when [`WriteGuard::apply`] returns (SQLite `synchronous =
+    /// FULL` for its commit); others may be lost in a power cut, never torn.
+    pub(crate) fn durable(durable: bool) -> Batch {
+        Batch { durable, ..Batch::default() }
+    }
+
+    fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self.sql.push_str(";\n");
+        self
+    }
+
+    fn bind<T>(&mut self, v: T) -> &mut Self
+    where
+        T: sqlx::Encode<'static, Sqlite> + sqlx::Type<Sqlite> + Send + 'static,
+    {
+        if let Err(e) = self.args.add(v) {
+            self.bind_error.get_or_insert(e.to_string());
+        }
+        self
+    }
+
+    fn bind_ts(&mut self, t: Timestamp) -> &mut Self {
+        self.bind(t.secs).bind(t.nanos as i64)
+    }
+
+    fn bind_ino(&mut self, ino: Ino) -> &mut Self {
+        self.bind(ino as i64)
+    }
+
+    /// True if nothing was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sql.is_empty()
+    }
+}

@@ -1,0 +1,211 @@
+//! Typed reads. Each is one statement (one round trip to SQLite); the service passes the
+//! read pool, or the writer connection when the answer decides what a batch will write.
+
+use super::Child;
+use super::rows::{INODE_COLUMNS, attr_from_row, child_from_row, inode_columns_of, servers_from_text};
+use crate::error::{MetaError, Result};
+use cairn_proto::*;
+use sqlx::{Row, SqliteExecutor};
+
+fn not_found(msg: impl Into<String>) -> MetaError {
+    MetaError::fs(ErrorCode::NotFound, msg)
+}
+
+pub(crate) async fn volume_setting<'e>(ex: impl SqliteExecutor<'e>, key: &str) -> Result<Option<String>> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT value FROM volume WHERE key = ?").bind(key).fetch_optional(ex).await?;
+    Ok(row.map(|(v,)| v))
+}
+
+pub(crate) async fn volume<'e>(ex: impl SqliteExecutor<'e>) -> Result<VolumeInfo> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT key, value FROM volume").fetch_all(ex).await?;
+    let get = |k: &str| rows.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
+    match (get("name"), get("uuid"), num("chunk_size"), num("block_size"), num("replication")) {
+        (Some(name), Some(uuid), Some(chunk_size), Some(block_size), Some(replication)) => {
+            Ok(VolumeInfo { name, uuid, chunk_size, block_size, replication: replication as u32 })
+        }
+        _ => Err(MetaError::fs(ErrorCode::Invalid, "database holds no formatted volume (run `cairn format`)")),
+    }
+}
+
+/// An inode's attributes, `ENOENT` if it does not exist.
+pub(crate) async fn get_attr<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Result<Attr> {
+    let row = sqlx::query(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE ino = ?"))
+        .bind(ino as i64)
+        .fetch_optional(ex)
+        .await?;
+    match row {
+        Some(row) => attr_from_row(&row),
+        None => Err(not_found(format!("no inode {ino}"))),
+    }
+}
+
+/// The attributes of `name` in `parent` (`None` if no such name), `ENOENT` if the parent
+/// does not exist. One statement for what a lookup needs.
+pub(crate) async fn lookup<'e>(ex: impl SqliteExecutor<'e>, parent: Ino, name: &[u8]) -> Result<Option<Attr>> {
+    let row = sqlx::query(&format!(
+        "SELECT p.ino AS parent_ino, {} FROM inodes p LEFT JOIN dentries d ON d.parent = p.ino AND d.name = ? \
+         LEFT JOIN inodes i ON i.ino = d.ino WHERE p.ino = ?",
+        inode_columns_of("i")
+    ))
+    .bind(name)
+    .bind(parent as i64)
+    .fetch_optional(ex)
+    .await?;
+    let Some(row) = row else { return Err(not_found(format!("no directory {parent}"))) };
+    if row.try_get::<Option<i64>, _>("ino")?.is_none() {
+        return Ok(None);
+    }
+    attr_from_row(&row).map(Some)
+}
+
+/// A directory's attributes and what `name` in it is (`None` if nothing), `ENOENT` if the
+/// directory does not exist. One statement for what unlink, rmdir, rename and link check.
+pub(crate) async fn entry<'e>(ex: impl SqliteExecutor<'e>, parent: Ino, name: &[u8]) -> Result<(Attr, Option<Child>)> {
+    let row = sqlx::query(&format!(
+        "SELECT {}, d.ino AS child, d.kind AS child_kind, \
+         NOT EXISTS (SELECT 1 FROM dentries c WHERE c.parent = d.ino) AS child_empty \
+         FROM inodes p LEFT JOIN dentries d ON d.parent = p.ino AND d.name = ? WHERE p.ino = ?",
+        inode_columns_of("p")
+    ))
+    .bind(name)
+    .bind(parent as i64)
+    .fetch_optional(ex)
+    .await?;
+    let Some(row) = row else { return Err(not_found(format!("no directory {parent}"))) };
+    Ok((attr_from_row(&row)?, child_from_row(&row)?))
+}
+
+/// The directory holding directory `ino`, `None` if `ino` does not exist.
+pub(crate) async fn parent_of<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Result<Option<Ino>> {
+    let row: Option<(i64,)> =
+        sqlx::query_as("SELECT parent FROM inodes WHERE ino = ?").bind(ino as i64).fetch_optional(ex).await?;
+    Ok(row.map(|(p,)| p as u64))
+}
+
+/// A symlink's target; `None` if `ino` is not a symlink, `ENOENT` if it does not exist.
+pub(crate) async fn symlink_target<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Result<Option<Vec<u8>>> {
+    let row: Option<(i64, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT kind, target FROM inodes WHERE ino = ?").bind(ino as i64).fetch_optional(ex).await?;
+    match row {
+        None => Err(not_found("no such inode")),
+        Some((kind, target)) => Ok(target.filter(|_| kind == FileKind::Symlink.to_i64())),
+    }
+}
+
+/// Up to `limit` entries of directory `ino` after cookie `after`, with attributes if `plus`.
+///
+/// The page comes back as one JSON row: sqlx hands every row from SQLite's worker thread to
+/// the runtime separately, and a thread wake-up per entry made a page of 1,024 entries cost
+/// tens of milliseconds.
+pub(crate) async fn dir_entries<'e>(
+    ex: impl SqliteExecutor<'e>,
+    ino: Ino,
+    after: u64,
+    limit: i64,
+    plus: bool,
+) -> Result<Vec<DirEntry>> {
+    let attr = if plus {
+        "json_array(i.kind, i.perm, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_s, i.atime_ns, i.mtime_s, \
+         i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs)"
+    } else {
+        "NULL"
+    };
+    let (page,): (Option<String>,) = sqlx::query_as(&format!(
+        "SELECT json_group_array(json_array(cookie, hex(name), ino, kind, json(a)) ORDER BY cookie) FROM \
+         (SELECT d.cookie, d.name, d.ino, d.kind, {attr} AS a FROM dentries d JOIN inodes i ON i.ino = d.ino \
+          WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?)"
+    ))
+    .bind(ino as i64)
+    .bind(after as i64)
+    .bind(limit)
+    .fetch_one(ex)
+    .await?;
+    type Row = (i64, String, i64, i64, Option<[i64; 16]>);
+    let bad = |what: String| MetaError::fs(ErrorCode::Io, format!("bad directory page from the database: {what}"));
+    let rows: Vec<Row> = serde_json::from_str(page.as_deref().unwrap_or("[]")).map_err(|e| bad(e.to_string()))?;
+    rows.into_iter()
+        .map(|(cookie, name, ino, kind, a)| {
+            let kind = FileKind::from_i64(kind).ok_or_else(|| bad(format!("file kind {kind}")))?;
+            let ts = |s: i64, n: i64| Timestamp { secs: s, nanos: n as u32 };
+            let attr = a.map(|a| Attr {
+                ino: ino as u64,
+                kind,
+                perm: a[1] as u32,
+                nlink: a[2] as u32,
+                uid: a[3] as u32,
+                gid: a[4] as u32,
+                rdev: a[5] as u32,
+                size: a[6] as u64,
+                atime: ts(a[7], a[8]),
+                mtime: ts(a[9], a[10]),
+                ctime: ts(a[11], a[12]),
+                crtime: ts(a[13], a[14]),
+                has_xattrs: a[15] != 0,
+            });
+            Ok(DirEntry {
+                name: hex::decode(&name).map_err(|e| bad(e.to_string()))?,
+                ino: ino as u64,
+                kind,
+                cookie: cookie as u64,
+                attr,
+            })
+        })
+        .collect()
+}
+
+/// The slices of one chunk of a file, oldest first.
+pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64) -> Result<Vec<SliceRef>> {
+    let rows: Vec<(i64, i64, i64, String)> =
+        sqlx::query_as("SELECT pos, len, slice, servers FROM slices WHERE ino = ? AND chunk = ? ORDER BY seq")
+            .bind(ino as i64)
+            .bind(chunk as i64)
+            .fetch_all(ex)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(pos, len, id, servers)| SliceRef {
+            pos: pos as u32,
+            len: len as u32,
+            id: id as u64,
+            servers: servers_from_text(&servers),
+        })
+        .collect())
+}
+
+pub(crate) async fn xattr<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+    let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM xattrs WHERE ino = ? AND name = ?")
+        .bind(ino as i64)
+        .bind(name)
+        .fetch_optional(ex)
+        .await?;
+    Ok(row.map(|(v,)| v))
+}
+
+pub(crate) async fn xattr_names<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Result<Vec<Vec<u8>>> {
+    let rows: Vec<(Vec<u8>,)> =
+        sqlx::query_as("SELECT name FROM xattrs WHERE ino = ? ORDER BY name").bind(ino as i64).fetch_all(ex).await?;
+    Ok(rows.into_iter().map(|(n,)| n).collect())
+}
+
+/// Up to `limit` unreferenced slices waiting for their blocks to be deleted: `(slice, len, servers)`.
+pub(crate) async fn gc_queue<'e>(
+    ex: impl SqliteExecutor<'e>,
+    limit: i64,
+) -> Result<Vec<(SliceId, u64, Vec<ServerId>)>> {
+    let rows: Vec<(i64, i64, String)> =
+        sqlx::query_as("SELECT slice, len, servers FROM gc_slices LIMIT ?").bind(limit).fetch_all(ex).await?;
+    Ok(rows.into_iter().map(|(s, len, servers)| (s as u64, len as u64, servers_from_text(&servers))).collect())
+}
+
+/// Inodes with no link left (freed at start: their open handles died with the last run).
+pub(crate) async fn unlinked_inodes<'e>(ex: impl SqliteExecutor<'e>) -> Result<Vec<Ino>> {
+    let rows: Vec<(i64,)> = sqlx::query_as("SELECT ino FROM inodes WHERE nlink = 0").fetch_all(ex).await?;
+    Ok(rows.into_iter().map(|(i,)| i as u64).collect())
+}
+
+pub(crate) async fn inode_count<'e>(ex: impl SqliteExecutor<'e>) -> Result<u64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes").fetch_one(ex).await?;
+    Ok(n as u64)
+}

@@ -1,0 +1,233 @@
+//! The statements a [`Batch`] can hold, one method per kind of change.
+
+use super::Batch;
+use super::rows::{INODE_COLUMNS, servers_to_text};
+use cairn_proto::*;
+
+/// Slice rows per INSERT statement (6 values each, well under SQLite's bind limit).
+const SLICES_PER_INSERT: usize = 1000;
+
+impl Batch {
+    pub(crate) fn set_volume_setting(&mut self, key: &str, value: String) {
+        self.push("INSERT INTO volume (key, value) VALUES (?, ?)").bind(key.to_string()).bind(value);
+    }
+
+    /// Adds an inode; its number comes back through [`super::Returned::ino`] and is what a
+    /// following [`Batch::insert_dentry_for_new_inode`] links.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_inode(
+        &mut self,
+        ino: Option<Ino>,
+        kind: FileKind,
+        perm: u32,
+        nlink: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        parent: Ino,
+        target: Option<Vec<u8>>,
+        now: Timestamp,
+    ) {
+        self.push(
+            "INSERT INTO inodes (ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, mtime_s, \
+             mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, parent, target) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ino AS new_ino",
+        )
+        .bind(ino.map(|i| i as i64))
+        .bind(kind.to_i64())
+        .bind(perm as i64)
+        .bind(nlink as i64)
+        .bind(uid as i64)
+        .bind(gid as i64)
+        .bind(rdev as i64)
+        .bind(target.as_ref().map_or(0, |t| t.len() as i64))
+        .bind_ts(now)
+        .bind_ts(now)
+        .bind_ts(now)
+        .bind_ts(now)
+        .bind_ino(parent)
+        .bind(target);
+    }
+
+    /// Links the inode inserted just before in this batch as `name` in `parent`.
+    pub(crate) fn insert_dentry_for_new_inode(&mut self, parent: Ino, name: &[u8], kind: FileKind) {
+        self.push("INSERT INTO dentries (parent, name, ino, kind) VALUES (?, ?, last_insert_rowid(), ?)")
+            .bind_ino(parent)
+            .bind(name.to_vec())
+            .bind(kind.to_i64());
+    }
+
+    pub(crate) fn insert_dentry(&mut self, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) {
+        self.push("INSERT INTO dentries (parent, name, ino, kind) VALUES (?, ?, ?, ?)")
+            .bind_ino(parent)
+            .bind(name.to_vec())
+            .bind_ino(ino)
+            .bind(kind.to_i64());
+    }
+
+    pub(crate) fn delete_dentry(&mut self, parent: Ino, name: &[u8]) {
+        self.push("DELETE FROM dentries WHERE parent = ? AND name = ?").bind_ino(parent).bind(name.to_vec());
+    }
+
+    /// Marks directory `ino` changed (mtime, ctime) and adjusts its link count.
+    pub(crate) fn touch_dir(&mut self, ino: Ino, nlink_delta: i64, now: Timestamp) {
+        self.push(
+            "UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?",
+        )
+        .bind(nlink_delta)
+        .bind_ts(now)
+        .bind_ts(now)
+        .bind_ino(ino);
+    }
+
+    pub(crate) fn touch_ctime(&mut self, ino: Ino, now: Timestamp) {
+        self.push("UPDATE inodes SET ctime_s = ?, ctime_ns = ? WHERE ino = ?").bind_ts(now).bind_ino(ino);
+    }
+
+    /// Records that directory `ino` now lives in `parent`.
+    pub(crate) fn set_parent(&mut self, ino: Ino, parent: Ino) {
+        self.push("UPDATE inodes SET parent = ? WHERE ino = ?").bind_ino(parent).bind_ino(ino);
+    }
+
+    /// Drops one link of `ino` (all of them for a directory); inodes left with none come back
+    /// through [`super::Returned::unlinked`].
+    pub(crate) fn drop_link(&mut self, ino: Ino, is_dir: bool, now: Timestamp) {
+        self.push(
+            "UPDATE inodes SET nlink = CASE WHEN ? THEN 0 ELSE MAX(nlink - 1, 0) END, ctime_s = ?, ctime_ns = ? \
+             WHERE ino = ? RETURNING ino AS dropped_ino, nlink AS left",
+        )
+        .bind(is_dir)
+        .bind_ts(now)
+        .bind_ino(ino);
+    }
+
+    /// Adds one link to `ino`.
+    pub(crate) fn add_link(&mut self, ino: Ino, now: Timestamp) {
+        self.push("UPDATE inodes SET nlink = nlink + 1, ctime_s = ?, ctime_ns = ? WHERE ino = ?")
+            .bind_ts(now)
+            .bind_ino(ino);
+    }
+
+    /// Writes every attribute column of `a` back.
+    pub(crate) fn put_attr(&mut self, a: &Attr) {
+        self.push(
+            "UPDATE inodes SET perm = ?, nlink = ?, uid = ?, gid = ?, rdev = ?, size = ?, atime_s = ?, \
+             atime_ns = ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?",
+        )
+        .bind(a.perm as i64)
+        .bind(a.nlink as i64)
+        .bind(a.uid as i64)
+        .bind(a.gid as i64)
+        .bind(a.rdev as i64)
+        .bind(a.size as i64)
+        .bind_ts(a.atime)
+        .bind_ts(a.mtime)
+        .bind_ts(a.ctime)
+        .bind_ino(a.ino);
+    }
+
+    /// Appends written slices to regular file `ino` and grows it to at least `min_size`. The
+    /// new attributes come back through [`super::Returned::attr`]; nothing changes (and no
+    /// attributes come back) if `ino` is not a regular file.
+    pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, now: Timestamp) {
+        let touched = !slices.is_empty();
+        self.push(&format!(
+            "UPDATE inodes SET size = MAX(size, ?), \
+             mtime_s = CASE WHEN ? THEN ? ELSE mtime_s END, mtime_ns = CASE WHEN ? THEN ? ELSE mtime_ns END, \
+             ctime_s = CASE WHEN ? THEN ? ELSE ctime_s END, ctime_ns = CASE WHEN ? THEN ? ELSE ctime_ns END \
+             WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}"
+        ))
+        .bind(min_size as i64);
+        for _ in 0..2 {
+            self.bind(touched).bind(now.secs).bind(touched).bind(now.nanos as i64);
+        }
+        self.bind_ino(ino).bind(FileKind::File.to_i64());
+        for part in slices.chunks(SLICES_PER_INSERT) {
+            let values = vec!["(?, ?, ?, ?, ?, ?)"; part.len()].join(", ");
+            self.push(&format!(
+                "INSERT INTO slices (ino, chunk, pos, len, slice, servers) SELECT * FROM (VALUES {values}) \
+                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ?)"
+            ));
+            for s in part {
+                self.bind_ino(ino)
+                    .bind(s.chunk as i64)
+                    .bind(s.slice.pos as i64)
+                    .bind(s.slice.len as i64)
+                    .bind(s.slice.id as i64)
+                    .bind(servers_to_text(&s.slice.servers));
+            }
+            self.bind_ino(ino).bind(FileKind::File.to_i64());
+        }
+    }
+
+    /// Makes `[pos, pos + len)` of one chunk read as zeros.
+    pub(crate) fn insert_hole(&mut self, ino: Ino, chunk: u64, pos: u32, len: u32) {
+        self.push("INSERT INTO slices (ino, chunk, pos, len, slice, servers) VALUES (?, ?, ?, ?, ?, '')")
+            .bind_ino(ino)
+            .bind(chunk as i64)
+            .bind(pos as i64)
+            .bind(len as i64)
+            .bind(HOLE_SLICE as i64);
+    }
+
+    /// Deletes the slice rows of chunks `>= from_chunk` and queues their slices for block
+    /// deletion: a slice belongs to one chunk of one file, so none is referenced any more.
+    pub(crate) fn drop_slices(&mut self, ino: Ino, from_chunk: u64) {
+        self.push(
+            "INSERT OR IGNORE INTO gc_slices (slice, len, servers) \
+             SELECT slice, len, servers FROM slices WHERE ino = ? AND chunk >= ? AND slice != 0",
+        )
+        .bind_ino(ino)
+        .bind(from_chunk as i64);
+        self.push("DELETE FROM slices WHERE ino = ? AND chunk >= ?").bind_ino(ino).bind(from_chunk as i64);
+    }
+
+    /// Removes an inode with its xattrs and data (queued for GC).
+    pub(crate) fn purge_inode(&mut self, ino: Ino) {
+        self.drop_slices(ino, 0);
+        self.push("DELETE FROM xattrs WHERE ino = ?").bind_ino(ino);
+        self.push("DELETE FROM inodes WHERE ino = ?").bind_ino(ino);
+    }
+
+    pub(crate) fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8], now: Timestamp) {
+        self.push("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)")
+            .bind_ino(ino)
+            .bind(name.to_vec())
+            .bind(value.to_vec());
+        self.push("UPDATE inodes SET xattrs = 1, ctime_s = ?, ctime_ns = ? WHERE ino = ?").bind_ts(now).bind_ino(ino);
+    }
+
+    pub(crate) fn remove_xattr(&mut self, ino: Ino, name: &[u8], now: Timestamp) {
+        self.push("DELETE FROM xattrs WHERE ino = ? AND name = ?").bind_ino(ino).bind(name.to_vec());
+        self.push(
+            "UPDATE inodes SET xattrs = EXISTS (SELECT 1 FROM xattrs WHERE ino = ?), ctime_s = ?, ctime_ns = ? \
+             WHERE ino = ?",
+        )
+        .bind_ino(ino)
+        .bind_ts(now)
+        .bind_ino(ino);
+    }
+
+    /// Reserves `count` slice ids; the first comes back through [`super::Returned::value`].
+    pub(crate) fn alloc_slices(&mut self, count: u64) {
+        self.push("UPDATE counters SET value = value + ? WHERE name = 'next_slice' RETURNING value - ? AS value")
+            .bind(count as i64)
+            .bind(count as i64);
+    }
+
+    /// Takes slices whose blocks are deleted off the GC queue.
+    pub(crate) fn gc_done(&mut self, slices: &[SliceId]) {
+        for part in slices.chunks(SLICES_PER_INSERT) {
+            let marks = vec!["?"; part.len()].join(", ");
+            self.push(&format!("DELETE FROM gc_slices WHERE slice IN ({marks})"));
+            for s in part {
+                self.bind(*s as i64);
+            }
+        }
+    }
+
+    /// A write that changes nothing, so a durable batch has something to commit.
+    pub(crate) fn barrier(&mut self) {
+        self.push("UPDATE counters SET value = value WHERE name = 'next_slice'");
+    }
+}
