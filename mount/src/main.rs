@@ -32,6 +32,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if parsed.opts.remount {
+        std::process::exit(remount(&parsed));
+    }
     if !parsed.opts.foreground {
         let log = parsed.opts.log.clone().unwrap_or_else(|| PathBuf::from("/var/log/cairn/mount.log"));
         match daemon::spawn_background(&log) {
@@ -139,9 +142,27 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
     Ok(session)
 }
 
+/// `mount -o remount,…` of a Cairn mount: the kernel changes the flags of the live mount
+/// (`-i` keeps mount(8) from calling this helper again); the client keeps running.
+fn remount(args: &MountArgs) -> i32 {
+    let mut flags = vec!["remount".to_string(), if args.opts.read_only { "ro" } else { "rw" }.to_string()];
+    flags.extend(args.opts.kernel.iter().cloned());
+    let status =
+        std::process::Command::new("mount").args(["-i", "-o", &flags.join(",")]).arg(&args.mountpoint).status();
+    match status {
+        Ok(s) => s.code().unwrap_or(1),
+        Err(e) => {
+            eprintln!("mount.cairn: running mount -i -o remount: {e}");
+            1
+        }
+    }
+}
+
 fn mount_options(args: &MountArgs) -> Vec<fuser::MountOption> {
     use fuser::MountOption as M;
-    let mut v = vec![M::FSName(args.source.clone()), M::Subtype("cairn".into())];
+    // The subtype makes the type `fuse.cairn`, so mount(8) hands `-o remount` to this helper
+    // (fuser's own Subtype option only reaches fusermount, not the kernel).
+    let mut v = vec![M::FSName(args.source.clone()), M::CUSTOM("subtype=cairn".into())];
     if args.opts.default_permissions {
         v.push(M::DefaultPermissions);
     }

@@ -31,6 +31,8 @@ pub struct CairnOptions {
     pub default_permissions: bool,
     /// Kernel flags passed through (`nodev`, `nosuid`, `noexec`, `noatime`, …).
     pub kernel: Vec<String>,
+    /// `-o remount,…`: change the flags of the existing mount instead of mounting.
+    pub remount: bool,
 }
 
 impl Default for CairnOptions {
@@ -46,6 +48,7 @@ impl Default for CairnOptions {
             allow_other: true,
             default_permissions: true,
             kernel: Vec::new(),
+            remount: false,
         }
     }
 }
@@ -98,6 +101,7 @@ pub fn apply_options(opts: &mut CairnOptions, list: &str) -> anyhow::Result<()> 
             }
             "pidfile" => opts.pidfile = Some(PathBuf::from(value.with_context(|| "pidfile= needs a path")?)),
             "foreground" => opts.foreground = true,
+            "remount" => opts.remount = true,
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "allow_other" => opts.allow_other = true,
@@ -107,8 +111,11 @@ pub fn apply_options(opts: &mut CairnOptions, list: &str) -> anyhow::Result<()> 
             | "dirsync" => opts.kernel.push(key.to_string()),
             // Accepted and ignored: meaningful to mount(8), systemd or fstab, not to the client.
             "defaults" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "users" | "owner" | "group"
-            | "relatime" | "norelatime" | "strictatime" | "lazytime" | "nolazytime" | "loud" | "silent" => {}
+            | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime" | "diratime"
+            | "nodiratime" | "loud" | "silent" => {}
             k if k.starts_with("x-") || k == "comment" => {}
+            // What the kernel shows for a live FUSE mount; mount(8) passes them back on remount.
+            "user_id" | "group_id" | "rootmode" | "fd" | "blksize" | "max_read" | "subtype" | "fsname" => {}
             _ => bail!("unknown mount option {opt:?} (see `man mount.cairn` in docs/MOUNT.md)"),
         }
     }
@@ -166,6 +173,8 @@ mod tests {
         assert!(parse_args(&args("127.0.0.1:7000:/ /mnt")).is_err());
         assert!(parse_args(&args("127.0.0.1:7000:/vol /mnt -o bogus")).is_err());
         assert!(parse_args(&args("127.0.0.1:7000:/vol")).is_err());
+        let r = parse_args(&args("127.0.0.1:7000:/vol /mnt -o remount,ro,nodiratime,user_id=0,group_id=0")).unwrap();
+        assert!(r.opts.remount && r.opts.read_only);
         let (m, v) = parse_source("a:1,b:2:/v").unwrap();
         assert_eq!((m, v.as_str()), (vec!["a:1".to_string(), "b:2".to_string()], "v"));
     }

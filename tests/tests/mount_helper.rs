@@ -7,8 +7,14 @@ use cairn_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-fn install_helper() {
-    let link = Path::new("/sbin/mount.cairn");
+/// Links mount(8)'s helpers for `-t cairn` and for the `fuse.cairn` type of live mounts
+/// (remount) to the freshly built client.
+fn install_helpers() {
+    install_helper(Path::new("/sbin/mount.cairn"));
+    install_helper(Path::new("/sbin/mount.fuse.cairn"));
+}
+
+fn install_helper(link: &Path) {
     let ours = bin("cairn-mount");
     match std::fs::symlink_metadata(link) {
         Ok(m) if !m.file_type().is_symlink() => {} // a packaged helper: use it
@@ -17,10 +23,10 @@ fn install_helper() {
                 return;
             }
             // Another checkout's build: point it at this one (atomically).
-            let tmp = Path::new("/sbin/.mount.cairn.tmp");
-            let _ = std::fs::remove_file(tmp);
-            std::os::unix::fs::symlink(&ours, tmp).unwrap();
-            std::fs::rename(tmp, link).unwrap();
+            let tmp = link.with_file_name(format!(".{}.tmp", link.file_name().unwrap().to_string_lossy()));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&ours, &tmp).unwrap();
+            std::fs::rename(&tmp, link).unwrap();
         }
         Err(_) => std::os::unix::fs::symlink(&ours, link).unwrap(),
     }
@@ -36,7 +42,7 @@ impl Drop for Unmount<'_> {
 
 #[test]
 fn mount_t_cairn_fstab_lines_and_two_volumes() {
-    install_helper();
+    install_helpers();
     let a = Cluster::start(1);
     let b = Cluster::start(1);
     std::fs::write(a.path("only-in-a"), b"A").unwrap();
@@ -55,6 +61,13 @@ fn mount_t_cairn_fstab_lines_and_two_volumes() {
     assert_eq!(mount_source(&dir).as_deref(), Some(src_a.as_str()));
     assert_eq!(std::fs::read(dir.join("only-in-a")).unwrap(), b"A");
     assert!(!dir.join("only-in-b").exists());
+    // `mount -o remount,ro` (as xfstests does) turns the live mount read-only, and back.
+    run(Command::new("mount").args(["-o", "remount,ro,nodiratime"]).arg(&dir));
+    let err = std::fs::write(dir.join("while-ro"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    run(Command::new("mount").args(["-o", "remount,rw"]).arg(&dir));
+    std::fs::write(dir.join("after-rw"), b"x").unwrap();
+    assert_eq!(std::fs::read(a.path("after-rw")).unwrap(), b"x");
     // `umount` ends the client.
     run(Command::new("umount").arg(&dir));
     assert!(mount_source(&dir).is_none());
