@@ -62,6 +62,28 @@ for v in test scratch; do
     umount "$WORK/up-$v"
 done
 
+# xfstests compares the type `df -T` and `findmnt -t` show with FSTYP ("fuse"); Cairn mounts
+# as "fuse.cairn" so that `mount -o remount` finds its helper again. Two small wrappers, first on
+# PATH, show the type as "fuse" (xfstests does the same for fuse.glusterfs and fuse.ceph-fuse).
+mkdir -p "$WORK/shim"
+cat >"$WORK/shim/df" <<'SHIM'
+#!/bin/sh
+/usr/bin/df "$@" | sed 's/ fuse\.cairn / fuse       /'
+SHIM
+cat >"$WORK/shim/findmnt" <<'SHIM'
+#!/bin/bash
+args=()
+prev=
+for a in "$@"; do
+    if [ "$prev" = -t ] && [ "$a" = fuse ]; then a=fuse,fuse.cairn; fi
+    args+=("$a")
+    prev=$a
+done
+exec /usr/bin/findmnt "${args[@]}"
+SHIM
+chmod +x "$WORK/shim/df" "$WORK/shim/findmnt"
+export PATH="$WORK/shim:$PATH"
+
 cat >"$WORK/local.config" <<EOF
 export FSTYP=fuse
 export FUSE_SUBTYP=.cairn
