@@ -536,7 +536,7 @@ struct DirBatch {
 /// Entries of directory `ino` after readdir offset `offset`, served from the handle's
 /// prefetched batch when the kernel continues where the previous reply ended.
 async fn next_entries(
-    client: &Client,
+    client: &Arc<Client>,
     dirs: &DashMap<u64, Mutex<DirBatch>>,
     ino: Ino,
     fh: u64,

@@ -8,7 +8,7 @@ mod fs;
 mod options;
 
 use anyhow::Context;
-use cairn_client::{Client, ClientConfig};
+use cairn_client::{AtimeMode, Client, ClientConfig};
 use cairn_config::ClientFile;
 use options::MountArgs;
 use std::path::{Path, PathBuf};
@@ -111,6 +111,8 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
         timeout,
         cache_bytes: file.cache_mib << 20,
         write_buffer_bytes: file.write_buffer_mib << 20,
+        atime: if args.opts.read_only { AtimeMode::Never } else { args.opts.atime },
+        diratime: args.opts.diratime,
         ..ClientConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -167,6 +169,19 @@ fn mount_options(args: &MountArgs) -> Vec<fuser::MountOption> {
         v.push(M::DefaultPermissions);
     }
     v.push(if args.opts.read_only { M::RO } else { M::RW });
+    // mount(8) drops `dev` and `suid` from what it passes to helpers: they are its defaults
+    // for mounts by root. FUSE's default is the opposite, so a root mount asks for them
+    // unless `nodev` / `nosuid` was given (as ext4 or NFS would behave).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let given = |k: &str| args.opts.kernel.iter().any(|o| o == k);
+        if !given("nodev") {
+            v.push(M::Dev);
+        }
+        if !given("nosuid") {
+            v.push(M::Suid);
+        }
+    }
     for k in &args.opts.kernel {
         v.push(match k.as_str() {
             "dev" => M::Dev,
@@ -175,7 +190,6 @@ fn mount_options(args: &MountArgs) -> Vec<fuser::MountOption> {
             "nosuid" => M::NoSuid,
             "exec" => M::Exec,
             "noexec" => M::NoExec,
-            "atime" => M::Atime,
             "noatime" => M::NoAtime,
             "sync" => M::Sync,
             "async" => M::Async,

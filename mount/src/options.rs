@@ -1,6 +1,7 @@
 //! Parsing what mount(8), fstab and users pass to `mount.cairn`.
 
 use anyhow::{Context, bail};
+use cairn_client::AtimeMode;
 use std::path::PathBuf;
 
 /// A parsed `mount.cairn SOURCE DIR -o OPTIONS` command line.
@@ -33,6 +34,10 @@ pub struct CairnOptions {
     pub kernel: Vec<String>,
     /// `-o remount,…`: change the flags of the existing mount instead of mounting.
     pub remount: bool,
+    /// When reads update atime; the kernel leaves this to FUSE filesystems.
+    pub atime: AtimeMode,
+    /// `nodiratime` turns off atime updates by directory listings.
+    pub diratime: bool,
 }
 
 impl Default for CairnOptions {
@@ -49,6 +54,8 @@ impl Default for CairnOptions {
             default_permissions: true,
             kernel: Vec::new(),
             remount: false,
+            atime: AtimeMode::default(),
+            diratime: true,
         }
     }
 }
@@ -107,12 +114,20 @@ pub fn apply_options(opts: &mut CairnOptions, list: &str) -> anyhow::Result<()> 
             "allow_other" => opts.allow_other = true,
             "noallow_other" => opts.allow_other = false,
             "default_permissions" => opts.default_permissions = true,
-            "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime" | "sync" | "async"
-            | "dirsync" => opts.kernel.push(key.to_string()),
+            "noatime" => {
+                opts.atime = AtimeMode::Never;
+                opts.kernel.push(key.to_string());
+            }
+            "atime" | "relatime" | "nostrictatime" => opts.atime = AtimeMode::Relative,
+            "strictatime" | "norelatime" => opts.atime = AtimeMode::Always,
+            "diratime" => opts.diratime = true,
+            "nodiratime" => opts.diratime = false,
+            "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "sync" | "async" | "dirsync" => {
+                opts.kernel.push(key.to_string())
+            }
             // Accepted and ignored: meaningful to mount(8), systemd or fstab, not to the client.
             "defaults" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "users" | "owner" | "group"
-            | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime" | "diratime"
-            | "nodiratime" | "loud" | "silent" => {}
+            | "lazytime" | "nolazytime" | "loud" | "silent" => {}
             k if k.starts_with("x-") || k == "comment" => {}
             // What the kernel shows for a live FUSE mount; mount(8) passes them back on remount.
             "user_id" | "group_id" | "rootmode" | "fd" | "blksize" | "max_read" | "subtype" | "fsname" => {}
@@ -163,6 +178,10 @@ mod tests {
         assert_eq!(a.volume, "vol");
         assert_eq!(a.opts.timeout_secs, Some(5));
         assert_eq!(a.opts.kernel, vec!["noatime"]);
+        assert_eq!(a.opts.atime, AtimeMode::Never);
+        let s = parse_args(&args("h:1:/v /m -o strictatime")).unwrap();
+        assert_eq!(s.opts.atime, AtimeMode::Always);
+        assert_eq!(parse_args(&args("h:1:/v /m")).unwrap().opts.atime, AtimeMode::Relative);
         assert!(a.opts.allow_other && a.opts.default_permissions);
     }
 
@@ -174,7 +193,7 @@ mod tests {
         assert!(parse_args(&args("127.0.0.1:7000:/vol /mnt -o bogus")).is_err());
         assert!(parse_args(&args("127.0.0.1:7000:/vol")).is_err());
         let r = parse_args(&args("127.0.0.1:7000:/vol /mnt -o remount,ro,nodiratime,user_id=0,group_id=0")).unwrap();
-        assert!(r.opts.remount && r.opts.read_only);
+        assert!(r.opts.remount && r.opts.read_only && !r.opts.diratime);
         let (m, v) = parse_source("a:1,b:2:/v").unwrap();
         assert_eq!((m, v.as_str()), (vec!["a:1".to_string(), "b:2".to_string()], "v"));
     }

@@ -63,6 +63,7 @@ pub async fn connect(data: &Path, cluster: &ClusterFile) -> anyhow::Result<Arc<C
         meta: cluster.meta.clone(),
         volume: cluster.volume.clone(),
         timeout: Duration::from_secs(3),
+        atime: cairn_client::AtimeMode::Never,
         ..ClientConfig::default()
     };
     Ok(Client::connect(config, &identity).await?)

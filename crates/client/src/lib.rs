@@ -2,7 +2,9 @@
 //! server and chunk servers. It knows nothing about FUSE, so it can be driven and tested
 //! without a kernel; `mount/` adapts it to `fuser`.
 
+mod atime;
 mod blocks;
+mod compact;
 mod error;
 pub mod layout;
 mod namespace;
@@ -10,6 +12,7 @@ pub mod placement;
 mod read;
 mod write;
 
+pub use atime::AtimeMode;
 pub use error::{ClientError, Result};
 
 use cairn_net::{Identity, RpcClient};
@@ -33,6 +36,10 @@ pub struct ClientConfig {
     pub write_buffer_bytes: u64,
     /// How long cached file maps and sizes are trusted (no leases yet).
     pub map_ttl: Duration,
+    /// When reads update atime (`noatime`, `relatime`, `strictatime`; read-only mounts never).
+    pub atime: AtimeMode,
+    /// Whether listing a directory updates its atime (`nodiratime` turns it off).
+    pub diratime: bool,
 }
 
 impl Default for ClientConfig {
@@ -44,6 +51,8 @@ impl Default for ClientConfig {
             cache_bytes: 64 << 20,
             write_buffer_bytes: 64 << 20,
             map_ttl: Duration::from_secs(1),
+            atime: AtimeMode::default(),
+            diratime: true,
         }
     }
 }
@@ -72,6 +81,9 @@ pub struct Client {
     pub(crate) unsynced: DashMap<Ino, Vec<(ServerId, cairn_proto::chunk::BlockKey)>>,
     /// End offset of the last read per inode, to detect sequential reads for readahead.
     pub(crate) last_read: moka::sync::Cache<Ino, u64>,
+    pub(crate) atimes: atime::Atimes,
+    /// Chunks being compacted by this client (one compaction per chunk at a time).
+    pub(crate) compacting: dashmap::DashSet<(Ino, u64)>,
 }
 
 impl Client {
@@ -95,6 +107,8 @@ impl Client {
             no_xattrs: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             xattrs_changed: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl * 2).build(),
             sizes: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            atimes: atime::Atimes::new(config.atime, config.diratime, config.map_ttl),
+            compacting: dashmap::DashSet::new(),
             meta,
             volume,
         };
@@ -145,6 +159,7 @@ impl Client {
             }
             self.sizes.insert(a.ino, a.size);
         }
+        self.atimes.note(&mut a);
         if a.has_xattrs {
             self.no_xattrs.invalidate(&a.ino);
         } else if !self.xattrs_changed.contains_key(&a.ino) {

@@ -37,6 +37,9 @@ impl Client {
         // Buffered writes land first, so neither a new size nor explicit times (cp -p) are
         // overwritten by a later commit of older data.
         self.flush(ino, false).await?;
+        if set.atime.is_some() {
+            self.atimes.forget(ino);
+        }
         let attr = self.call_attr(MetaRequest::SetAttr { ino, set: set.clone(), caller }).await?;
         if set.size.is_some() {
             self.invalidate_data(ino);
@@ -104,9 +107,12 @@ impl Client {
     }
 
     /// Up to `limit` entries after `cookie` (0 to start).
-    pub async fn readdir(&self, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
+    pub async fn readdir(self: &Arc<Self>, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
         match self.call(MetaRequest::ReadDir { ino, after, limit, plus }).await? {
             MetaResponse::Dir(mut entries) => {
+                if after == 0 {
+                    self.accessed(ino, true);
+                }
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         e.attr = Some(self.note_attr(a));

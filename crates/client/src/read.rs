@@ -1,9 +1,8 @@
 //! Reads: chunk maps from the metadata server, blocks from chunk servers (cached), readahead.
 
 use crate::layout::resolve;
-use crate::{Client, ClientError, Result, unexpected};
+use crate::{Client, ClientError, Result};
 use cairn_proto::chunk::BlockKey;
-use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::sync::Arc;
 
@@ -11,14 +10,13 @@ use std::sync::Arc;
 const READAHEAD_BLOCKS: u64 = 4;
 
 impl Client {
-    async fn chunk_map(&self, ino: Ino, chunk: u64) -> Result<Arc<Vec<SliceRef>>> {
+    async fn chunk_map(self: &Arc<Self>, ino: Ino, chunk: u64) -> Result<Arc<Vec<SliceRef>>> {
         let key = (ino, self.data_generation(ino), chunk);
         self.maps
             .try_get_with(key, async move {
-                match self.call(MetaRequest::ReadMap { ino, chunk }).await? {
-                    MetaResponse::Map(m) => Ok(Arc::new(m)),
-                    other => Err(unexpected(other)),
-                }
+                let (map, _) = self.read_map(ino, chunk).await?;
+                self.maybe_compact(ino, chunk, map.len());
+                Ok(Arc::new(map))
             })
             .await
             .map_err(|e: Arc<ClientError>| (*e).clone())
@@ -37,6 +35,7 @@ impl Client {
             self.flush(ino, false).await?;
         }
         let file_size = self.file_size(ino).await?;
+        self.accessed(ino, false);
         if offset >= file_size || size == 0 {
             return Ok(Vec::new());
         }
@@ -57,8 +56,23 @@ impl Client {
     }
 
     /// Fills `out` with the file's bytes starting at `offset` (zeros where nothing is stored).
-    async fn read_into(&self, ino: Ino, offset: u64, out: &mut [u8]) -> Result<()> {
+    async fn read_into(self: &Arc<Self>, ino: Ino, offset: u64, out: &mut [u8]) -> Result<()> {
         let jobs = self.plan(ino, offset, out.len() as u64).await?;
+        match self.fill(&jobs, out).await {
+            // A cached map can name blocks whose slices were since replaced (compaction,
+            // truncation) and garbage-collected: read again with a fresh map.
+            Err(e) if e.code == ErrorCode::NotFound => {
+                self.invalidate_data(ino);
+                out.fill(0);
+                let jobs = self.plan(ino, offset, out.len() as u64).await?;
+                self.fill(&jobs, out).await
+            }
+            other => other,
+        }
+    }
+
+    /// Copies the planned block ranges into `out`.
+    pub(crate) async fn fill(&self, jobs: &[Copy], out: &mut [u8]) -> Result<()> {
         let fetched = futures::future::join_all(jobs.iter().map(|j| self.block(j.key, &j.servers))).await;
         for (job, block) in jobs.iter().zip(fetched) {
             let block = block?;
@@ -71,7 +85,7 @@ impl Client {
     }
 
     /// Warms the block cache for `[offset, offset + len)`.
-    async fn prefetch(&self, ino: Ino, offset: u64, len: u64) {
+    async fn prefetch(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) {
         if let Ok(jobs) = self.plan(ino, offset, len).await {
             let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
             keys.dedup_by_key(|(k, _)| *k);
@@ -80,9 +94,8 @@ impl Client {
     }
 
     /// Which parts of which blocks make up `[offset, offset + len)` of a file.
-    async fn plan(&self, ino: Ino, offset: u64, len: u64) -> Result<Vec<Copy>> {
+    async fn plan(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) -> Result<Vec<Copy>> {
         let cs = self.volume.chunk_size;
-        let bs = self.volume.block_size;
         let mut jobs = Vec::new();
         let end = offset + len;
         let mut pos = offset;
@@ -91,32 +104,38 @@ impl Client {
             let chunk_start = chunk * cs;
             let stop = end.min(chunk_start + cs);
             let map = self.chunk_map(ino, chunk).await?;
-            for piece in resolve(&map, pos - chunk_start, stop - chunk_start) {
-                let Some(slice) = piece.slice else { continue };
-                let mut at = piece.start;
-                while at < piece.end {
-                    let in_slice = at - slice.pos as u64;
-                    let index = in_slice / bs;
-                    let block_off = in_slice % bs;
-                    let n = (bs - block_off).min(piece.end - at);
-                    jobs.push(Copy {
-                        key: BlockKey { slice: slice.id, index: index as u32 },
-                        servers: slice.servers.clone(),
-                        block_off: block_off as usize,
-                        out_off: (chunk_start + at - offset) as usize,
-                        len: n as usize,
-                    });
-                    at += n;
-                }
-            }
+            self.plan_chunk(&map, pos - chunk_start, stop - chunk_start, pos - offset, &mut jobs);
             pos = stop;
         }
         Ok(jobs)
     }
+
+    /// Adds to `jobs` the copies that make up `[from, to)` of a chunk whose slices are `map`;
+    /// the byte at `from` lands at `out_at` of the output.
+    pub(crate) fn plan_chunk(&self, map: &[SliceRef], from: u64, to: u64, out_at: u64, jobs: &mut Vec<Copy>) {
+        let bs = self.volume.block_size;
+        for piece in resolve(map, from, to) {
+            let Some(slice) = piece.slice else { continue };
+            let mut at = piece.start;
+            while at < piece.end {
+                let in_slice = at - slice.pos as u64;
+                let block_off = in_slice % bs;
+                let n = (bs - block_off).min(piece.end - at);
+                jobs.push(Copy {
+                    key: BlockKey { slice: slice.id, index: (in_slice / bs) as u32 },
+                    servers: slice.servers.clone(),
+                    block_off: block_off as usize,
+                    out_off: (out_at + at - from) as usize,
+                    len: n as usize,
+                });
+                at += n;
+            }
+        }
+    }
 }
 
 /// Copy `len` bytes from `block_off` in a block to `out_off` in the read buffer.
-struct Copy {
+pub(crate) struct Copy {
     key: BlockKey,
     servers: Vec<ServerId>,
     block_off: usize,

@@ -11,8 +11,27 @@ use std::time::Duration;
 pub(crate) const REMOVED_GRACE: Duration = Duration::from_secs(5);
 
 impl MetaService {
-    pub(crate) async fn read_map(&self, ino: Ino, chunk: u64) -> Result<Vec<SliceRef>> {
+    pub(crate) async fn read_map(&self, ino: Ino, chunk: u64) -> Result<(Vec<SliceRef>, u64)> {
         reads::slices(&self.store.readers, ino, chunk).await
+    }
+
+    /// `MetaRequest::Compact`.
+    pub(crate) async fn compact(&self, ino: Ino, chunk: u64, seq: u64, slice: &SliceRef) -> Result<()> {
+        let (pos, end) = (slice.pos as u64, slice.pos as u64 + slice.len as u64);
+        if slice.len == 0 || end > self.volume.chunk_size || slice.id == HOLE_SLICE {
+            return Err(MetaError::fs(ErrorCode::Invalid, "compacted slice outside its chunk"));
+        }
+        let mut w = self.store.write().await?;
+        // The new row can take the place of the newest row it replaces, below anything
+        // committed since; or else go on top, if nothing newer overlaps its range.
+        let at_seq = reads::row_inside(w.conn(), ino, chunk, seq, pos, end).await?;
+        if !at_seq && reads::newest_overlapping(w.conn(), ino, chunk, pos, end).await?.is_none_or(|n| n > seq) {
+            return Err(MetaError::fs(ErrorCode::Busy, "the range changed since it was read"));
+        }
+        let mut b = Batch::default();
+        b.compact_slices(ino, chunk, seq, slice, at_seq);
+        w.apply(b).await?;
+        Ok(())
     }
 
     pub(crate) async fn alloc_slices(&self, count: u64) -> Result<SliceId> {
@@ -186,6 +205,15 @@ impl MetaService {
     }
 
     /// Commits a durable transaction: everything committed before is now on disk.
+    /// Records a read access (`MetaRequest::Touch`). A missing inode is not an error: the
+    /// file may have been removed since the read.
+    pub(crate) async fn touch(&self, ino: Ino, atime: Timestamp) -> Result<()> {
+        let mut b = Batch::default();
+        b.touch_atime(ino, atime);
+        self.store.write().await?.apply(b).await?;
+        Ok(())
+    }
+
     pub(crate) async fn sync(&self) -> Result<()> {
         let mut b = Batch::durable(true);
         b.barrier();

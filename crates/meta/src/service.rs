@@ -102,10 +102,21 @@ impl MetaService {
                 self.close(conn, ino).await?;
                 R::Empty
             }
-            MetaRequest::ReadMap { ino, chunk } => R::Map(self.read_map(ino, chunk).await?),
+            MetaRequest::ReadMap { ino, chunk } => {
+                let (slices, seq) = self.read_map(ino, chunk).await?;
+                R::Map { slices, seq }
+            }
             MetaRequest::AllocSlices { count } => R::SliceIds { first: self.alloc_slices(count).await? },
             MetaRequest::Commit { ino, slices, min_size, durable } => {
                 R::Attr(self.commit(ino, &slices, min_size, durable).await?)
+            }
+            MetaRequest::Compact { ino, chunk, seq, slice } => {
+                self.compact(ino, chunk, seq, &slice).await?;
+                R::Empty
+            }
+            MetaRequest::Touch { ino, atime } => {
+                self.touch(ino, atime).await?;
+                R::Empty
             }
             MetaRequest::Sync => {
                 self.sync().await?;

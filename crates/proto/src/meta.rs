@@ -179,18 +179,44 @@ pub enum MetaRequest {
         capacity: u64,
         free: u64,
     },
+    /// Records a read access: the kernel leaves atime to FUSE filesystems, and the client
+    /// applies the mount's atime rule before sending this. Never changes ctime.
+    Touch {
+        ino: Ino,
+        atime: Timestamp,
+    },
+    /// Replaces the slices that lie entirely inside `[slice.pos, slice.pos + slice.len)` of a
+    /// chunk by `slice`, which holds that range's bytes as of commit position `seq` (from
+    /// `ReadMap`). Refused with `Busy` if anything newer than `seq` overlaps the range. File
+    /// contents, size and times do not change: this only bounds how many slices a read has
+    /// to resolve after many small writes.
+    Compact {
+        ino: Ino,
+        chunk: u64,
+        seq: u64,
+        slice: SliceRef,
+    },
 }
 
 /// A successful answer from the metadata server.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum MetaResponse {
-    Hello { volume: VolumeInfo },
+    Hello {
+        volume: VolumeInfo,
+    },
     Attr(Attr),
     Empty,
     Link(Vec<u8>),
     Dir(Vec<DirEntry>),
-    Map(Vec<SliceRef>),
-    SliceIds { first: SliceId },
+    /// A chunk's slices in commit order, and the commit position of the newest (0 if none),
+    /// which `Compact` uses to detect a change in between.
+    Map {
+        slices: Vec<SliceRef>,
+        seq: u64,
+    },
+    SliceIds {
+        first: SliceId,
+    },
     Xattr(Vec<u8>),
     XattrNames(Vec<Vec<u8>>),
     StatFs(FsStats),

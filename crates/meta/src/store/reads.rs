@@ -156,22 +156,66 @@ pub(crate) async fn dir_entries<'e>(
 }
 
 /// The slices of one chunk of a file, oldest first.
-pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64) -> Result<Vec<SliceRef>> {
-    let rows: Vec<(i64, i64, i64, String)> =
-        sqlx::query_as("SELECT pos, len, slice, servers FROM slices WHERE ino = ? AND chunk = ? ORDER BY seq")
+/// A chunk's slices in commit order and the newest one's `seq` (0 if none).
+pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64) -> Result<(Vec<SliceRef>, u64)> {
+    let rows: Vec<(i64, i64, i64, String, i64)> =
+        sqlx::query_as("SELECT pos, len, slice, servers, seq FROM slices WHERE ino = ? AND chunk = ? ORDER BY seq")
             .bind(ino as i64)
             .bind(chunk as i64)
             .fetch_all(ex)
             .await?;
-    Ok(rows
+    let seq = rows.last().map_or(0, |r| r.4 as u64);
+    let slices = rows
         .into_iter()
-        .map(|(pos, len, id, servers)| SliceRef {
+        .map(|(pos, len, id, servers, _)| SliceRef {
             pos: pos as u32,
             len: len as u32,
             id: id as u64,
             servers: servers_from_text(&servers),
         })
-        .collect())
+        .collect();
+    Ok((slices, seq))
+}
+
+/// Whether the slice row at `seq` still exists and lies inside `[pos, end)` of the chunk.
+pub(crate) async fn row_inside<'e>(
+    ex: impl SqliteExecutor<'e>,
+    ino: Ino,
+    chunk: u64,
+    seq: u64,
+    pos: u64,
+    end: u64,
+) -> Result<bool> {
+    let row: Option<(i64,)> = sqlx::query_as(
+        "SELECT seq FROM slices WHERE seq = ? AND ino = ? AND chunk = ? AND pos >= ? AND pos + len <= ?",
+    )
+    .bind(seq as i64)
+    .bind(ino as i64)
+    .bind(chunk as i64)
+    .bind(pos as i64)
+    .bind(end as i64)
+    .fetch_optional(ex)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// The newest `seq` among a chunk's slices that overlap `[pos, end)`.
+pub(crate) async fn newest_overlapping<'e>(
+    ex: impl SqliteExecutor<'e>,
+    ino: Ino,
+    chunk: u64,
+    pos: u64,
+    end: u64,
+) -> Result<Option<u64>> {
+    let row: (Option<i64>,) =
+        sqlx::query_as("SELECT MAX(seq) FROM slices WHERE ino = ? AND chunk = ? AND pos < ? AND pos + len > ?")
+            .bind(ino as i64)
+            .bind(chunk as i64)
+            .bind(end as i64)
+            .bind(pos as i64)
+            .fetch_one(ex)
+            .await?;
+    Ok(row.0.map(|s| s as u64))
 }
 
 pub(crate) async fn xattr<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {

@@ -84,6 +84,11 @@ impl Batch {
         self.push("UPDATE inodes SET ctime_s = ?, ctime_ns = ? WHERE ino = ?").bind_ts(now).bind_ino(ino);
     }
 
+    /// Sets atime after a read access.
+    pub(crate) fn touch_atime(&mut self, ino: Ino, atime: Timestamp) {
+        self.push("UPDATE inodes SET atime_s = ?, atime_ns = ? WHERE ino = ?").bind_ts(atime).bind_ino(ino);
+    }
+
     /// Records that directory `ino` now lives in `parent`.
     pub(crate) fn set_parent(&mut self, ino: Ino, parent: Ino) {
         self.push("UPDATE inodes SET parent = ? WHERE ino = ?").bind_ino(parent).bind_ino(ino);
@@ -180,6 +185,38 @@ impl Batch {
         .bind_ino(ino)
         .bind(from_chunk as i64);
         self.push("DELETE FROM slices WHERE ino = ? AND chunk >= ?").bind_ino(ino).bind(from_chunk as i64);
+    }
+
+    /// Replaces the rows of a chunk that lie inside `slice`'s range and are not newer than
+    /// `seq` by `slice` (see `MetaRequest::Compact`); their slices are queued for GC. With
+    /// `at_seq`, the new row takes position `seq` (whose row is among those replaced), so
+    /// rows committed since keep shadowing it; otherwise it goes on top.
+    pub(crate) fn compact_slices(&mut self, ino: Ino, chunk: u64, seq: u64, slice: &SliceRef, at_seq: bool) {
+        let (pos, end) = (slice.pos as i64, slice.pos as i64 + slice.len as i64);
+        let inside = "ino = ? AND chunk = ? AND seq <= ? AND pos >= ? AND pos + len <= ?";
+        self.push(&format!(
+            "INSERT OR IGNORE INTO gc_slices (slice, len, servers) \
+             SELECT slice, len, servers FROM slices WHERE {inside} AND slice != 0"
+        ))
+        .bind_ino(ino)
+        .bind(chunk as i64)
+        .bind(seq as i64)
+        .bind(pos)
+        .bind(end);
+        self.push(&format!("DELETE FROM slices WHERE {inside}"))
+            .bind_ino(ino)
+            .bind(chunk as i64)
+            .bind(seq as i64)
+            .bind(pos)
+            .bind(end);
+        self.push("INSERT INTO slices (seq, ino, chunk, pos, len, slice, servers) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(at_seq.then_some(seq as i64))
+            .bind_ino(ino)
+            .bind(chunk as i64)
+            .bind(pos)
+            .bind(slice.len as i64)
+            .bind(slice.id as i64)
+            .bind(servers_to_text(&slice.servers));
     }
 
     /// Removes an inode with its xattrs and data (queued for GC).
