@@ -147,7 +147,12 @@ impl Filesystem for CairnFs {
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(
-            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                // The kernel may look up "." and ".." (below), so file handles stay valid after
+                // the kernel drops an inode (NFS export, open_by_handle_at).
+                | InitFlags::FUSE_EXPORT_SUPPORT,
         );
         Ok(())
     }
@@ -160,7 +165,7 @@ impl Filesystem for CairnFs {
                 Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
                 // A negative entry (inode 0) lets the kernel remember the miss for the same TTL
                 // as positive entries, so create-after-lookup costs one round trip, not two.
-                Err(e) if e.code == ErrorCode::NotFound => {
+                Err(e) if e.code == ErrorCode::NotFound && name != b"." && name != b".." => {
                     let mut none = to_fuse(&negative_attr());
                     none.ino = INodeNo(0);
                     reply.entry(&TTL, &none, Generation(0))

@@ -141,3 +141,43 @@ fn many_small_writes_are_compacted_without_changing_a_byte() {
     c.up(1, &[]);
     assert_eq!(std::fs::read(&path).unwrap(), model, "after a restart");
 }
+
+/// generic/426, 467, 477, 756, 777: a file handle (name_to_handle_at) must open the file again
+/// after the kernel dropped the inode from its caches, and give ESTALE once it is deleted.
+#[test]
+fn file_handles_survive_cache_drops_and_go_stale_on_delete() {
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; 128],
+    }
+    let c = Cluster::start(1);
+    let f = c.path("f");
+    std::fs::write(&f, b"handle").unwrap();
+    let mut h = Handle { bytes: 128, kind: 0, data: [0; 128] };
+    let mut mount_id = 0;
+    // SAFETY: `h` is a file_handle with room for 128 bytes, as handle_bytes says.
+    let r =
+        unsafe { libc::name_to_handle_at(libc::AT_FDCWD, cpath(&f).as_ptr(), (&raw mut h).cast(), &mut mount_id, 0) };
+    assert_eq!(r, 0, "name_to_handle_at: errno {}", errno());
+    let mnt = std::fs::File::open(&c.mnt).unwrap();
+    let reopen = |h: &mut Handle| {
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        // SAFETY: `h` was filled by name_to_handle_at; the returned fd is closed below.
+        let fd = unsafe {
+            libc::open_by_handle_at(std::os::fd::AsRawFd::as_raw_fd(&mnt), (h as *mut Handle).cast(), libc::O_RDONLY)
+        };
+        if fd < 0 {
+            return Err(errno());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let mut file: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut file, &mut s).unwrap();
+        Ok(s)
+    };
+    assert_eq!(reopen(&mut h), Ok("handle".to_string()));
+    std::fs::remove_file(&f).unwrap();
+    assert_eq!(reopen(&mut h), Err(libc::ESTALE));
+}

@@ -49,7 +49,23 @@ impl MetaService {
         if name.len() > NAME_MAX {
             return Err(err(ErrorCode::NameTooLong, "name too long"));
         }
-        reads::lookup(&self.store.readers, parent, name).await?.ok_or_else(|| err(ErrorCode::NotFound, "no such entry"))
+        // "." and ".." come from the kernel's file-handle support (open_by_handle_at after the
+        // inode left its cache): an inode with no link left is gone (ESTALE to the caller).
+        let ino = match name {
+            b"." => parent,
+            b".." => reads::parent_of(&self.store.readers, parent)
+                .await?
+                .ok_or_else(|| err(ErrorCode::NotFound, "no such inode"))?,
+            _ => {
+                return reads::lookup(&self.store.readers, parent, name)
+                    .await?
+                    .ok_or_else(|| err(ErrorCode::NotFound, "no such entry"));
+            }
+        };
+        match reads::get_attr(&self.store.readers, ino).await? {
+            a if a.nlink == 0 => Err(err(ErrorCode::NotFound, "inode has no link left")),
+            a => Ok(a),
+        }
     }
 
     pub(crate) async fn getattr(&self, ino: Ino) -> Result<Attr> {
