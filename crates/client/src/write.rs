@@ -3,7 +3,7 @@
 
 use crate::{Client, Result};
 use cairn_proto::chunk::BlockKey;
-use cairn_proto::meta::MetaRequest;
+use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -245,11 +245,38 @@ impl Client {
     }
 
     async fn sync_blocks_of(&self, ino: Ino) -> Result<()> {
-        let Some((_, keys)) = self.unsynced.remove(&ino) else { return Ok(()) };
-        if let Err(e) = self.sync_blocks(keys.clone()).await {
+        let Some((_, mut keys)) = self.unsynced.remove(&ino) else { return Ok(()) };
+        let mut result = self.sync_blocks(keys.clone()).await;
+        if result.as_ref().is_err_and(|e| e.code == ErrorCode::NotFound) {
+            // Blocks of slices since replaced (truncation, compaction) may be deleted already;
+            // their bytes are no longer part of the file. Only the others must be synced.
+            match self.referenced_slices(ino).await {
+                Ok(live) => {
+                    keys.retain(|(_, k)| live.contains(&k.slice));
+                    result = self.sync_blocks(keys.clone()).await;
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        if let Err(e) = result {
             self.unsynced.entry(ino).or_default().extend(keys);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Every slice the file's maps reference now (none if the file is gone).
+    async fn referenced_slices(&self, ino: Ino) -> Result<std::collections::HashSet<SliceId>> {
+        let size = match self.call(MetaRequest::GetAttr { ino }).await {
+            Ok(MetaResponse::Attr(a)) => a.size,
+            Ok(other) => return Err(crate::unexpected(other)),
+            Err(e) if e.code == ErrorCode::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(e),
+        };
+        let mut live = std::collections::HashSet::new();
+        for chunk in 0..=size / self.volume.chunk_size {
+            live.extend(self.read_map(ino, chunk).await?.0.into_iter().map(|s| s.id));
+        }
+        Ok(live)
     }
 }
