@@ -43,6 +43,9 @@ impl Atimes {
 
     /// Shows an update still in flight in `a`, and remembers `a`'s times.
     pub(crate) fn note(&self, a: &mut Attr) {
+        if self.mode == AtimeMode::Never {
+            return;
+        }
         if let Some(t) = self.pending.get(&a.ino) {
             a.atime = a.atime.max(*t);
         }

@@ -38,12 +38,7 @@ impl Client {
     async fn compact(self: &Arc<Self>, ino: Ino, chunk: u64) -> Result<()> {
         let cs = self.volume.chunk_size;
         let bs = self.volume.block_size;
-        // Straight from the server, not through `note_attr`: this answer may be older than a
-        // commit this client makes meanwhile and must not replace the cached size.
-        let size = match self.call(MetaRequest::GetAttr { ino }).await? {
-            MetaResponse::Attr(a) => a.size,
-            other => return Err(unexpected(other)),
-        };
+        let size = self.server_attr(ino).await?.size;
         let chunk_len = size.saturating_sub(chunk * cs).min(cs);
         let (map, _) = self.read_map(ino, chunk).await?;
         let mut windows: Vec<(usize, u64)> = (0..chunk_len.div_ceil(bs))

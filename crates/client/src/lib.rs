@@ -140,6 +140,16 @@ impl Client {
         }
     }
 
+    /// Attributes straight from the server, not through [`Client::note_attr`]: for background
+    /// work whose answer may be older than a commit this client makes meanwhile, and must not
+    /// replace the cached size.
+    pub(crate) async fn server_attr(&self, ino: Ino) -> Result<Attr> {
+        match self.call(MetaRequest::GetAttr { ino }).await? {
+            MetaResponse::Attr(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub(crate) async fn call_empty(&self, req: MetaRequest) -> Result<()> {
         match self.call(req).await? {
             MetaResponse::Empty => Ok(()),

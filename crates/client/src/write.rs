@@ -3,7 +3,7 @@
 
 use crate::{Client, Result};
 use cairn_proto::chunk::BlockKey;
-use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::meta::MetaRequest;
 use cairn_proto::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -267,9 +267,8 @@ impl Client {
 
     /// Every slice the file's maps reference now (none if the file is gone).
     async fn referenced_slices(&self, ino: Ino) -> Result<std::collections::HashSet<SliceId>> {
-        let size = match self.call(MetaRequest::GetAttr { ino }).await {
-            Ok(MetaResponse::Attr(a)) => a.size,
-            Ok(other) => return Err(crate::unexpected(other)),
+        let size = match self.server_attr(ino).await {
+            Ok(a) => a.size,
             Err(e) if e.code == ErrorCode::NotFound => return Ok(Default::default()),
             Err(e) => return Err(e),
         };

@@ -24,8 +24,8 @@ impl MetaService {
         let mut w = self.store.write().await?;
         // The new row can take the place of the newest row it replaces, below anything
         // committed since; or else go on top, if nothing newer overlaps its range.
-        let at_seq = reads::row_inside(w.conn(), ino, chunk, seq, pos, end).await?;
-        if !at_seq && reads::newest_overlapping(w.conn(), ino, chunk, pos, end).await?.is_none_or(|n| n > seq) {
+        let (newest, at_seq) = reads::overlapping(w.conn(), ino, chunk, seq, pos, end).await?;
+        if !at_seq && newest.is_none_or(|n| n > seq) {
             return Err(MetaError::fs(ErrorCode::Busy, "the range changed since it was read"));
         }
         let mut b = Batch::default();
@@ -204,7 +204,6 @@ impl MetaService {
         Ok(())
     }
 
-    /// Commits a durable transaction: everything committed before is now on disk.
     /// Records a read access (`MetaRequest::Touch`). A missing inode is not an error: the
     /// file may have been removed since the read.
     pub(crate) async fn touch(&self, ino: Ino, atime: Timestamp) -> Result<()> {
@@ -214,6 +213,7 @@ impl MetaService {
         Ok(())
     }
 
+    /// Commits a durable transaction: everything committed before is now on disk.
     pub(crate) async fn sync(&self) -> Result<()> {
         let mut b = Batch::durable(true);
         b.barrier();

@@ -155,7 +155,6 @@ pub(crate) async fn dir_entries<'e>(
         .collect()
 }
 
-/// The slices of one chunk of a file, oldest first.
 /// A chunk's slices in commit order and the newest one's `seq` (0 if none).
 pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64) -> Result<(Vec<SliceRef>, u64)> {
     let rows: Vec<(i64, i64, i64, String, i64)> =
@@ -177,45 +176,30 @@ pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64
     Ok((slices, seq))
 }
 
-/// Whether the slice row at `seq` still exists and lies inside `[pos, end)` of the chunk.
-pub(crate) async fn row_inside<'e>(
+/// Among a chunk's slices overlapping `[pos, end)`: the newest `seq`, and whether the row at
+/// `seq` still exists and lies wholly inside the range (what `Compact` must know, in one call).
+pub(crate) async fn overlapping<'e>(
     ex: impl SqliteExecutor<'e>,
     ino: Ino,
     chunk: u64,
     seq: u64,
     pos: u64,
     end: u64,
-) -> Result<bool> {
-    let row: Option<(i64,)> = sqlx::query_as(
-        "SELECT seq FROM slices WHERE seq = ? AND ino = ? AND chunk = ? AND pos >= ? AND pos + len <= ?",
+) -> Result<(Option<u64>, bool)> {
+    let (newest, at_seq): (Option<i64>, Option<bool>) = sqlx::query_as(
+        "SELECT MAX(seq), MAX(seq = ? AND pos >= ? AND pos + len <= ?) FROM slices \
+         WHERE ino = ? AND chunk = ? AND pos < ? AND pos + len > ?",
     )
     .bind(seq as i64)
-    .bind(ino as i64)
-    .bind(chunk as i64)
     .bind(pos as i64)
     .bind(end as i64)
-    .fetch_optional(ex)
+    .bind(ino as i64)
+    .bind(chunk as i64)
+    .bind(end as i64)
+    .bind(pos as i64)
+    .fetch_one(ex)
     .await?;
-    Ok(row.is_some())
-}
-
-/// The newest `seq` among a chunk's slices that overlap `[pos, end)`.
-pub(crate) async fn newest_overlapping<'e>(
-    ex: impl SqliteExecutor<'e>,
-    ino: Ino,
-    chunk: u64,
-    pos: u64,
-    end: u64,
-) -> Result<Option<u64>> {
-    let row: (Option<i64>,) =
-        sqlx::query_as("SELECT MAX(seq) FROM slices WHERE ino = ? AND chunk = ? AND pos < ? AND pos + len > ?")
-            .bind(ino as i64)
-            .bind(chunk as i64)
-            .bind(end as i64)
-            .bind(pos as i64)
-            .fetch_one(ex)
-            .await?;
-    Ok(row.0.map(|s| s as u64))
+    Ok((newest.map(|n| n as u64), at_seq.unwrap_or(false)))
 }
 
 pub(crate) async fn xattr<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
