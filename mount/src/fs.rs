@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// How long the kernel may trust attributes and entries (no leases yet: keep it short).
@@ -29,11 +29,22 @@ pub struct CairnFs {
     next_fh: AtomicU64,
     /// Directory listings fetched ahead, per open directory handle.
     dirs: Arc<DashMap<u64, Mutex<DirBatch>>>,
+    /// Tells the kernel to drop what it caches; set once the session is mounted.
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl CairnFs {
-    pub fn new(client: Arc<Client>, rt: tokio::runtime::Handle) -> CairnFs {
-        CairnFs { client, rt, next_fh: AtomicU64::new(1), dirs: Arc::new(DashMap::new()) }
+    /// The filesystem, and the slot where the caller puts the session's notifier once mounted.
+    pub fn new(client: Arc<Client>, rt: tokio::runtime::Handle) -> (CairnFs, Arc<OnceLock<Notifier>>) {
+        let notifier = Arc::new(OnceLock::new());
+        let fs = CairnFs {
+            client,
+            rt,
+            next_fh: AtomicU64::new(1),
+            dirs: Arc::new(DashMap::new()),
+            notifier: notifier.clone(),
+        };
+        (fs, notifier)
     }
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
@@ -68,7 +79,10 @@ fn to_fuse(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: a.size.div_ceil(512),
+        blocks: match a.kind {
+            FileKind::File => a.stored.min(a.size).div_ceil(512),
+            _ => a.size.div_ceil(512),
+        },
         atime: a.atime.to_system_time(),
         mtime: a.mtime.to_system_time(),
         ctime: a.ctime.to_system_time(),
@@ -100,11 +114,28 @@ fn negative_attr() -> Attr {
         ctime: Timestamp::default(),
         crtime: Timestamp::default(),
         has_xattrs: false,
+        stored: 0,
     }
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
+    Caller { uid: req.uid(), gid: req.gid(), groups: Vec::new() }
+}
+
+/// The caller with its supplementary groups (read from /proc; FUSE passes only uid and gid),
+/// for the few decisions that depend on group membership. Root needs none.
+fn caller_with_groups(req: &Request) -> Caller {
+    let mut who = caller(req);
+    if who.uid != 0 {
+        who.groups = supplementary_groups(req.pid()).unwrap_or_default();
+    }
+    who
+}
+
+fn supplementary_groups(pid: u32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(line.split_whitespace().filter_map(|g| g.parse().ok()).collect())
 }
 
 fn time_set(t: TimeOrNow) -> TimeSet {
@@ -152,7 +183,12 @@ impl Filesystem for CairnFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 // The kernel may look up "." and ".." (below), so file handles stay valid after
                 // the kernel drops an inode (NFS export, open_by_handle_at).
-                | InitFlags::FUSE_EXPORT_SUPPORT,
+                | InitFlags::FUSE_EXPORT_SUPPORT
+                // The kernel enforces POSIX ACLs stored as system.posix_acl_* xattrs; the
+                // metadata server keeps them in step with the mode and applies the umask
+                // itself, since a default ACL replaces it.
+                | InitFlags::FUSE_POSIX_ACL
+                | InitFlags::FUSE_DONT_MASK,
         );
         Ok(())
     }
@@ -214,29 +250,24 @@ impl Filesystem for CairnFs {
         run!(self, reply, |c| c.readlink(ino.0), |t| reply.data(&t))
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let Some(kind) = FileKind::from_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
         let (name, who) = (name_bytes(name), caller(req));
-        run!(self, reply, |c| c.make_node(parent.0, &name, kind, mode & 0o7777, rdev, None, who, false), |a| reply
-            .entry(&TTL, &to_fuse(&a), Generation(0)))
-    }
-
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let (name, who) = (name_bytes(name), caller(req));
-        run!(self, reply, |c| c.make_node(parent.0, &name, FileKind::Dir, mode & 0o7777, 0, None, who, false), |a| {
+        run!(self, reply, |c| c.make_node(parent.0, &name, kind, mode & 0o7777, umask, rdev, None, who, false), |a| {
             reply.entry(&TTL, &to_fuse(&a), Generation(0))
         })
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (name, who) = (name_bytes(name), caller(req));
+        run!(
+            self,
+            reply,
+            |c| c.make_node(parent.0, &name, FileKind::Dir, mode & 0o7777, umask, 0, None, who, false),
+            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -255,14 +286,14 @@ impl Filesystem for CairnFs {
         run!(
             self,
             reply,
-            |c| c.make_node(parent.0, &name, FileKind::Symlink, 0o777, 0, Some(target), who, false),
+            |c| c.make_node(parent.0, &name, FileKind::Symlink, 0o777, 0, 0, Some(target), who, false),
             |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
         )
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -270,9 +301,12 @@ impl Filesystem for CairnFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let mode = if flags == RenameFlags::RENAME_EXCHANGE {
             RenameMode::Exchange
-        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+        } else if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            RenameMode::Whiteout { no_replace, caller: caller(req) }
+        } else if flags == RenameFlags::RENAME_NOREPLACE {
             RenameMode::NoReplace
         } else if flags.is_empty() {
             RenameMode::Replace
@@ -437,7 +471,7 @@ impl Filesystem for CairnFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -452,7 +486,9 @@ impl Filesystem for CairnFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let (name, value) = (name_bytes(name), value.to_vec());
-        run!(self, reply, |c| c.set_xattr(ino.0, &name, &value, mode), |_v| reply.ok())
+        // Setting an access ACL may clear setgid, depending on the caller's groups.
+        let who = if name.starts_with(b"system.posix_acl_") { caller_with_groups(req) } else { caller(req) };
+        run!(self, reply, |c| c.set_xattr(ino.0, &name, &value, mode, who), |_v| reply.ok())
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -493,20 +529,23 @@ impl Filesystem for CairnFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
         let (name, who) = (name_bytes(name), caller(req));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        run!(self, reply, |c| c.make_node(parent.0, &name, FileKind::File, mode & 0o7777, 0, None, who, true), |a| {
-            reply.created(&TTL, &to_fuse(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-        })
+        run!(
+            self,
+            reply,
+            |c| c.make_node(parent.0, &name, FileKind::File, mode & 0o7777, umask, 0, None, who, true),
+            |a| { reply.created(&TTL, &to_fuse(&a), Generation(0), FileHandle(fh), FopenFlags::empty()) }
+        )
     }
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -523,7 +562,16 @@ impl Filesystem for CairnFs {
             m if m == libc::FALLOC_FL_ZERO_RANGE | KEEP => FallocMode::ZeroRange { keep_size: true },
             _ => return reply.error(Errno::from_i32(ErrorCode::NotSupported.errno())),
         };
-        run!(self, reply, |c| c.fallocate(ino.0, mode, offset, length), |_a| reply.ok())
+        let who = caller_with_groups(req);
+        // The kernel keeps the mode it cached, but a caller other than root may have just lost
+        // setuid/setgid: make it fetch the attributes again.
+        let notifier = (who.uid != 0).then(|| self.notifier.clone());
+        run!(self, reply, |c| c.fallocate(ino.0, mode, offset, length, who), |_a| {
+            reply.ok();
+            if let Some(n) = notifier.as_ref().and_then(|n| n.get()) {
+                let _ = n.inval_inode(ino, -1, 0);
+            }
+        })
     }
 }
 

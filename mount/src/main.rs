@@ -130,9 +130,10 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
     }
     fuse_config.n_threads = Some(args.opts.threads.max(1));
     fuse_config.clone_fd = true;
-    let fs = fs::CairnFs::new(client, rt.handle().clone());
+    let (fs, notifier) = fs::CairnFs::new(client, rt.handle().clone());
     let session = fuser::spawn_mount(fs, &args.mountpoint, &fuse_config)
         .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     // Confirm the mount answers before reporting success.
     std::fs::metadata(&args.mountpoint).with_context(|| format!("checking {}", args.mountpoint.display()))?;
     if let Some(p) = &args.opts.pidfile {

@@ -114,6 +114,7 @@ mod tests {
             ctime: ts(mtime),
             crtime: ts(mtime),
             has_xattrs: false,
+            stored: 0,
         }
     }
 

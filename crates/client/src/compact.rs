@@ -36,20 +36,27 @@ impl Client {
     }
 
     async fn compact(self: &Arc<Self>, ino: Ino, chunk: u64) -> Result<()> {
-        let cs = self.volume.chunk_size;
         let bs = self.volume.block_size;
-        let size = self.server_attr(ino).await?.size;
-        let chunk_len = size.saturating_sub(chunk * cs).min(cs);
         let (map, _) = self.read_map(ino, chunk).await?;
-        let mut windows: Vec<(usize, u64)> = (0..chunk_len.div_ceil(bs))
-            .map(|w| (inside(&map, w * bs, ((w + 1) * bs).min(chunk_len)).count(), w))
+        let mut per_window = std::collections::BTreeMap::<u64, usize>::new();
+        for w in map.iter().map(|s| s.pos as u64 / bs) {
+            *per_window.entry(w).or_default() += 1;
+        }
+        let mut windows: Vec<(usize, u64)> = per_window
+            .keys()
+            .map(|&w| (inside(&map, w * bs, (w + 1) * bs).count(), w))
             .filter(|(n, _)| *n >= MIN_SLICES_PER_WINDOW)
             .collect();
         windows.sort_unstable_by(|a, b| b.cmp(a));
         for (_, w) in windows {
             // A fresh map per window: each rewrite changes it.
             let (map, seq) = self.read_map(ino, chunk).await?;
-            let (from, to) = (w * bs, ((w + 1) * bs).min(chunk_len));
+            // The new slice reproduces the map over the replaced rows' extent, past the end of
+            // the file too (where holes make it zeros), so it changes nothing a read sees.
+            let from = w * bs;
+            let Some(to) = inside(&map, from, (w + 1) * bs).map(|s| s.pos as u64 + s.len as u64).max() else {
+                continue;
+            };
             let mut jobs = Vec::new();
             self.plan_chunk(&map, from, to, 0, &mut jobs);
             let mut data = vec![0u8; (to - from) as usize];

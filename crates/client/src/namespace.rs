@@ -5,15 +5,6 @@ use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
 
-/// POSIX ACLs are not supported (the kernel would otherwise store them as plain xattrs without
-/// enforcing them); answering locally also spares `ls -l` a round trip per file.
-fn check_acl_name(name: &[u8]) -> Result<()> {
-    if name.starts_with(b"system.posix_acl_") {
-        return Err(ClientError::new(ErrorCode::NotSupported, "POSIX ACLs are not supported"));
-    }
-    Ok(())
-}
-
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_MAX {
         return Err(ClientError::new(ErrorCode::NameTooLong, format!("name of {} bytes", name.len())));
@@ -56,13 +47,14 @@ impl Client {
         name: &[u8],
         kind: FileKind,
         perm: u32,
+        umask: u32,
         rdev: u32,
         target: Option<Vec<u8>>,
         caller: Caller,
         open: bool,
     ) -> Result<Attr> {
         check_name(name)?;
-        let req = MetaRequest::MakeNode { parent, name: name.to_vec(), kind, perm, rdev, target, caller, open };
+        let req = MetaRequest::MakeNode { parent, name: name.to_vec(), kind, perm, rdev, target, caller, umask, open };
         let attr = self.call_attr(req).await?;
         if open {
             self.opened(attr.ino);
@@ -147,15 +139,21 @@ impl Client {
         flushed
     }
 
-    pub async fn fallocate(self: &Arc<Self>, ino: Ino, mode: FallocMode, offset: u64, len: u64) -> Result<Attr> {
+    pub async fn fallocate(
+        self: &Arc<Self>,
+        ino: Ino,
+        mode: FallocMode,
+        offset: u64,
+        len: u64,
+        caller: Caller,
+    ) -> Result<Attr> {
         self.flush(ino, false).await?;
-        let attr = self.call_attr(MetaRequest::Fallocate { ino, mode, offset, len }).await?;
+        let attr = self.call_attr(MetaRequest::Fallocate { ino, mode, offset, len, caller }).await?;
         self.invalidate_data(ino);
         Ok(attr)
     }
 
-    pub async fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
-        check_acl_name(name)?;
+    pub async fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode, caller: Caller) -> Result<()> {
         self.xattrs_changed.insert(ino, ());
         self.no_xattrs.invalidate(&ino);
         if name.len() > XATTR_NAME_MAX {
@@ -164,15 +162,13 @@ impl Client {
         if value.len() > XATTR_SIZE_MAX {
             return Err(ClientError::new(ErrorCode::TooBig, "xattr value too large"));
         }
-        self.call_empty(MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode }).await
+        let req = MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode, caller };
+        self.call_empty(req).await
     }
 
-    /// The error for a getxattr that needs no server: ACL names, over-long names, and
-    /// inodes recently seen without any xattr.
+    /// The error for a getxattr that needs no server: over-long names, and inodes recently
+    /// seen without any xattr.
     pub fn known_xattr_miss(&self, ino: Ino, name: &[u8]) -> Option<ClientError> {
-        if let Err(e) = check_acl_name(name) {
-            return Some(e);
-        }
         if name.len() > XATTR_NAME_MAX {
             return Some(ClientError::new(ErrorCode::Range, "xattr name too long"));
         }
@@ -200,7 +196,6 @@ impl Client {
     }
 
     pub async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        check_acl_name(name)?;
         self.call_empty(MetaRequest::RemoveXattr { ino, name: name.to_vec() }).await
     }
 

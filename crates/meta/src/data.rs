@@ -3,7 +3,7 @@
 use crate::MetaService;
 use crate::error::{MetaError, Result};
 use crate::store::{Batch, WriteGuard, reads};
-use cairn_proto::meta::FallocMode;
+use cairn_proto::meta::{Caller, FallocMode};
 use cairn_proto::*;
 use std::time::Duration;
 
@@ -76,13 +76,16 @@ impl MetaService {
         }
     }
 
-    /// Adds to `b` what drops data past `size`: whole chunks are deleted, the boundary chunk
-    /// gets a hole.
-    pub(crate) fn truncate_data(&self, b: &mut Batch, ino: Ino, size: u64) {
+    /// Adds to `b` what drops data past `size` of a file that was `old_size` long: whole chunks
+    /// are deleted, the boundary chunk gets a hole up to the old end. Data rows past the old end
+    /// are shadowed by the holes of earlier truncations, so the hole need not reach the chunk's
+    /// end, and stays small enough for compaction to absorb it.
+    pub(crate) fn truncate_data(&self, b: &mut Batch, ino: Ino, old_size: u64, size: u64) {
         let cs = self.volume.chunk_size;
         b.drop_slices(ino, size.div_ceil(cs));
         if !size.is_multiple_of(cs) {
-            self.punch(b, ino, size, cs - size % cs);
+            let end = old_size.min(size.next_multiple_of(cs));
+            self.punch(b, ino, size, end - size);
         }
     }
 
@@ -151,7 +154,14 @@ impl MetaService {
         Ok(())
     }
 
-    pub(crate) async fn fallocate(&self, ino: Ino, mode: FallocMode, offset: u64, len: u64) -> Result<Attr> {
+    pub(crate) async fn fallocate(
+        &self,
+        ino: Ino,
+        mode: FallocMode,
+        offset: u64,
+        len: u64,
+        caller: &Caller,
+    ) -> Result<Attr> {
         if len == 0 {
             return Err(MetaError::fs(ErrorCode::Invalid, "zero length"));
         }
@@ -163,6 +173,19 @@ impl MetaService {
         let mut a = reads::get_attr(w.conn(), ino).await?;
         if a.kind != FileKind::File {
             return Err(MetaError::fs(ErrorCode::NoDevice, "not a regular file"));
+        }
+        // Space is not reserved (blocks are written later), but a request that cannot fit in
+        // what is free fails now, as on a local filesystem.
+        if matches!(mode, FallocMode::Allocate | FallocMode::KeepSize) && len > self.free_bytes() {
+            return Err(MetaError::fs(ErrorCode::NoSpace, "not enough free space for the allocation"));
+        }
+        // As a write would: a caller other than root drops setuid, and setgid where Linux does.
+        if caller.uid != 0 {
+            let group_exec = a.perm & libc::S_IXGRP != 0;
+            a.perm &= !libc::S_ISUID;
+            if group_exec || !caller.in_group_or_root(a.gid) {
+                a.perm &= !libc::S_ISGID;
+            }
         }
         let now = Timestamp::now();
         let mut b = Batch::default();

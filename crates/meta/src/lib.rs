@@ -4,6 +4,7 @@
 //! Every mutating request is one SQL transaction on a single writer connection, so
 //! operations are atomic and serialized; reads use a separate connection pool.
 
+mod acl;
 mod data;
 mod error;
 mod namespace;

@@ -2,6 +2,7 @@
 //! applies all its writes as one transaction (a [`Batch`]), so it is atomic.
 
 use crate::MetaService;
+use crate::acl::{self, Acl};
 use crate::error::{MetaError, Result};
 use crate::store::{Batch, Child, WriteGuard, reads};
 use cairn_proto::meta::{Caller, RenameMode, SetAttrs, XattrMode};
@@ -79,7 +80,8 @@ impl MetaService {
         parent: Ino,
         name: &[u8],
         kind: FileKind,
-        perm: u32,
+        masked_perm: u32,
+        full_perm: u32,
         rdev: u32,
         target: Option<Vec<u8>>,
         caller: &Caller,
@@ -95,7 +97,19 @@ impl MetaService {
         let p = reads::get_attr(w.conn(), parent).await?;
         live_dir(&p)?;
         let now = Timestamp::now();
-        let mut perm = perm & 0o7777;
+        // A default ACL on the directory replaces the umask (`masked_perm`): the new inode gets
+        // it as its access ACL, limited by the requested mode; a new directory inherits it too.
+        let default_acl = match kind {
+            FileKind::Symlink => None,
+            _ => reads::xattr(w.conn(), parent, acl::DEFAULT).await?,
+        };
+        let mut perm = masked_perm & 0o7777;
+        let mut access_acl = None;
+        if let Some(default) = &default_acl {
+            let (inherited, bits) = Acl::parse(default)?.inherit(full_perm & 0o7777);
+            perm = bits;
+            access_acl = (!inherited.is_mode_only()).then(|| inherited.encode());
+        }
         let mut gid = caller.gid;
         if p.perm & libc::S_ISGID != 0 {
             gid = p.gid;
@@ -112,6 +126,13 @@ impl MetaService {
         b.touch_dir(parent, dir_links(kind), now);
         b.insert_inode(None, kind, perm, nlink, caller.uid, gid, rdev, parent, target, now);
         b.insert_dentry_for_new_inode(parent, name, kind);
+        if let Some(value) = &access_acl {
+            b.set_xattr_of_new_entry(parent, name, acl::ACCESS, value);
+        }
+        let default_acl = default_acl.filter(|_| kind == FileKind::Dir);
+        if let Some(value) = &default_acl {
+            b.set_xattr_of_new_entry(parent, name, acl::DEFAULT, value);
+        }
         let ino = w.apply(b).await?.ino()?;
         if open {
             self.opens.open(conn, ino);
@@ -129,7 +150,8 @@ impl MetaService {
             mtime: now,
             ctime: now,
             crtime: now,
-            has_xattrs: false,
+            has_xattrs: access_acl.is_some() || default_acl.is_some(),
+            stored: 0,
         })
     }
 
@@ -248,19 +270,23 @@ impl MetaService {
         }
         let now = Timestamp::now();
         let mut b = Batch::default();
+        let whiteout = match &mode {
+            RenameMode::Whiteout { caller, .. } => Some(caller.clone()),
+            _ => None,
+        };
         match (mode, dst) {
             (RenameMode::Exchange, None) => return Err(err(ErrorCode::NotFound, "exchange target does not exist")),
-            (RenameMode::NoReplace, Some(_)) => return Err(err(ErrorCode::Exists, "target exists")),
+            (RenameMode::NoReplace | RenameMode::Whiteout { no_replace: true, .. }, Some(_)) => {
+                return Err(err(ErrorCode::Exists, "target exists"));
+            }
             (_, Some(d)) if d.ino == src.ino => return Ok(()),
             (RenameMode::Exchange, Some(dst)) => {
                 if dst.kind == FileKind::Dir && parent != new_parent && Self::is_within(&mut w, parent, dst.ino).await?
                 {
                     return Err(err(ErrorCode::Invalid, "cannot move a directory into itself"));
                 }
-                b.delete_dentry(parent, name);
-                b.delete_dentry(new_parent, new_name);
-                b.insert_dentry(parent, name, dst.ino, dst.kind);
-                b.insert_dentry(new_parent, new_name, src.ino, src.kind);
+                b.retarget_dentry(parent, name, dst.ino, dst.kind);
+                b.retarget_dentry(new_parent, new_name, src.ino, src.kind);
                 if parent != new_parent {
                     let delta = dir_links(dst.kind) - dir_links(src.kind);
                     b.touch_dir(parent, delta, now);
@@ -292,8 +318,7 @@ impl MetaService {
                     new_parent_links -= dir_links(dst.kind);
                     b.drop_link(dst.ino, dst.kind == FileKind::Dir, now);
                 }
-                b.delete_dentry(parent, name);
-                b.insert_dentry(new_parent, new_name, src.ino, src.kind);
+                b.move_dentry(parent, name, new_parent, new_name);
                 if parent != new_parent {
                     b.touch_dir(parent, -dir_links(src.kind), now);
                     new_parent_links += dir_links(src.kind);
@@ -303,6 +328,10 @@ impl MetaService {
                 }
                 b.touch_dir(new_parent, new_parent_links, now);
                 b.touch_ctime(src.ino, now);
+                if let Some(caller) = whiteout {
+                    b.insert_inode(None, FileKind::CharDev, 0, 1, caller.uid, caller.gid, 0, parent, None, now);
+                    b.insert_dentry_for_new_inode(parent, name, FileKind::CharDev);
+                }
             }
         }
         let done = w.apply(b).await?;
@@ -361,6 +390,14 @@ impl MetaService {
         let mut b = Batch::default();
         if let Some(perm) = set.perm {
             a.perm = perm & 0o7777;
+            // The access ACL and the permission bits are one thing: chmod rewrites both.
+            if a.has_xattrs
+                && let Some(value) = reads::xattr(w.conn(), ino, acl::ACCESS).await?
+            {
+                let mut access = Acl::parse(&value)?;
+                access.chmod(a.perm);
+                b.set_xattr(ino, acl::ACCESS, &access.encode(), now);
+            }
         }
         if let Some(uid) = set.uid {
             a.uid = uid;
@@ -378,7 +415,7 @@ impl MetaService {
                 return Err(err(ErrorCode::FileTooBig, "size exceeds the maximum file size"));
             }
             if size < a.size {
-                self.truncate_data(&mut b, ino, size);
+                self.truncate_data(&mut b, ino, a.size, size);
             }
             a.size = size;
             a.mtime = now;
@@ -399,7 +436,14 @@ impl MetaService {
         Ok(a)
     }
 
-    pub(crate) async fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+    pub(crate) async fn set_xattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+        caller: &Caller,
+    ) -> Result<()> {
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(err(ErrorCode::Range, "xattr name length out of range"));
         }
@@ -407,15 +451,37 @@ impl MetaService {
             return Err(err(ErrorCode::TooBig, "xattr value too large"));
         }
         let mut w = self.store.write().await?;
-        reads::get_attr(w.conn(), ino).await?;
+        let mut a = reads::get_attr(w.conn(), ino).await?;
         let exists = reads::xattr(w.conn(), ino, name).await?.is_some();
         match (mode, exists) {
             (XattrMode::Create, true) => return Err(err(ErrorCode::Exists, "xattr exists")),
             (XattrMode::Replace, false) => return Err(err(ErrorCode::NoData, "no such xattr")),
             _ => {}
         }
+        let now = Timestamp::now();
         let mut b = Batch::default();
-        b.set_xattr(ino, name, value, Timestamp::now());
+        match name {
+            acl::ACCESS => {
+                // The ACL sets the permission bits; one the bits express fully is not stored.
+                let access = Acl::parse(value)?;
+                a.perm = a.perm & !0o777 | access.mode_bits();
+                if !caller.in_group_or_root(a.gid) {
+                    a.perm &= !libc::S_ISGID;
+                }
+                a.ctime = now;
+                b.put_attr(&a);
+                if !access.is_mode_only() {
+                    b.set_xattr(ino, name, value, now);
+                } else if exists {
+                    b.remove_xattr(ino, name, now);
+                }
+            }
+            acl::DEFAULT => {
+                Acl::parse(value)?;
+                b.set_xattr(ino, name, value, now);
+            }
+            _ => b.set_xattr(ino, name, value, now),
+        }
         w.apply(b).await?;
         Ok(())
     }

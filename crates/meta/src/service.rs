@@ -79,9 +79,9 @@ impl MetaService {
             MetaRequest::Lookup { parent, name } => R::Attr(self.lookup(parent, &name).await?),
             MetaRequest::GetAttr { ino } => R::Attr(self.getattr(ino).await?),
             MetaRequest::SetAttr { ino, set, caller: _ } => R::Attr(self.setattr(ino, &set).await?),
-            MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, open } => {
-                R::Attr(self.make_node(conn, parent, &name, kind, perm, rdev, target, &caller, open).await?)
-            }
+            MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => R::Attr(
+                self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open).await?,
+            ),
             MetaRequest::Link { ino, new_parent, new_name } => R::Attr(self.link(ino, new_parent, &new_name).await?),
             MetaRequest::Unlink { parent, name } => {
                 self.unlink(parent, &name).await?;
@@ -122,9 +122,11 @@ impl MetaService {
                 self.sync().await?;
                 R::Empty
             }
-            MetaRequest::Fallocate { ino, mode, offset, len } => R::Attr(self.fallocate(ino, mode, offset, len).await?),
-            MetaRequest::SetXattr { ino, name, value, mode } => {
-                self.set_xattr(ino, &name, &value, mode).await?;
+            MetaRequest::Fallocate { ino, mode, offset, len, caller } => {
+                R::Attr(self.fallocate(ino, mode, offset, len, &caller).await?)
+            }
+            MetaRequest::SetXattr { ino, name, value, mode, caller } => {
+                self.set_xattr(ino, &name, &value, mode, &caller).await?;
                 R::Empty
             }
             MetaRequest::GetXattr { ino, name } => R::Xattr(self.get_xattr(ino, &name).await?),
@@ -146,11 +148,21 @@ impl MetaService {
 
     async fn statfs(&self) -> crate::Result<FsStats> {
         let files = crate::store::reads::inode_count(&self.store.readers).await?;
+        let (capacity, free) = self.space();
+        Ok(FsStats { capacity, free, files })
+    }
+
+    /// Capacity and free bytes of the volume: the live chunk servers' space divided by the
+    /// number of copies each block takes.
+    fn space(&self) -> (u64, u64) {
         let alive: Vec<_> = self.registry.list().into_iter().filter(|s| s.alive).collect();
         let r = u64::from(self.volume.replication.max(1)).min(alive.len().max(1) as u64);
-        let capacity = alive.iter().map(|s| s.capacity).sum::<u64>() / r;
-        let free = alive.iter().map(|s| s.free).sum::<u64>() / r;
-        Ok(FsStats { capacity, free, files })
+        (alive.iter().map(|s| s.capacity).sum::<u64>() / r, alive.iter().map(|s| s.free).sum::<u64>() / r)
+    }
+
+    /// Free bytes of the volume (see [`MetaService::space`]).
+    pub(crate) fn free_bytes(&self) -> u64 {
+        self.space().1
     }
 
     /// Deletes the blocks of unreferenced slices, forever, in the background.

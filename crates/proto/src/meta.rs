@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups, where a decision needs them (clearing setgid after fallocate or
+    /// an ACL change by someone outside the file's group); empty otherwise.
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    /// Whether the caller is root or in group `gid` (`in_group_or_capable` in Linux).
+    pub fn in_group_or_root(&self, gid: u32) -> bool {
+        self.uid == 0 || self.gid == gid || self.groups.contains(&gid)
+    }
 }
 
 /// Attribute changes for `SetAttr`; `None` leaves a field alone.
@@ -23,7 +33,7 @@ pub struct SetAttrs {
 }
 
 /// How `Rename` treats an existing target (Linux `renameat2` flags).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum RenameMode {
     /// Replace the target if it exists (plain `rename`).
     Replace,
@@ -31,6 +41,9 @@ pub enum RenameMode {
     NoReplace,
     /// Swap source and target atomically; both must exist (`RENAME_EXCHANGE`).
     Exchange,
+    /// Like `Replace` (or `NoReplace`), and leave a whiteout (a 0:0 character device owned
+    /// by the caller) in the source's place (`RENAME_WHITEOUT`, used by overlayfs).
+    Whiteout { no_replace: bool, caller: Caller },
 }
 
 /// `setxattr` flags.
@@ -86,6 +99,9 @@ pub enum MetaRequest {
         rdev: u32,
         target: Option<Vec<u8>>,
         caller: Caller,
+        /// The creator's umask, applied unless the directory has a default ACL (which then
+        /// decides the permissions instead).
+        umask: u32,
         /// Register an open handle on the new inode in the same transaction (`create`).
         open: bool,
     },
@@ -146,17 +162,23 @@ pub enum MetaRequest {
     },
     /// Makes every earlier metadata change durable (fsync of a directory, syncfs).
     Sync,
+    /// Allocates, punches or zeroes a range; a caller other than root clears setuid (and
+    /// setgid where Linux would), as a write does.
     Fallocate {
         ino: Ino,
         mode: FallocMode,
         offset: u64,
         len: u64,
+        caller: Caller,
     },
+    /// Sets an xattr. Setting the access ACL also sets the permission bits it implies, and
+    /// clears setgid unless `caller` is root or in the file's group.
     SetXattr {
         ino: Ino,
         name: Vec<u8>,
         value: Vec<u8>,
         mode: XattrMode,
+        caller: Caller,
     },
     GetXattr {
         ino: Ino,

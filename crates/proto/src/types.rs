@@ -145,6 +145,9 @@ pub struct Attr {
     pub crtime: Timestamp,
     /// Whether the inode has any extended attribute (lets clients answer misses locally).
     pub has_xattrs: bool,
+    /// Bytes of data a file's slices hold (holes excluded; overwritten bytes count until
+    /// compaction): what `st_blocks` reports, capped at the size, so sparse files look sparse.
+    pub stored: u64,
 }
 
 /// A new value for a timestamp in `SetAttr`.

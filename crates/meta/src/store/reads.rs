@@ -108,7 +108,7 @@ pub(crate) async fn dir_entries<'e>(
 ) -> Result<Vec<DirEntry>> {
     let attr = if plus {
         "json_array(i.kind, i.perm, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_s, i.atime_ns, i.mtime_s, \
-         i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs)"
+         i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs, i.stored)"
     } else {
         "NULL"
     };
@@ -122,7 +122,7 @@ pub(crate) async fn dir_entries<'e>(
     .bind(limit)
     .fetch_one(ex)
     .await?;
-    type Row = (i64, String, i64, i64, Option<[i64; 16]>);
+    type Row = (i64, String, i64, i64, Option<[i64; 17]>);
     let bad = |what: String| MetaError::fs(ErrorCode::Io, format!("bad directory page from the database: {what}"));
     let rows: Vec<Row> = serde_json::from_str(page.as_deref().unwrap_or("[]")).map_err(|e| bad(e.to_string()))?;
     rows.into_iter()
@@ -143,6 +143,7 @@ pub(crate) async fn dir_entries<'e>(
                 ctime: ts(a[11], a[12]),
                 crtime: ts(a[13], a[14]),
                 has_xattrs: a[15] != 0,
+                stored: a[16] as u64,
             });
             Ok(DirEntry {
                 name: hex::decode(&name).map_err(|e| bad(e.to_string()))?,

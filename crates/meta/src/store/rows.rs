@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteRow;
 
 /// The `inodes` columns [`attr_from_row`] reads, in order.
 pub(crate) const INODE_COLUMNS: &str = "ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, \
-     mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, xattrs";
+     mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, xattrs, stored";
 
 /// [`INODE_COLUMNS`] qualified with a table alias, for joins.
 pub(crate) fn inode_columns_of(alias: &str) -> String {
@@ -36,6 +36,7 @@ pub(crate) fn attr_from_row(row: &SqliteRow) -> Result<Attr> {
         ctime: ts("ctime_s", "ctime_ns")?,
         crtime: ts("crtime_s", "crtime_ns")?,
         has_xattrs: row.try_get::<i64, _>("xattrs")? != 0,
+        stored: row.try_get::<i64, _>("stored")? as u64,
     })
 }
 

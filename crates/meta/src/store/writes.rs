@@ -65,6 +65,25 @@ impl Batch {
             .bind(kind.to_i64());
     }
 
+    /// Renames an entry in place, so it keeps its readdir cookie: a listing in progress never
+    /// meets a renamed entry twice.
+    pub(crate) fn move_dentry(&mut self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) {
+        self.push("UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?")
+            .bind_ino(new_parent)
+            .bind(new_name.to_vec())
+            .bind_ino(parent)
+            .bind(name.to_vec());
+    }
+
+    /// Points an existing entry at another inode, keeping its cookie (RENAME_EXCHANGE).
+    pub(crate) fn retarget_dentry(&mut self, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) {
+        self.push("UPDATE dentries SET ino = ?, kind = ? WHERE parent = ? AND name = ?")
+            .bind_ino(ino)
+            .bind(kind.to_i64())
+            .bind_ino(parent)
+            .bind(name.to_vec());
+    }
+
     pub(crate) fn delete_dentry(&mut self, parent: Ino, name: &[u8]) {
         self.push("DELETE FROM dentries WHERE parent = ? AND name = ?").bind_ino(parent).bind(name.to_vec());
     }
@@ -136,13 +155,15 @@ impl Batch {
     /// attributes come back) if `ino` is not a regular file.
     pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, now: Timestamp) {
         let touched = !slices.is_empty();
+        let added: u64 = slices.iter().map(|s| u64::from(s.slice.len)).sum();
         self.push(&format!(
-            "UPDATE inodes SET size = MAX(size, ?), \
+            "UPDATE inodes SET size = MAX(size, ?), stored = stored + ?, \
              mtime_s = CASE WHEN ? THEN ? ELSE mtime_s END, mtime_ns = CASE WHEN ? THEN ? ELSE mtime_ns END, \
              ctime_s = CASE WHEN ? THEN ? ELSE ctime_s END, ctime_ns = CASE WHEN ? THEN ? ELSE ctime_ns END \
              WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}"
         ))
-        .bind(min_size as i64);
+        .bind(min_size as i64)
+        .bind(added as i64);
         for _ in 0..2 {
             self.bind(touched).bind(now.secs).bind(touched).bind(now.nanos as i64);
         }
@@ -179,6 +200,13 @@ impl Batch {
     /// deletion: a slice belongs to one chunk of one file, so none is referenced any more.
     pub(crate) fn drop_slices(&mut self, ino: Ino, from_chunk: u64) {
         self.push(
+            "UPDATE inodes SET stored = stored - \
+             (SELECT total(len) FROM slices WHERE ino = ? AND chunk >= ? AND slice != 0) WHERE ino = ?",
+        )
+        .bind_ino(ino)
+        .bind(from_chunk as i64)
+        .bind_ino(ino);
+        self.push(
             "INSERT OR IGNORE INTO gc_slices (slice, len, servers) \
              SELECT slice, len, servers FROM slices WHERE ino = ? AND chunk >= ? AND slice != 0",
         )
@@ -194,6 +222,17 @@ impl Batch {
     pub(crate) fn compact_slices(&mut self, ino: Ino, chunk: u64, seq: u64, slice: &SliceRef, at_seq: bool) {
         let (pos, end) = (slice.pos as i64, slice.pos as i64 + slice.len as i64);
         let inside = "ino = ? AND chunk = ? AND seq <= ? AND pos >= ? AND pos + len <= ?";
+        self.push(&format!(
+            "UPDATE inodes SET stored = stored + ? - \
+             (SELECT total(len) FROM slices WHERE {inside} AND slice != 0) WHERE ino = ?"
+        ))
+        .bind(slice.len as i64)
+        .bind_ino(ino)
+        .bind(chunk as i64)
+        .bind(seq as i64)
+        .bind(pos)
+        .bind(end)
+        .bind_ino(ino);
         self.push(&format!(
             "INSERT OR IGNORE INTO gc_slices (slice, len, servers) \
              SELECT slice, len, servers FROM slices WHERE {inside} AND slice != 0"
@@ -232,6 +271,22 @@ impl Batch {
             .bind(name.to_vec())
             .bind(value.to_vec());
         self.push("UPDATE inodes SET xattrs = 1, ctime_s = ?, ctime_ns = ? WHERE ino = ?").bind_ts(now).bind_ino(ino);
+    }
+
+    /// Sets an xattr of the inode just linked as `name` in `parent` in this batch (inherited
+    /// ACLs).
+    pub(crate) fn set_xattr_of_new_entry(&mut self, parent: Ino, name: &[u8], xattr: &[u8], value: &[u8]) {
+        self.push(
+            "INSERT INTO xattrs (ino, name, value) \
+             SELECT ino, ?, ? FROM dentries WHERE parent = ? AND name = ?",
+        )
+        .bind(xattr.to_vec())
+        .bind(value.to_vec())
+        .bind_ino(parent)
+        .bind(name.to_vec());
+        self.push("UPDATE inodes SET xattrs = 1 WHERE ino = (SELECT ino FROM dentries WHERE parent = ? AND name = ?)")
+            .bind_ino(parent)
+            .bind(name.to_vec());
     }
 
     pub(crate) fn remove_xattr(&mut self, ino: Ino, name: &[u8], now: Timestamp) {
