@@ -5,7 +5,7 @@
 
 use cairn_client::{Client, ClientError};
 use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
-use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp};
+use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp, inode_flags};
 use dashmap::DashMap;
 use fuser::*;
 use std::ffi::OsStr;
@@ -19,6 +19,20 @@ use std::time::{Duration, SystemTime};
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
+/// `XFS_IOC_GOINGDOWN` = `EXT4_IOC_SHUTDOWN` = `_IOR('X', 125, u32)`: shut the filesystem down.
+const GOINGDOWN: u32 = 0x8004_587d;
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+/// `FS_XFLAG_*` bits of `struct fsxattr` and the `FS_*_FL` flags they stand for.
+const XFLAGS: [(u32, u32); 5] = [
+    (0x08, inode_flags::IMMUTABLE),
+    (0x10, inode_flags::APPEND),
+    (0x20, inode_flags::SYNC),
+    (0x40, inode_flags::NOATIME),
+    (0x80, inode_flags::NODUMP),
+];
 /// Entries fetched from the metadata server per readdir round trip.
 const READDIR_BATCH: u32 = 1024;
 
@@ -115,6 +129,44 @@ fn negative_attr() -> Attr {
         crtime: Timestamp::default(),
         has_xattrs: false,
         stored: 0,
+        flags: 0,
+    }
+}
+
+/// The answer to a get-flags ioctl: the `FS_*_FL` word, or a `struct fsxattr` (28 bytes,
+/// only `fsx_xflags` set), cut to what the kernel asked for.
+fn flags_out(flags: u32, fsxattr: bool, out_size: u32) -> Vec<u8> {
+    let mut out = match fsxattr {
+        false => flags.to_le_bytes().to_vec(),
+        true => {
+            let x = XFLAGS.iter().filter(|(_, f)| flags & f != 0).fold(0u32, |x, (bit, _)| x | bit);
+            let mut v = vec![0u8; 28];
+            v[..4].copy_from_slice(&x.to_le_bytes());
+            v
+        }
+    };
+    out.resize(out_size as usize, 0);
+    out
+}
+
+/// The `FS_*_FL` flags a set-flags ioctl asks for; `None` if it asks for anything Cairn does
+/// not support (extent sizes, project ids, other flags).
+fn flags_in(data: &[u8], fsxattr: bool) -> Option<u32> {
+    let word = u32::from_le_bytes(data.get(..4)?.try_into().ok()?);
+    if !fsxattr {
+        return (word & !inode_flags::SUPPORTED == 0).then_some(word);
+    }
+    let known = XFLAGS.iter().fold(0u32, |x, (bit, _)| x | bit);
+    let rest_zero = data.get(4..16).is_some_and(|r| r.iter().all(|b| *b == 0));
+    (word & !known == 0 && rest_zero)
+        .then(|| XFLAGS.iter().filter(|(bit, _)| word & bit != 0).fold(0, |f, (_, fl)| f | fl))
+}
+
+/// Makes the kernel fetch `ino`'s attributes again instead of trusting its cache (sent after
+/// the reply: the attribute-only invalidation takes no inode lock, but keep it simple).
+fn forget_attrs(notifier: &OnceLock<Notifier>, ino: INodeNo) {
+    if let Some(n) = notifier.get() {
+        let _ = n.inval_inode(ino, -1, 0);
     }
 }
 
@@ -241,6 +293,7 @@ impl Filesystem for CairnFs {
             atime: atime.map(time_set),
             mtime: mtime.map(time_set),
             ctime: ctime.map(Timestamp::from_system_time),
+            flags: None,
         };
         let who = caller(req);
         run!(self, reply, |c| c.setattr(ino.0, set, who), |a| reply.attr(&TTL, &to_fuse(&a)))
@@ -324,11 +377,13 @@ impl Filesystem for CairnFs {
         })
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let c = self.client.clone();
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let append = flags.0 & libc::O_APPEND != 0;
         self.spawn(async move {
-            match c.open(ino.0).await {
+            match c.open(ino.0, write, append).await {
                 Ok(_) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno_looked_up(&e)),
             }
@@ -543,6 +598,49 @@ impl Filesystem for CairnFs {
         )
     }
 
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        match cmd {
+            // xfstests' godown, ext4's EXT4_IOC_SHUTDOWN: root only. The kernel does not pass
+            // the flag (the ioctl is declared _IOR), so every shutdown is the same: fail
+            // everything from now on, commit nothing more.
+            GOINGDOWN if req.uid() != 0 => reply.error(Errno::EPERM),
+            GOINGDOWN => {
+                self.client.shut_down();
+                reply.ioctl(0, &vec![0; out_size as usize]);
+            }
+            // chattr and lsattr (the kernel turns FS_IOC_{GET,SET}FLAGS and
+            // FS_IOC_FS{GET,SET}XATTR into these, with 4 or 28 bytes both ways).
+            FS_IOC_GETFLAGS | FS_IOC_FSGETXATTR => {
+                let xattr = cmd == FS_IOC_FSGETXATTR;
+                run!(self, reply, |c| c.getattr(ino.0), |a| reply.ioctl(0, &flags_out(a.flags, xattr, out_size)))
+            }
+            FS_IOC_SETFLAGS | FS_IOC_FSSETXATTR => {
+                let Some(flags) = flags_in(in_data, cmd == FS_IOC_FSSETXATTR) else {
+                    return reply.error(Errno::EOPNOTSUPP);
+                };
+                let set = SetAttrs { flags: Some(flags), ..SetAttrs::default() };
+                let (who, echo) = (caller(req), in_data.to_vec());
+                // The kernel keeps the ctime it cached: make it fetch the new one.
+                let notifier = self.notifier.clone();
+                run!(self, reply, |c| c.setattr(ino.0, set, who), |_a| {
+                    reply.ioctl(0, &echo[..echo.len().min(out_size as usize)]);
+                    forget_attrs(&notifier, ino);
+                })
+            }
+            _ => reply.error(Errno::from_i32(libc::ENOTTY)),
+        }
+    }
+
     fn fallocate(
         &self,
         req: &Request,
@@ -568,8 +666,8 @@ impl Filesystem for CairnFs {
         let notifier = (who.uid != 0).then(|| self.notifier.clone());
         run!(self, reply, |c| c.fallocate(ino.0, mode, offset, length, who), |_a| {
             reply.ok();
-            if let Some(n) = notifier.as_ref().and_then(|n| n.get()) {
-                let _ = n.inval_inode(ino, -1, 0);
+            if let Some(n) = &notifier {
+                forget_attrs(n, ino);
             }
         })
     }

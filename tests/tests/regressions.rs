@@ -330,3 +330,58 @@ fn sparse_files_report_the_blocks_they_store() {
     std::fs::write(c.path("dense"), vec![b'b'; 1 << 20]).unwrap();
     assert!(std::fs::metadata(c.path("dense")).unwrap().blocks() >= 2048);
 }
+
+/// generic/079, 277, 545, 553, 555: `chattr +i` / `+a` are kept and enforced (the kernel
+/// leaves it to FUSE): the same operations fail or succeed as on the local disk.
+#[test]
+fn immutable_and_append_only_files_behave_as_on_a_local_filesystem() {
+    let c = Cluster::start(1);
+    let local = tempfile::tempdir_in("/tmp").unwrap();
+    const SCRIPT: &str = r#"
+        try() { if (eval "$1") 2>/dev/null; then echo "$1: ok"; else echo "$1: refused"; fi; }
+        ops() {
+            for op in "echo x >> f" "echo x > f" "cat f > /dev/null" "rm f" "mv f g" "ln f h" "chmod 600 f" \
+                      "touch f" "touch -d @0 f" "setfattr -n user.a -v 1 f" "truncate -s 0 f" "fallocate -l 8192 f"; do
+                try "$op"
+            done
+        }
+        echo data > f
+        chattr +i f && lsattr f | cut -c1-5 && ops && chattr -i f
+        chattr +a f && lsattr f | cut -c1-6 && ops && chattr -a f
+        chattr +A f && chattr -A f
+        mkdir d && chattr +i d && try "touch d/x" && chattr -i d
+        chattr +a d && try "touch d/y" && try "rm d/y" && try "mv d/y d/z" && chattr -a d
+        try "rm -r d f"
+    "#;
+    let want = sh(local.path(), SCRIPT);
+    let got = sh(&c.path(""), SCRIPT);
+    assert_eq!(got, want, "on Cairn (left) and on the local disk (right)");
+    assert!(want.contains("echo x >> f: refused") && want.contains("rm -r d f: ok"), "{want}");
+    // Flags Cairn does not keep (compression here) are refused, not silently dropped.
+    let err = sh(&c.path(""), "touch g && chattr +c g 2>&1 || true");
+    assert!(err.contains("Operation not supported"), "{err}");
+}
+
+/// generic/392, 417, 468, 474, 505, 599, 623, 635, 646, 737 (`godown`): after a shutdown
+/// every call fails with EIO; what was fsynced survives, what was only buffered never lands.
+#[test]
+fn shutdown_fails_every_call_and_keeps_what_was_fsynced() {
+    use std::io::Write;
+    let c = Cluster::start(1);
+    std::fs::write(c.path("kept"), b"synced").unwrap();
+    std::fs::File::open(c.path("kept")).unwrap().sync_all().unwrap();
+    let mut buffered = std::fs::File::create(c.path("buffered")).unwrap();
+    buffered.write_all(b"never committed").unwrap();
+    let root = std::fs::File::open(c.path("")).unwrap();
+    let mut flag = 0u32;
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&root), 0x8004_587d, &mut flag) };
+    assert_eq!(rc, 0, "XFS_IOC_GOINGDOWN: errno {}", errno());
+    let e = std::fs::write(c.path("new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(buffered.sync_all().unwrap_err().raw_os_error(), Some(libc::EIO));
+    drop(buffered);
+    let other = c.mount_again("after", "");
+    assert_eq!(std::fs::read(other.join("kept")).unwrap(), b"synced");
+    assert_eq!(std::fs::read(other.join("buffered")).unwrap(), b"", "buffered data must not land");
+    assert!(!other.join("new").exists());
+}

@@ -83,6 +83,9 @@ impl Atimes {
 impl Client {
     /// Records a read of `ino` (a file read or a directory listing) by the mount's atime rule.
     pub(crate) fn accessed(self: &Arc<Self>, ino: Ino, dir: bool) {
+        if self.flags_of(ino) & inode_flags::NOATIME != 0 {
+            return;
+        }
         let Some(atime) = self.atimes.due(ino, dir) else { return };
         let client = self.clone();
         tokio::spawn(async move {
@@ -115,6 +118,7 @@ mod tests {
             crtime: ts(mtime),
             has_xattrs: false,
             stored: 0,
+            flags: 0,
         }
     }
 

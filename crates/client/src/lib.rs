@@ -84,6 +84,11 @@ pub struct Client {
     pub(crate) atimes: atime::Atimes,
     /// Chunks being compacted by this client (one compaction per chunk at a time).
     pub(crate) compacting: dashmap::DashSet<(Ino, u64)>,
+    /// `chattr` flags of inodes seen with any set, so writes through handles opened earlier
+    /// fail on immutable files and reads skip atime on `noatime` ones.
+    pub(crate) inode_flags: moka::sync::Cache<Ino, u32>,
+    /// Set by [`Client::shut_down`]: every call fails from then on.
+    shut_down: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -109,6 +114,8 @@ impl Client {
             sizes: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             atimes: atime::Atimes::new(config.atime, config.diratime, config.map_ttl),
             compacting: dashmap::DashSet::new(),
+            inode_flags: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            shut_down: Default::default(),
             meta,
             volume,
         };
@@ -130,7 +137,30 @@ impl Client {
     }
 
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
+        self.check_up()?;
         Ok(self.meta.call::<_, MetaResponse>(&req, &[]).await?.0)
+    }
+
+    /// Shuts this client down, as a local filesystem does on a fatal error or an
+    /// administrator's `XFS_IOC_GOINGDOWN` (xfstests' `godown`): from now on every call fails
+    /// with EIO and data not yet committed is never committed, so what survives is exactly
+    /// what a crash of this client would leave. Unmounting ends the state.
+    pub fn shut_down(&self) {
+        self.shut_down.store(true, std::sync::atomic::Ordering::Release);
+        tracing::warn!("the filesystem was shut down: every call fails with EIO until it is unmounted");
+    }
+
+    /// The `chattr` flags last seen on `ino`.
+    pub(crate) fn flags_of(&self, ino: Ino) -> u32 {
+        self.inode_flags.get(&ino).unwrap_or(0)
+    }
+
+    /// EIO once the client was shut down.
+    pub(crate) fn check_up(&self) -> Result<()> {
+        match self.shut_down.load(std::sync::atomic::Ordering::Acquire) {
+            true => Err(ClientError::new(ErrorCode::Io, "the filesystem was shut down; unmount it")),
+            false => Ok(()),
+        }
     }
 
     pub(crate) async fn call_attr(&self, req: MetaRequest) -> Result<Attr> {
@@ -170,6 +200,10 @@ impl Client {
             self.sizes.insert(a.ino, a.size);
         }
         self.atimes.note(&mut a);
+        match a.flags {
+            0 => self.inode_flags.invalidate(&a.ino),
+            f => self.inode_flags.insert(a.ino, f),
+        }
         if a.has_xattrs {
             self.no_xattrs.invalidate(&a.ino);
         } else if !self.xattrs_changed.contains_key(&a.ino) {

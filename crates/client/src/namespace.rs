@@ -117,9 +117,20 @@ impl Client {
     }
 
     /// Opens a file: registers the handle with the metadata server.
-    pub async fn open(&self, ino: Ino) -> Result<Attr> {
+    /// Opens a handle. Opening an immutable file for writing, or an append-only one for
+    /// writing without `O_APPEND`, is EPERM (the kernel leaves these checks to FUSE).
+    pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<Attr> {
         let attr = self.call_attr(MetaRequest::Open { ino }).await?;
         self.opened(ino);
+        let locked = match attr.flags {
+            f if f & inode_flags::IMMUTABLE != 0 => write,
+            f if f & inode_flags::APPEND != 0 => write && !append,
+            _ => false,
+        };
+        if locked {
+            self.release(ino).await?;
+            return Err(ClientError::new(ErrorCode::Perm, "the file is immutable or append-only"));
+        }
         Ok(attr)
     }
 

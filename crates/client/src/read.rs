@@ -31,6 +31,7 @@ impl Client {
 
     /// Reads up to `size` bytes at `offset`; short only at end of file.
     pub async fn read(self: &Arc<Self>, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.check_up()?;
         if self.is_dirty(ino) {
             self.flush(ino, false).await?;
         }

@@ -101,6 +101,10 @@ impl Client {
 
     /// Buffers `data` at `offset`. Returns once the bytes are buffered (not yet stored).
     pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
+        self.check_up()?;
+        if self.flags_of(ino) & inode_flags::IMMUTABLE != 0 {
+            return Err(crate::ClientError::new(ErrorCode::Perm, "the file is immutable"));
+        }
         if offset >= MAX_FILE_SIZE {
             return Err(crate::ClientError::new(ErrorCode::FileTooBig, "write past the maximum file size"));
         }

@@ -56,10 +56,12 @@ impl MetaService {
         b.commit_slices(ino, slices, min_size, Timestamp::now());
         match w.apply(b).await?.attr()? {
             Some(a) => Ok(a),
-            None => {
-                reads::get_attr(w.conn(), ino).await?;
-                Err(MetaError::fs(ErrorCode::Invalid, "not a regular file"))
-            }
+            None => match reads::get_attr(w.conn(), ino).await? {
+                a if a.flags & inode_flags::IMMUTABLE != 0 => {
+                    Err(MetaError::fs(ErrorCode::Perm, "the file is immutable"))
+                }
+                _ => Err(MetaError::fs(ErrorCode::Invalid, "not a regular file")),
+            },
         }
     }
 
@@ -173,6 +175,10 @@ impl MetaService {
         let mut a = reads::get_attr(w.conn(), ino).await?;
         if a.kind != FileKind::File {
             return Err(MetaError::fs(ErrorCode::NoDevice, "not a regular file"));
+        }
+        let appends_only = matches!(mode, FallocMode::Allocate | FallocMode::KeepSize);
+        if a.flags & inode_flags::IMMUTABLE != 0 || (a.flags & inode_flags::APPEND != 0 && !appends_only) {
+            return Err(MetaError::fs(ErrorCode::Perm, "the file is immutable or append-only"));
         }
         // Space is not reserved (blocks are written later), but a request that cannot fit in
         // what is free fails now, as on a local filesystem.

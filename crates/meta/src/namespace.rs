@@ -40,6 +40,23 @@ async fn dir_entry(w: &mut WriteGuard<'_>, parent: Ino, name: &[u8]) -> Result<(
     Ok((p, child))
 }
 
+/// EPERM if `flags` make the inode immutable or append-only: it cannot be unlinked, renamed,
+/// linked or changed, and a directory cannot lose entries.
+fn unlocked(flags: u32) -> Result<()> {
+    match flags & inode_flags::LOCKED {
+        0 => Ok(()),
+        _ => Err(err(ErrorCode::Perm, "the inode is immutable or append-only")),
+    }
+}
+
+/// EPERM if `flags` make a directory immutable: nothing can be added to it.
+fn not_immutable(flags: u32) -> Result<()> {
+    match flags & inode_flags::IMMUTABLE {
+        0 => Ok(()),
+        _ => Err(err(ErrorCode::Perm, "the directory is immutable")),
+    }
+}
+
 /// Counts a directory's link for a parent's `nlink`.
 fn dir_links(kind: FileKind) -> i64 {
     i64::from(kind == FileKind::Dir)
@@ -96,6 +113,7 @@ impl MetaService {
         let mut w = self.store.write().await?;
         let p = reads::get_attr(w.conn(), parent).await?;
         live_dir(&p)?;
+        not_immutable(p.flags)?;
         let now = Timestamp::now();
         // A default ACL on the directory replaces the umask (`masked_perm`): the new inode gets
         // it as its access ACL, limited by the requested mode; a new directory inherits it too.
@@ -152,6 +170,7 @@ impl MetaService {
             crtime: now,
             has_xattrs: access_acl.is_some() || default_acl.is_some(),
             stored: 0,
+            flags: 0,
         })
     }
 
@@ -165,9 +184,12 @@ impl MetaService {
         if a.nlink == 0 {
             return Err(err(ErrorCode::NotFound, "file was removed"));
         }
-        if dir_entry(&mut w, new_parent, new_name).await?.1.is_some() {
+        unlocked(a.flags)?;
+        let (p, existing) = dir_entry(&mut w, new_parent, new_name).await?;
+        if existing.is_some() {
             return Err(err(ErrorCode::Exists, "entry exists"));
         }
+        not_immutable(p.flags)?;
         let now = Timestamp::now();
         let mut b = Batch::default();
         b.insert_dentry(new_parent, new_name, ino, a.kind);
@@ -190,12 +212,15 @@ impl MetaService {
 
     pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         let mut w = self.store.write().await?;
-        let Some(child) = dir_entry(&mut w, parent, name).await?.1 else {
+        let (p, child) = dir_entry(&mut w, parent, name).await?;
+        let Some(child) = child else {
             return Err(err(ErrorCode::NotFound, "no such entry"));
         };
         if child.kind == FileKind::Dir {
             return Err(err(ErrorCode::IsDir, "is a directory"));
         }
+        unlocked(p.flags)?;
+        unlocked(child.flags)?;
         let now = Timestamp::now();
         let mut b = Batch::default();
         b.delete_dentry(parent, name);
@@ -214,12 +239,15 @@ impl MetaService {
             return Err(err(ErrorCode::NotEmpty, "cannot remove '..'"));
         }
         let mut w = self.store.write().await?;
-        let Some(child) = dir_entry(&mut w, parent, name).await?.1 else {
+        let (p, child) = dir_entry(&mut w, parent, name).await?;
+        let Some(child) = child else {
             return Err(err(ErrorCode::NotFound, "no such entry"));
         };
         if child.kind != FileKind::Dir {
             return Err(err(ErrorCode::NotDir, "not a directory"));
         }
+        unlocked(p.flags)?;
+        unlocked(child.flags)?;
         if !child.empty {
             return Err(err(ErrorCode::NotEmpty, "directory not empty"));
         }
@@ -260,10 +288,17 @@ impl MetaService {
     ) -> Result<()> {
         check_name(new_name)?;
         let mut w = self.store.write().await?;
-        let Some(src) = dir_entry(&mut w, parent, name).await?.1 else {
+        let (p, src) = dir_entry(&mut w, parent, name).await?;
+        let Some(src) = src else {
             return Err(err(ErrorCode::NotFound, "no such entry"));
         };
-        let dst = dir_entry(&mut w, new_parent, new_name).await?.1;
+        let (new_p, dst) = dir_entry(&mut w, new_parent, new_name).await?;
+        unlocked(p.flags)?;
+        unlocked(src.flags)?;
+        not_immutable(new_p.flags)?;
+        if let Some(d) = &dst {
+            unlocked(d.flags)?;
+        }
         // Within one directory nothing can move into its own subtree.
         if src.kind == FileKind::Dir && parent != new_parent && Self::is_within(&mut w, new_parent, src.ino).await? {
             return Err(err(ErrorCode::Invalid, "cannot move a directory into itself"));
@@ -386,6 +421,21 @@ impl MetaService {
     pub(crate) async fn setattr(&self, ino: Ino, set: &SetAttrs) -> Result<Attr> {
         let mut w = self.store.write().await?;
         let mut a = reads::get_attr(w.conn(), ino).await?;
+        // A locked inode keeps its attributes; an append-only one may still be touched to now.
+        let explicit = |t: Option<TimeSet>| matches!(t, Some(TimeSet::At(_)));
+        let touched = set.atime.is_some() || set.mtime.is_some();
+        let changes = set.perm.is_some() || set.uid.is_some() || set.gid.is_some() || set.size.is_some();
+        if changes || explicit(set.atime) || explicit(set.mtime) {
+            unlocked(a.flags)?;
+        } else if touched && a.flags & inode_flags::IMMUTABLE != 0 {
+            return Err(err(ErrorCode::Perm, "the inode is immutable"));
+        }
+        if let Some(flags) = set.flags {
+            if flags & !inode_flags::SUPPORTED != 0 {
+                return Err(err(ErrorCode::NotSupported, format!("unsupported inode flags {flags:#x}")));
+            }
+            a.flags = flags;
+        }
         let now = Timestamp::now();
         let mut b = Batch::default();
         if let Some(perm) = set.perm {
@@ -452,6 +502,7 @@ impl MetaService {
         }
         let mut w = self.store.write().await?;
         let mut a = reads::get_attr(w.conn(), ino).await?;
+        unlocked(a.flags)?;
         let exists = reads::xattr(w.conn(), ino, name).await?.is_some();
         match (mode, exists) {
             (XattrMode::Create, true) => return Err(err(ErrorCode::Exists, "xattr exists")),
@@ -503,7 +554,7 @@ impl MetaService {
 
     pub(crate) async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         let mut w = self.store.write().await?;
-        reads::get_attr(w.conn(), ino).await?;
+        unlocked(reads::get_attr(w.conn(), ino).await?.flags)?;
         if reads::xattr(w.conn(), ino, name).await?.is_none() {
             return Err(err(ErrorCode::NoData, "no such xattr"));
         }

@@ -30,6 +30,8 @@ pub struct SetAttrs {
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
     pub ctime: Option<Timestamp>,
+    /// New `chattr` flags (`inode_flags`); the only change allowed on a locked inode.
+    pub flags: Option<u32>,
 }
 
 /// How `Rename` treats an existing target (Linux `renameat2` flags).

@@ -148,6 +148,27 @@ pub struct Attr {
     /// Bytes of data a file's slices hold (holes excluded; overwritten bytes count until
     /// compaction): what `st_blocks` reports, capped at the size, so sparse files look sparse.
     pub stored: u64,
+    /// `chattr` flags ([`inode_flags`]).
+    pub flags: u32,
+}
+
+/// Inode flags set with `chattr` (FS_IOC_SETFLAGS / FS_IOC_FSSETXATTR), as Linux's FS_*_FL
+/// bits. Only these are supported; the metadata server enforces immutable and append-only.
+pub mod inode_flags {
+    /// Writes are synchronous (`chattr +S`): stored, not acted on (every fsync is honoured).
+    pub const SYNC: u32 = 0x08;
+    /// Nothing may change the inode or its data, nor link, unlink or rename it (`+i`).
+    pub const IMMUTABLE: u32 = 0x10;
+    /// Data may only be appended; no unlink, rename, truncate or attribute change (`+a`).
+    pub const APPEND: u32 = 0x20;
+    /// Not to be dumped by backup tools (`+d`): stored only.
+    pub const NODUMP: u32 = 0x40;
+    /// Reads do not update atime (`+A`).
+    pub const NOATIME: u32 = 0x80;
+    /// Every supported flag.
+    pub const SUPPORTED: u32 = SYNC | IMMUTABLE | APPEND | NODUMP | NOATIME;
+    /// Flags that forbid changing the inode.
+    pub const LOCKED: u32 = IMMUTABLE | APPEND;
 }
 
 /// A new value for a timestamp in `SetAttr`.

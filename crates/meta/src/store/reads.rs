@@ -65,7 +65,8 @@ pub(crate) async fn lookup<'e>(ex: impl SqliteExecutor<'e>, parent: Ino, name: &
 pub(crate) async fn entry<'e>(ex: impl SqliteExecutor<'e>, parent: Ino, name: &[u8]) -> Result<(Attr, Option<Child>)> {
     let row = sqlx::query(&format!(
         "SELECT {}, d.ino AS child, d.kind AS child_kind, \
-         NOT EXISTS (SELECT 1 FROM dentries c WHERE c.parent = d.ino) AS child_empty \
+         NOT EXISTS (SELECT 1 FROM dentries c WHERE c.parent = d.ino) AS child_empty, \
+         (SELECT flags FROM inodes c WHERE c.ino = d.ino) AS child_flags \
          FROM inodes p LEFT JOIN dentries d ON d.parent = p.ino AND d.name = ? WHERE p.ino = ?",
         inode_columns_of("p")
     ))
@@ -108,7 +109,7 @@ pub(crate) async fn dir_entries<'e>(
 ) -> Result<Vec<DirEntry>> {
     let attr = if plus {
         "json_array(i.kind, i.perm, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_s, i.atime_ns, i.mtime_s, \
-         i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs, i.stored)"
+         i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs, i.stored, i.flags)"
     } else {
         "NULL"
     };
@@ -122,7 +123,7 @@ pub(crate) async fn dir_entries<'e>(
     .bind(limit)
     .fetch_one(ex)
     .await?;
-    type Row = (i64, String, i64, i64, Option<[i64; 17]>);
+    type Row = (i64, String, i64, i64, Option<[i64; 18]>);
     let bad = |what: String| MetaError::fs(ErrorCode::Io, format!("bad directory page from the database: {what}"));
     let rows: Vec<Row> = serde_json::from_str(page.as_deref().unwrap_or("[]")).map_err(|e| bad(e.to_string()))?;
     rows.into_iter()
@@ -144,6 +145,7 @@ pub(crate) async fn dir_entries<'e>(
                 crtime: ts(a[13], a[14]),
                 has_xattrs: a[15] != 0,
                 stored: a[16] as u64,
+                flags: a[17] as u32,
             });
             Ok(DirEntry {
                 name: hex::decode(&name).map_err(|e| bad(e.to_string()))?,

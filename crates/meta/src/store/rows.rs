@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteRow;
 
 /// The `inodes` columns [`attr_from_row`] reads, in order.
 pub(crate) const INODE_COLUMNS: &str = "ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, \
-     mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, xattrs, stored";
+     mtime_s, mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, xattrs, stored, flags";
 
 /// [`INODE_COLUMNS`] qualified with a table alias, for joins.
 pub(crate) fn inode_columns_of(alias: &str) -> String {
@@ -37,6 +37,7 @@ pub(crate) fn attr_from_row(row: &SqliteRow) -> Result<Attr> {
         crtime: ts("crtime_s", "crtime_ns")?,
         has_xattrs: row.try_get::<i64, _>("xattrs")? != 0,
         stored: row.try_get::<i64, _>("stored")? as u64,
+        flags: row.try_get::<i64, _>("flags")? as u32,
     })
 }
 
@@ -47,6 +48,8 @@ pub(crate) struct Child {
     pub kind: FileKind,
     /// For directories: whether it has no entries.
     pub empty: bool,
+    /// Its `chattr` flags.
+    pub flags: u32,
 }
 
 pub(crate) fn child_from_row(row: &SqliteRow) -> Result<Option<Child>> {
@@ -55,6 +58,7 @@ pub(crate) fn child_from_row(row: &SqliteRow) -> Result<Option<Child>> {
         ino: ino as u64,
         kind: kind_of(row.try_get("child_kind")?)?,
         empty: row.try_get::<i64, _>("child_empty")? != 0,
+        flags: row.try_get::<i64, _>("child_flags")? as u32,
     }))
 }
 

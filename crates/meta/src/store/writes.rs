@@ -136,7 +136,7 @@ impl Batch {
     pub(crate) fn put_attr(&mut self, a: &Attr) {
         self.push(
             "UPDATE inodes SET perm = ?, nlink = ?, uid = ?, gid = ?, rdev = ?, size = ?, atime_s = ?, \
-             atime_ns = ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?",
+             atime_ns = ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ?, flags = ? WHERE ino = ?",
         )
         .bind(a.perm as i64)
         .bind(a.nlink as i64)
@@ -147,20 +147,22 @@ impl Batch {
         .bind_ts(a.atime)
         .bind_ts(a.mtime)
         .bind_ts(a.ctime)
+        .bind(a.flags as i64)
         .bind_ino(a.ino);
     }
 
     /// Appends written slices to regular file `ino` and grows it to at least `min_size`. The
     /// new attributes come back through [`super::Returned::attr`]; nothing changes (and no
-    /// attributes come back) if `ino` is not a regular file.
+    /// attributes come back) if `ino` is not a regular file or is immutable.
     pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, now: Timestamp) {
+        const IMMUTABLE: u32 = inode_flags::IMMUTABLE;
         let touched = !slices.is_empty();
         let added: u64 = slices.iter().map(|s| u64::from(s.slice.len)).sum();
         self.push(&format!(
             "UPDATE inodes SET size = MAX(size, ?), stored = stored + ?, \
              mtime_s = CASE WHEN ? THEN ? ELSE mtime_s END, mtime_ns = CASE WHEN ? THEN ? ELSE mtime_ns END, \
              ctime_s = CASE WHEN ? THEN ? ELSE ctime_s END, ctime_ns = CASE WHEN ? THEN ? ELSE ctime_ns END \
-             WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}"
+             WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0 RETURNING {INODE_COLUMNS}"
         ))
         .bind(min_size as i64)
         .bind(added as i64);
@@ -172,7 +174,7 @@ impl Batch {
             let values = vec!["(?, ?, ?, ?, ?, ?)"; part.len()].join(", ");
             self.push(&format!(
                 "INSERT INTO slices (ino, chunk, pos, len, slice, servers) SELECT * FROM (VALUES {values}) \
-                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ?)"
+                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0)"
             ));
             for s in part {
                 self.bind_ino(ino)
