@@ -3,9 +3,10 @@
 //! Each request is moved onto the tokio runtime with its reply object, so FUSE worker threads
 //! are free again at once and slow network calls never block other requests.
 
+use crate::ioctl::*;
 use cairn_client::{Client, ClientError};
 use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
-use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp, inode_flags};
+use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp};
 use dashmap::DashMap;
 use fuser::*;
 use std::ffi::OsStr;
@@ -19,20 +20,6 @@ use std::time::{Duration, SystemTime};
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
-/// `XFS_IOC_GOINGDOWN` = `EXT4_IOC_SHUTDOWN` = `_IOR('X', 125, u32)`: shut the filesystem down.
-const GOINGDOWN: u32 = 0x8004_587d;
-const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
-const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
-const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
-const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
-/// `FS_XFLAG_*` bits of `struct fsxattr` and the `FS_*_FL` flags they stand for.
-const XFLAGS: [(u32, u32); 5] = [
-    (0x08, inode_flags::IMMUTABLE),
-    (0x10, inode_flags::APPEND),
-    (0x20, inode_flags::SYNC),
-    (0x40, inode_flags::NOATIME),
-    (0x80, inode_flags::NODUMP),
-];
 /// Entries fetched from the metadata server per readdir round trip.
 const READDIR_BATCH: u32 = 1024;
 
@@ -133,37 +120,8 @@ fn negative_attr() -> Attr {
     }
 }
 
-/// The answer to a get-flags ioctl: the `FS_*_FL` word, or a `struct fsxattr` (28 bytes,
-/// only `fsx_xflags` set), cut to what the kernel asked for.
-fn flags_out(flags: u32, fsxattr: bool, out_size: u32) -> Vec<u8> {
-    let mut out = match fsxattr {
-        false => flags.to_le_bytes().to_vec(),
-        true => {
-            let x = XFLAGS.iter().filter(|(_, f)| flags & f != 0).fold(0u32, |x, (bit, _)| x | bit);
-            let mut v = vec![0u8; 28];
-            v[..4].copy_from_slice(&x.to_le_bytes());
-            v
-        }
-    };
-    out.resize(out_size as usize, 0);
-    out
-}
-
-/// The `FS_*_FL` flags a set-flags ioctl asks for; `None` if it asks for anything Cairn does
-/// not support (extent sizes, project ids, other flags).
-fn flags_in(data: &[u8], fsxattr: bool) -> Option<u32> {
-    let word = u32::from_le_bytes(data.get(..4)?.try_into().ok()?);
-    if !fsxattr {
-        return (word & !inode_flags::SUPPORTED == 0).then_some(word);
-    }
-    let known = XFLAGS.iter().fold(0u32, |x, (bit, _)| x | bit);
-    let rest_zero = data.get(4..16).is_some_and(|r| r.iter().all(|b| *b == 0));
-    (word & !known == 0 && rest_zero)
-        .then(|| XFLAGS.iter().filter(|(bit, _)| word & bit != 0).fold(0, |f, (_, fl)| f | fl))
-}
-
-/// Makes the kernel fetch `ino`'s attributes again instead of trusting its cache (sent after
-/// the reply: the attribute-only invalidation takes no inode lock, but keep it simple).
+/// Makes the kernel fetch `ino`'s attributes again instead of trusting its cache. Called after
+/// the reply to the request that changed them.
 fn forget_attrs(notifier: &OnceLock<Notifier>, ino: INodeNo) {
     if let Some(n) = notifier.get() {
         let _ = n.inval_inode(ino, -1, 0);

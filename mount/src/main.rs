@@ -5,6 +5,7 @@
 
 mod daemon;
 mod fs;
+mod ioctl;
 mod options;
 
 use anyhow::Context;
