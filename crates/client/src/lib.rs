@@ -72,6 +72,10 @@ pub struct Client {
     pub(crate) sizes: moka::sync::Cache<Ino, u64>,
     /// Inodes recently seen without any xattr: getxattr/listxattr answer them locally.
     pub(crate) no_xattrs: moka::sync::Cache<Ino, ()>,
+    /// Xattr names recently found missing on an inode. The kernel asks for
+    /// `security.capability` before every write (to drop file capabilities): without this,
+    /// each small write cost a round trip once the inode's attributes were a second old.
+    pub(crate) xattr_misses: moka::sync::Cache<(Ino, Vec<u8>), ()>,
     /// Inodes whose xattrs this client changed lately; an attribute fetched before the change
     /// must not mark them xattr-free again.
     pub(crate) xattrs_changed: moka::sync::Cache<Ino, ()>,
@@ -110,6 +114,7 @@ impl Client {
             last_read: moka::sync::Cache::builder().max_capacity(10_000).time_to_idle(Duration::from_secs(10)).build(),
             maps: moka::future::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             no_xattrs: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            xattr_misses: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             xattrs_changed: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl * 2).build(),
             sizes: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             atimes: atime::Atimes::new(config.atime, config.diratime, config.map_ttl),

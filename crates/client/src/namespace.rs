@@ -173,26 +173,35 @@ impl Client {
         if value.len() > XATTR_SIZE_MAX {
             return Err(ClientError::new(ErrorCode::TooBig, "xattr value too large"));
         }
+        self.xattr_misses.invalidate(&(ino, name.to_vec()));
         let req = MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode, caller };
         self.call_empty(req).await
     }
 
-    /// The error for a getxattr that needs no server: over-long names, and inodes recently
-    /// seen without any xattr.
+    /// The error for a getxattr that needs no server: over-long names, inodes recently seen
+    /// without any xattr, and names recently found missing (for the attribute TTL, as the
+    /// kernel caches attributes).
     pub fn known_xattr_miss(&self, ino: Ino, name: &[u8]) -> Option<ClientError> {
         if name.len() > XATTR_NAME_MAX {
             return Some(ClientError::new(ErrorCode::Range, "xattr name too long"));
         }
-        self.no_xattrs.contains_key(&ino).then(|| ClientError::new(ErrorCode::NoData, "no such xattr"))
+        let missing = self.no_xattrs.contains_key(&ino) || self.xattr_misses.contains_key(&(ino, name.to_vec()));
+        missing.then(|| ClientError::new(ErrorCode::NoData, "no such xattr"))
     }
 
     pub async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         if let Some(e) = self.known_xattr_miss(ino, name) {
             return Err(e);
         }
-        match self.call(MetaRequest::GetXattr { ino, name: name.to_vec() }).await? {
-            MetaResponse::Xattr(v) => Ok(v),
-            other => Err(unexpected(other)),
+        match self.call(MetaRequest::GetXattr { ino, name: name.to_vec() }).await {
+            Ok(MetaResponse::Xattr(v)) => Ok(v),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => {
+                if e.code == ErrorCode::NoData {
+                    self.xattr_misses.insert((ino, name.to_vec()), ());
+                }
+                Err(e)
+            }
         }
     }
 
