@@ -329,6 +329,14 @@ fn sparse_files_report_the_blocks_they_store() {
     assert!(m.blocks() * 512 >= 51200 && m.blocks() * 512 < 1 << 20, "{} blocks", m.blocks());
     std::fs::write(c.path("dense"), vec![b'b'; 1 << 20]).unwrap();
     assert!(std::fs::metadata(c.path("dense")).unwrap().blocks() >= 2048);
+    // generic/568: writing into an allocated range does not make the file grow on disk.
+    sh(&c.path(""), "fallocate -o 4095 -l 2 alloc");
+    let before = std::fs::metadata(c.path("alloc")).unwrap().blocks();
+    let f = std::fs::OpenOptions::new().write(true).open(c.path("alloc")).unwrap();
+    f.write_all_at(b"xy", 4095).unwrap();
+    f.sync_all().unwrap();
+    let after = std::fs::metadata(c.path("alloc")).unwrap().blocks();
+    assert!(before > 0 && after <= before, "{before} blocks after fallocate, {after} after writing into them");
 }
 
 /// generic/079, 277, 545, 553, 555: `chattr +i` / `+a` are kept and enforced (the kernel

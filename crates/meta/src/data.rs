@@ -176,13 +176,14 @@ impl MetaService {
         if a.kind != FileKind::File {
             return Err(MetaError::fs(ErrorCode::NoDevice, "not a regular file"));
         }
-        let appends_only = matches!(mode, FallocMode::Allocate | FallocMode::KeepSize);
-        if a.flags & inode_flags::IMMUTABLE != 0 || (a.flags & inode_flags::APPEND != 0 && !appends_only) {
+        // Allocation (as opposed to punching or zeroing) is all an append-only file allows.
+        let allocates = matches!(mode, FallocMode::Allocate | FallocMode::KeepSize);
+        if a.flags & inode_flags::IMMUTABLE != 0 || (a.flags & inode_flags::APPEND != 0 && !allocates) {
             return Err(MetaError::fs(ErrorCode::Perm, "the file is immutable or append-only"));
         }
         // Space is not reserved (blocks are written later), but a request that cannot fit in
         // what is free fails now, as on a local filesystem.
-        if matches!(mode, FallocMode::Allocate | FallocMode::KeepSize) && len > self.free_bytes() {
+        if allocates && len > self.free_bytes() {
             return Err(MetaError::fs(ErrorCode::NoSpace, "not enough free space for the allocation"));
         }
         // As a write would: a caller other than root drops setuid, and setgid where Linux does.
@@ -195,6 +196,10 @@ impl MetaService {
         }
         let now = Timestamp::now();
         let mut b = Batch::default();
+        if allocates {
+            b.add_stored(ino, len);
+            a.stored += len;
+        }
         match mode {
             FallocMode::Allocate => a.size = a.size.max(end),
             FallocMode::KeepSize => {}

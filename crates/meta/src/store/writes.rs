@@ -188,6 +188,12 @@ impl Batch {
         }
     }
 
+    /// Counts `len` more bytes as stored for `ino` (an allocation: `st_blocks` must not grow
+    /// when the allocated range is written later).
+    pub(crate) fn add_stored(&mut self, ino: Ino, len: u64) {
+        self.push("UPDATE inodes SET stored = stored + ? WHERE ino = ?").bind(len as i64).bind_ino(ino);
+    }
+
     /// Makes `[pos, pos + len)` of one chunk read as zeros.
     pub(crate) fn insert_hole(&mut self, ino: Ino, chunk: u64, pos: u32, len: u32) {
         self.push("INSERT INTO slices (ino, chunk, pos, len, slice, servers) VALUES (?, ?, ?, ?, ?, '')")
