@@ -117,7 +117,7 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
         ..ClientConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.opts.threads.clamp(2, 64))
+        .worker_threads(args.opts.threads.clamp(1, 64))
         .thread_name("cairn-io")
         .enable_all()
         .build()?;

@@ -1,35 +1,67 @@
 //! `mount -t cairn`, fstab lines and two volumes side by side, through mount(8) itself.
 //!
 //! mount(8) runs `/sbin/mount.cairn`; the test links it to the freshly built `cairn-mount`
-//! unless a real (non-symlink) helper is installed there already.
+//! unless a real (non-symlink) helper is installed there already, and restores the links after.
 
 use cairn_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Links mount(8)'s helpers for `-t cairn` and for the `fuse.cairn` type of live mounts
-/// (remount) to the freshly built client.
-fn install_helpers() {
-    install_helper(Path::new("/sbin/mount.cairn"));
-    install_helper(Path::new("/sbin/mount.fuse.cairn"));
+/// (remount) to the freshly built client; the guards put back what was there before.
+fn install_helpers() -> [HelperLink; 2] {
+    [install_helper(Path::new("/sbin/mount.cairn")), install_helper(Path::new("/sbin/mount.fuse.cairn"))]
 }
 
-fn install_helper(link: &Path) {
+/// A helper link this test made, and the link it replaced (if any), restored on drop so the
+/// machine keeps pointing at whatever the user installed.
+struct HelperLink {
+    link: PathBuf,
+    before: Option<PathBuf>,
+    ours: bool,
+}
+
+impl Drop for HelperLink {
+    fn drop(&mut self) {
+        if !self.ours {
+            return;
+        }
+        match &self.before {
+            Some(target) => replace_link(&self.link, target),
+            None => {
+                let _ = std::fs::remove_file(&self.link);
+            }
+        }
+    }
+}
+
+fn install_helper(link: &Path) -> HelperLink {
     let ours = bin("cairn-mount");
+    let mut guard = HelperLink { link: link.to_path_buf(), before: None, ours: false };
     match std::fs::symlink_metadata(link) {
         Ok(m) if !m.file_type().is_symlink() => {} // a packaged helper: use it
         Ok(_) => {
-            if std::fs::read_link(link).ok().as_deref() == Some(ours.as_path()) {
-                return;
+            let before = std::fs::read_link(link).ok();
+            if before.as_deref() != Some(ours.as_path()) {
+                replace_link(link, &ours);
+                guard.before = before;
+                guard.ours = true;
             }
-            // Another checkout's build: point it at this one (atomically).
-            let tmp = link.with_file_name(format!(".{}.tmp", link.file_name().unwrap().to_string_lossy()));
-            let _ = std::fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(&ours, &tmp).unwrap();
-            std::fs::rename(&tmp, link).unwrap();
         }
-        Err(_) => std::os::unix::fs::symlink(&ours, link).unwrap(),
+        Err(_) => {
+            std::os::unix::fs::symlink(&ours, link).unwrap();
+            guard.ours = true;
+        }
     }
+    guard
+}
+
+/// Points the symlink `link` at `target` atomically.
+fn replace_link(link: &Path, target: &Path) {
+    let tmp = link.with_file_name(format!(".{}.tmp", link.file_name().unwrap().to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, link).unwrap();
 }
 
 struct Unmount<'a>(&'a Path);
@@ -42,7 +74,7 @@ impl Drop for Unmount<'_> {
 
 #[test]
 fn mount_t_cairn_fstab_lines_and_two_volumes() {
-    install_helpers();
+    let _helpers = install_helpers();
     let a = Cluster::start(1);
     let b = Cluster::start(1);
     std::fs::write(a.path("only-in-a"), b"A").unwrap();

@@ -91,6 +91,10 @@ pub struct Client {
     /// `chattr` flags of inodes seen with any set, so writes through handles opened earlier
     /// fail on immutable files and reads skip atime on `noatime` ones.
     pub(crate) inode_flags: moka::sync::Cache<Ino, u32>,
+    /// Directories' attributes as this client's last namespace change left them, for the
+    /// getattr the kernel sends after every create, unlink or rename in a directory (it drops
+    /// the parent's attributes then). Kept for the attribute TTL, like the kernel's own cache.
+    pub(crate) dir_attrs: moka::sync::Cache<Ino, Attr>,
     /// Set by [`Client::shut_down`]: every call fails from then on.
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -120,6 +124,7 @@ impl Client {
             atimes: atime::Atimes::new(config.atime, config.diratime, config.map_ttl),
             compacting: dashmap::DashSet::new(),
             inode_flags: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            dir_attrs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
             shut_down: Default::default(),
             meta,
             volume,
@@ -143,6 +148,7 @@ impl Client {
 
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
         self.check_up()?;
+        self.forget_dir_attrs(&req);
         Ok(self.meta.call::<_, MetaResponse>(&req, &[]).await?.0)
     }
 
@@ -182,6 +188,38 @@ impl Client {
         match self.call(MetaRequest::GetAttr { ino }).await? {
             MetaResponse::Attr(a) => Ok(a),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a namespace change; records the directories it touched (see `dir_attrs`) and
+    /// returns the node's attributes, if it has one.
+    pub(crate) async fn call_changed(&self, req: MetaRequest) -> Result<Option<Attr>> {
+        match self.call(req).await? {
+            MetaResponse::Changed { attr, dirs } => {
+                for d in dirs {
+                    let d = self.note_attr(d);
+                    // Answers of concurrent changes may arrive out of order: keep the newest.
+                    let newer = self.dir_attrs.get(&d.ino).is_none_or(|old| old.ctime <= d.ctime);
+                    if newer {
+                        self.dir_attrs.insert(d.ino, d);
+                    }
+                }
+                Ok(attr.map(|a| self.note_attr(a)))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Drops the recorded directory attributes a request may change without reporting them.
+    fn forget_dir_attrs(&self, req: &MetaRequest) {
+        match req {
+            MetaRequest::SetAttr { ino, .. }
+            | MetaRequest::SetXattr { ino, .. }
+            | MetaRequest::RemoveXattr { ino, .. }
+            | MetaRequest::Touch { ino, .. } => self.dir_attrs.invalidate(ino),
+            // A directory removed or moved (its ctime) may be among them.
+            MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. } => self.dir_attrs.invalidate_all(),
+            _ => {}
         }
     }
 

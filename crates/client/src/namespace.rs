@@ -19,6 +19,10 @@ impl Client {
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        if let Some(mut a) = self.dir_attrs.get(&ino) {
+            self.atimes.note(&mut a);
+            return Ok(a);
+        }
         self.call_attr(MetaRequest::GetAttr { ino }).await
     }
 
@@ -55,7 +59,7 @@ impl Client {
     ) -> Result<Attr> {
         check_name(name)?;
         let req = MetaRequest::MakeNode { parent, name: name.to_vec(), kind, perm, rdev, target, caller, umask, open };
-        let attr = self.call_attr(req).await?;
+        let attr = self.call_changed(req).await?.ok_or_else(|| unexpected(MetaResponse::Empty))?;
         if open {
             self.opened(attr.ino);
         }
@@ -64,17 +68,18 @@ impl Client {
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
         check_name(new_name)?;
-        self.call_attr(MetaRequest::Link { ino, new_parent, new_name: new_name.to_vec() }).await
+        let req = MetaRequest::Link { ino, new_parent, new_name: new_name.to_vec() };
+        self.call_changed(req).await?.ok_or_else(|| unexpected(MetaResponse::Empty))
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        self.call_empty(MetaRequest::Unlink { parent, name: name.to_vec() }).await
+        self.call_changed(MetaRequest::Unlink { parent, name: name.to_vec() }).await.map(drop)
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        self.call_empty(MetaRequest::Rmdir { parent, name: name.to_vec() }).await
+        self.call_changed(MetaRequest::Rmdir { parent, name: name.to_vec() }).await.map(drop)
     }
 
     pub async fn rename(
@@ -88,7 +93,7 @@ impl Client {
         check_name(name)?;
         check_name(new_name)?;
         let req = MetaRequest::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), mode };
-        self.call_empty(req).await
+        self.call_changed(req).await.map(drop)
     }
 
     pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {

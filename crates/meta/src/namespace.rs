@@ -57,6 +57,24 @@ fn not_immutable(flags: u32) -> Result<()> {
     }
 }
 
+/// The directories a namespace change touched, with the attributes it left them with: the
+/// client answers the kernel's getattr of them (which follows every create, unlink and rename
+/// under `default_permissions`) without another round trip.
+#[derive(Default)]
+pub(crate) struct TouchedDirs(pub(crate) Vec<Attr>);
+
+impl TouchedDirs {
+    /// Adds to `b` the update of `dir`'s link count and times, and records the result.
+    fn touch(&mut self, b: &mut Batch, dir: &Attr, nlink_delta: i64, now: Timestamp) {
+        b.touch_dir(dir.ino, nlink_delta, now);
+        let mut a = dir.clone();
+        a.nlink = (i64::from(a.nlink) + nlink_delta) as u32;
+        a.mtime = now;
+        a.ctime = now;
+        self.0.push(a);
+    }
+}
+
 /// Counts a directory's link for a parent's `nlink`.
 fn dir_links(kind: FileKind) -> i64 {
     i64::from(kind == FileKind::Dir)
@@ -103,7 +121,7 @@ impl MetaService {
         target: Option<Vec<u8>>,
         caller: &Caller,
         open: bool,
-    ) -> Result<Attr> {
+    ) -> Result<(Attr, TouchedDirs)> {
         check_name(name)?;
         if let Some(t) = &target
             && (t.is_empty() || t.len() > SYMLINK_MAX)
@@ -119,6 +137,7 @@ impl MetaService {
         // it as its access ACL, limited by the requested mode; a new directory inherits it too.
         let default_acl = match kind {
             FileKind::Symlink => None,
+            _ if !p.has_xattrs => None,
             _ => reads::xattr(w.conn(), parent, acl::DEFAULT).await?,
         };
         let mut perm = masked_perm & 0o7777;
@@ -141,7 +160,8 @@ impl MetaService {
         let nlink = if kind == FileKind::Dir { 2 } else { 1 };
         let size = target.as_ref().map_or(0, |t| t.len() as u64);
         let mut b = Batch::default();
-        b.touch_dir(parent, dir_links(kind), now);
+        let mut dirs = TouchedDirs::default();
+        dirs.touch(&mut b, &p, dir_links(kind), now);
         b.insert_inode(None, kind, perm, nlink, caller.uid, gid, rdev, parent, target, now);
         b.insert_dentry_for_new_inode(parent, name, kind);
         if let Some(value) = &access_acl {
@@ -155,7 +175,7 @@ impl MetaService {
         if open {
             self.opens.open(conn, ino);
         }
-        Ok(Attr {
+        let attr = Attr {
             ino,
             kind,
             perm,
@@ -171,10 +191,11 @@ impl MetaService {
             has_xattrs: access_acl.is_some() || default_acl.is_some(),
             stored: 0,
             flags: 0,
-        })
+        };
+        Ok((attr, dirs))
     }
 
-    pub(crate) async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+    pub(crate) async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<(Attr, TouchedDirs)> {
         check_name(new_name)?;
         let mut w = self.store.write().await?;
         let mut a = reads::get_attr(w.conn(), ino).await?;
@@ -192,25 +213,26 @@ impl MetaService {
         not_immutable(p.flags)?;
         let now = Timestamp::now();
         let mut b = Batch::default();
+        let mut dirs = TouchedDirs::default();
         b.insert_dentry(new_parent, new_name, ino, a.kind);
-        b.touch_dir(new_parent, 0, now);
+        dirs.touch(&mut b, &p, 0, now);
         b.add_link(ino, now);
         w.apply(b).await?;
         a.nlink += 1;
         a.ctime = now;
-        Ok(a)
+        Ok((a, dirs))
     }
 
     /// Schedules the freeing of inodes a batch left without links, unless still open.
     fn unlinked(&self, inos: Vec<Ino>) {
         for ino in inos {
-            if !self.opens.is_open(ino) {
+            if self.opens.unlinked(ino) {
                 self.defer_purge(ino);
             }
         }
     }
 
-    pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+    pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<TouchedDirs> {
         let mut w = self.store.write().await?;
         let (p, child) = dir_entry(&mut w, parent, name).await?;
         let Some(child) = child else {
@@ -223,15 +245,16 @@ impl MetaService {
         unlocked(child.flags)?;
         let now = Timestamp::now();
         let mut b = Batch::default();
+        let mut dirs = TouchedDirs::default();
         b.delete_dentry(parent, name);
-        b.touch_dir(parent, 0, now);
+        dirs.touch(&mut b, &p, 0, now);
         b.drop_link(child.ino, false, now);
         let done = w.apply(b).await?;
         self.unlinked(done.unlinked());
-        Ok(())
+        Ok(dirs)
     }
 
-    pub(crate) async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+    pub(crate) async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<TouchedDirs> {
         if name == b"." {
             return Err(err(ErrorCode::Invalid, "cannot remove '.'"));
         }
@@ -253,12 +276,13 @@ impl MetaService {
         }
         let now = Timestamp::now();
         let mut b = Batch::default();
+        let mut dirs = TouchedDirs::default();
         b.delete_dentry(parent, name);
-        b.touch_dir(parent, -1, now);
+        dirs.touch(&mut b, &p, -1, now);
         b.drop_link(child.ino, true, now);
         let done = w.apply(b).await?;
         self.unlinked(done.unlinked());
-        Ok(())
+        Ok(dirs)
     }
 
     /// True if `dir` is `ancestor` or lies below it.
@@ -285,7 +309,7 @@ impl MetaService {
         new_parent: Ino,
         new_name: &[u8],
         mode: RenameMode,
-    ) -> Result<()> {
+    ) -> Result<TouchedDirs> {
         check_name(new_name)?;
         let mut w = self.store.write().await?;
         let (p, src) = dir_entry(&mut w, parent, name).await?;
@@ -305,6 +329,7 @@ impl MetaService {
         }
         let now = Timestamp::now();
         let mut b = Batch::default();
+        let mut dirs = TouchedDirs::default();
         let whiteout = match &mode {
             RenameMode::Whiteout { caller, .. } => Some(caller.clone()),
             _ => None,
@@ -314,7 +339,7 @@ impl MetaService {
             (RenameMode::NoReplace | RenameMode::Whiteout { no_replace: true, .. }, Some(_)) => {
                 return Err(err(ErrorCode::Exists, "target exists"));
             }
-            (_, Some(d)) if d.ino == src.ino => return Ok(()),
+            (_, Some(d)) if d.ino == src.ino => return Ok(dirs),
             (RenameMode::Exchange, Some(dst)) => {
                 if dst.kind == FileKind::Dir && parent != new_parent && Self::is_within(&mut w, parent, dst.ino).await?
                 {
@@ -324,8 +349,8 @@ impl MetaService {
                 b.retarget_dentry(new_parent, new_name, src.ino, src.kind);
                 if parent != new_parent {
                     let delta = dir_links(dst.kind) - dir_links(src.kind);
-                    b.touch_dir(parent, delta, now);
-                    b.touch_dir(new_parent, -delta, now);
+                    dirs.touch(&mut b, &p, delta, now);
+                    dirs.touch(&mut b, &new_p, -delta, now);
                     if src.kind == FileKind::Dir {
                         b.set_parent(src.ino, new_parent);
                     }
@@ -333,7 +358,7 @@ impl MetaService {
                         b.set_parent(dst.ino, parent);
                     }
                 } else {
-                    b.touch_dir(parent, 0, now);
+                    dirs.touch(&mut b, &p, 0, now);
                 }
                 b.touch_ctime(src.ino, now);
                 b.touch_ctime(dst.ino, now);
@@ -355,13 +380,13 @@ impl MetaService {
                 }
                 b.move_dentry(parent, name, new_parent, new_name);
                 if parent != new_parent {
-                    b.touch_dir(parent, -dir_links(src.kind), now);
+                    dirs.touch(&mut b, &p, -dir_links(src.kind), now);
                     new_parent_links += dir_links(src.kind);
                     if src.kind == FileKind::Dir {
                         b.set_parent(src.ino, new_parent);
                     }
                 }
-                b.touch_dir(new_parent, new_parent_links, now);
+                dirs.touch(&mut b, &new_p, new_parent_links, now);
                 b.touch_ctime(src.ino, now);
                 if let Some(caller) = whiteout {
                     b.insert_inode(None, FileKind::CharDev, 0, 1, caller.uid, caller.gid, 0, parent, None, now);
@@ -371,7 +396,7 @@ impl MetaService {
         }
         let done = w.apply(b).await?;
         self.unlinked(done.unlinked());
-        Ok(())
+        Ok(dirs)
     }
 
     pub(crate) async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -394,28 +419,19 @@ impl MetaService {
         Ok(a)
     }
 
-    pub(crate) async fn close(&self, conn: usize, ino: Ino) -> Result<()> {
-        // Under the writer lock so no unlink is half done while the link count is checked.
-        let _w = self.store.write().await?;
-        if self.opens.close(conn, ino) && reads::get_attr(&self.store.readers, ino).await.is_ok_and(|a| a.nlink == 0) {
+    /// Drops a handle; the last one of a file without links frees it. No SQL: which inodes
+    /// are such orphans is known in memory ([`crate::opens::Opens`]).
+    pub(crate) fn close(&self, conn: usize, ino: Ino) {
+        if self.opens.close(conn, ino) {
             self.defer_purge(ino);
         }
-        Ok(())
     }
 
     /// Drops a disconnected client's handles and frees files only it kept alive.
-    pub(crate) async fn connection_lost(&self, conn: usize) -> Result<()> {
-        let closed = self.opens.drop_conn(conn);
-        if closed.is_empty() {
-            return Ok(());
+    pub(crate) fn connection_lost(&self, conn: usize) {
+        for ino in self.opens.drop_conn(conn) {
+            self.defer_purge(ino);
         }
-        let _w = self.store.write().await?;
-        for ino in closed {
-            if !self.opens.is_open(ino) && reads::get_attr(&self.store.readers, ino).await.is_ok_and(|a| a.nlink == 0) {
-                self.defer_purge(ino);
-            }
-        }
-        Ok(())
     }
 
     pub(crate) async fn setattr(&self, ino: Ino, set: &SetAttrs) -> Result<Attr> {

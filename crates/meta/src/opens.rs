@@ -2,7 +2,7 @@
 //! close and a dead client's handles are dropped with its connection.
 
 use cairn_proto::Ino;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 /// Counts of open handles, in memory (a restarted metadata server starts with none).
@@ -15,6 +15,8 @@ pub(crate) struct Opens {
 struct OpensInner {
     by_ino: HashMap<Ino, u32>,
     by_conn: HashMap<usize, HashMap<Ino, u32>>,
+    /// Inodes without links kept alive by open handles: freed at their last close.
+    orphans: HashSet<Ino>,
 }
 
 impl Opens {
@@ -24,7 +26,19 @@ impl Opens {
         *g.by_conn.entry(conn).or_default().entry(ino).or_default() += 1;
     }
 
-    /// Drops one handle; returns true if it was the inode's last.
+    /// Notes that `ino` lost its last link; returns true if nothing has it open, so it can be
+    /// freed now. Otherwise its last close frees it ([`Opens::close`]).
+    pub(crate) fn unlinked(&self, ino: Ino) -> bool {
+        let mut g = self.inner.lock().expect("opens lock");
+        if g.by_ino.contains_key(&ino) {
+            g.orphans.insert(ino);
+            return false;
+        }
+        true
+    }
+
+    /// Drops one handle; returns true if it was the last of an inode without links, which
+    /// must be freed now.
     pub(crate) fn close(&self, conn: usize, ino: Ino) -> bool {
         let mut g = self.inner.lock().expect("opens lock");
         if let Some(per_conn) = g.by_conn.get_mut(&conn) {
@@ -38,20 +52,19 @@ impl Opens {
         } else {
             return false;
         }
-        decrement(&mut g.by_ino, ino, 1)
+        decrement(&mut g.by_ino, ino, 1) && g.orphans.remove(&ino)
     }
 
-    pub(crate) fn is_open(&self, ino: Ino) -> bool {
-        self.inner.lock().expect("opens lock").by_ino.contains_key(&ino)
-    }
-
-    /// Drops every handle of a connection; returns the inodes that lost their last handle.
+    /// Drops every handle of a connection; returns the inodes without links that lost their
+    /// last handle, which must be freed now.
     pub(crate) fn drop_conn(&self, conn: usize) -> Vec<Ino> {
         let mut g = self.inner.lock().expect("opens lock");
         let Some(per_conn) = g.by_conn.remove(&conn) else {
             return Vec::new();
         };
-        per_conn.into_iter().filter(|(ino, n)| decrement(&mut g.by_ino, *ino, *n)).map(|(ino, _)| ino).collect()
+        let last: Vec<Ino> =
+            per_conn.into_iter().filter(|(ino, n)| decrement(&mut g.by_ino, *ino, *n)).map(|(ino, _)| ino).collect();
+        last.into_iter().filter(|ino| g.orphans.remove(ino)).collect()
     }
 }
 
@@ -74,16 +87,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn last_close_and_dead_connections() {
+    fn orphans_are_freed_at_their_last_close_or_dead_connection() {
         let o = Opens::default();
         o.open(1, 10);
         o.open(2, 10);
         o.open(1, 10);
+        assert!(!o.unlinked(10), "open: kept");
         assert!(!o.close(1, 10));
-        assert!(o.is_open(10));
         assert!(!o.close(1, 10));
-        assert_eq!(o.drop_conn(2), vec![10]);
-        assert!(!o.is_open(10));
+        assert_eq!(o.drop_conn(2), vec![10], "the last handle died with its connection");
+        assert!(o.unlinked(10), "nothing has it open");
         assert!(!o.close(3, 10));
+        o.open(1, 11);
+        assert!(!o.close(1, 11), "a linked file is not freed at close");
+        o.open(1, 12);
+        assert!(!o.unlinked(12));
+        assert!(o.close(1, 12));
     }
 }

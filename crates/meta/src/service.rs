@@ -79,27 +79,27 @@ impl MetaService {
             MetaRequest::Lookup { parent, name } => R::Attr(self.lookup(parent, &name).await?),
             MetaRequest::GetAttr { ino } => R::Attr(self.getattr(ino).await?),
             MetaRequest::SetAttr { ino, set, caller: _ } => R::Attr(self.setattr(ino, &set).await?),
-            MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => R::Attr(
-                self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open).await?,
-            ),
-            MetaRequest::Link { ino, new_parent, new_name } => R::Attr(self.link(ino, new_parent, &new_name).await?),
+            MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => {
+                let (attr, dirs) =
+                    self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open).await?;
+                R::Changed { attr: Some(attr), dirs: dirs.0 }
+            }
+            MetaRequest::Link { ino, new_parent, new_name } => {
+                let (attr, dirs) = self.link(ino, new_parent, &new_name).await?;
+                R::Changed { attr: Some(attr), dirs: dirs.0 }
+            }
             MetaRequest::Unlink { parent, name } => {
-                self.unlink(parent, &name).await?;
-                R::Empty
+                R::Changed { attr: None, dirs: self.unlink(parent, &name).await?.0 }
             }
-            MetaRequest::Rmdir { parent, name } => {
-                self.rmdir(parent, &name).await?;
-                R::Empty
-            }
+            MetaRequest::Rmdir { parent, name } => R::Changed { attr: None, dirs: self.rmdir(parent, &name).await?.0 },
             MetaRequest::Rename { parent, name, new_parent, new_name, mode } => {
-                self.rename(parent, &name, new_parent, &new_name, mode).await?;
-                R::Empty
+                R::Changed { attr: None, dirs: self.rename(parent, &name, new_parent, &new_name, mode).await?.0 }
             }
             MetaRequest::ReadLink { ino } => R::Link(self.readlink(ino).await?),
             MetaRequest::ReadDir { ino, after, limit, plus } => R::Dir(self.readdir(ino, after, limit, plus).await?),
             MetaRequest::Open { ino } => R::Attr(self.open(conn, ino).await?),
             MetaRequest::Close { ino } => {
-                self.close(conn, ino).await?;
+                self.close(conn, ino);
                 R::Empty
             }
             MetaRequest::ReadMap { ino, chunk } => {
@@ -234,9 +234,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
     }
 
     async fn disconnected(&self, peer: &Peer) {
-        if let Err(e) = self.connection_lost(peer.conn_id).await {
-            warn!("cleaning up after a lost client: {e}");
-        }
+        self.connection_lost(peer.conn_id);
     }
 }
 

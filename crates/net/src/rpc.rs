@@ -156,13 +156,7 @@ impl RpcClient {
             NetError::Connection { addr: self.addr.clone(), reason }
         };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Attempt::Unsent(conn_err(&e)))?;
-        let sent = async {
-            send.write_all(head).await?;
-            send.write_all(payload).await?;
-            send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
-            Ok::<_, quinn::WriteError>(())
-        };
-        if let Err(e) = sent.await {
+        if let Err(e) = send_frame(&mut send, head, payload).await {
             return Err(match e {
                 quinn::WriteError::ConnectionLost(_) => Attempt::Unsent(conn_err(&e)),
                 _ => Attempt::Failed(conn_err(&e)),
@@ -181,6 +175,22 @@ impl RpcClient {
             Err(e) => Err(Attempt::Failed(NetError::Remote(e))),
         }
     }
+}
+
+/// Payloads up to this size are copied behind the header and sent with one write.
+const COALESCE_MAX: usize = 64 << 10;
+
+/// Writes a frame and ends the stream. A small frame goes out in one write, so the connection
+/// driver (which may run on another thread) cannot send the header, payload and end of stream
+/// in separate packets.
+async fn send_frame(send: &mut quinn::SendStream, head: &[u8], payload: &[u8]) -> Result<(), quinn::WriteError> {
+    if payload.len() <= COALESCE_MAX {
+        send.write_all(&[head, payload].concat()).await?;
+    } else {
+        send.write_all(head).await?;
+        send.write_all(payload).await?;
+    }
+    send.finish().map_err(|_| quinn::WriteError::ClosedStream)
 }
 
 enum Attempt {
@@ -311,13 +321,7 @@ where
             }
         }
     };
-    let sent = async {
-        send.write_all(&head).await?;
-        send.write_all(&payload).await?;
-        send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
-        Ok::<_, quinn::WriteError>(())
-    };
-    if let Err(e) = sent.await {
+    if let Err(e) = send_frame(&mut send, &head, &payload).await {
         debug!(?peer, "could not send answer: {e}");
     }
 }

@@ -230,6 +230,13 @@ pub enum MetaResponse {
     },
     Attr(Attr),
     Empty,
+    /// What a namespace change (make node, link, unlink, rmdir, rename) left: the node's
+    /// attributes where it has one, and those of every directory it touched, so the client
+    /// need not ask for them again.
+    Changed {
+        attr: Option<Attr>,
+        dirs: Vec<Attr>,
+    },
     Link(Vec<u8>),
     Dir(Vec<DirEntry>),
     /// A chunk's slices in commit order, and the commit position of the newest (0 if none),

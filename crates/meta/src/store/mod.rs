@@ -55,7 +55,8 @@ impl Store {
             .busy_timeout(std::time::Duration::from_secs(10))
             .statement_cache_capacity(256)
             .pragma("cache_size", "-65536");
-        let readers = SqlitePoolOptions::new().max_connections(4).connect_with(opts.clone()).await?;
+        let readers =
+            SqlitePoolOptions::new().max_connections(4).test_before_acquire(false).connect_with(opts.clone()).await?;
         MIGRATOR.run(&readers).await?;
         let conn = sqlx::ConnectOptions::connect(&opts).await?;
         Ok(Store { readers, writer: Mutex::new(Writer { conn, unfinished: false }) })

@@ -236,6 +236,17 @@ pub(crate) async fn unlinked_inodes<'e>(ex: impl SqliteExecutor<'e>) -> Result<V
     Ok(rows.into_iter().map(|(i,)| i as u64).collect())
 }
 
+/// Which of `inos` have no link left, in one statement.
+pub(crate) async fn unlinked_among<'e>(ex: impl SqliteExecutor<'e>, inos: &[Ino]) -> Result<Vec<Ino>> {
+    let list = inos.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let rows: Vec<(i64,)> =
+        sqlx::query_as("SELECT ino FROM inodes WHERE nlink = 0 AND ino IN (SELECT value FROM json_each(?))")
+            .bind(format!("[{list}]"))
+            .fetch_all(ex)
+            .await?;
+    Ok(rows.into_iter().map(|(i,)| i as u64).collect())
+}
+
 pub(crate) async fn inode_count<'e>(ex: impl SqliteExecutor<'e>) -> Result<u64> {
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes").fetch_one(ex).await?;
     Ok(n as u64)
