@@ -125,7 +125,19 @@ impl Client {
     /// Opens a handle. Opening an immutable file for writing, or an append-only one for
     /// writing without `O_APPEND`, is EPERM (the kernel leaves these checks to FUSE).
     pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<Attr> {
-        let attr = self.call_attr(MetaRequest::Open { ino }).await?;
+        let generation = self.data_generation(ino);
+        let attr = match self.call(MetaRequest::Open { ino }).await? {
+            MetaResponse::Opened { attr, first_map } => {
+                if let Some(map) = first_map {
+                    // Under the generation seen before asking: a commit of this client since
+                    // then retires it.
+                    self.maybe_compact(ino, 0, map.len());
+                    self.maps.insert((ino, generation, 0), Arc::new(map)).await;
+                }
+                self.note_attr(attr)
+            }
+            other => return Err(unexpected(other)),
+        };
         self.opened(ino);
         let locked = match attr.flags {
             f if f & inode_flags::IMMUTABLE != 0 => write,

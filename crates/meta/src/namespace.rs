@@ -411,12 +411,19 @@ impl MetaService {
         reads::dir_entries(&self.store.readers, ino, after, limit.clamp(1, 4096) as i64, plus).await
     }
 
-    pub(crate) async fn open(&self, conn: usize, ino: Ino) -> Result<Attr> {
-        // Under the writer lock so an open cannot slip between an unlink's check and its purge.
+    /// Registers a handle; returns the attributes and, for a file with data, its first
+    /// chunk's map (see `MetaResponse::Opened`).
+    pub(crate) async fn open(&self, conn: usize, ino: Ino) -> Result<(Attr, Option<Vec<SliceRef>>)> {
+        // Under the writer lock so an open cannot slip between an unlink's check and its purge,
+        // and no commit comes between the attributes and the map.
         let _w = self.store.write().await?;
         let a = reads::get_attr(&self.store.readers, ino).await?;
+        let map = match a.kind == FileKind::File && a.size > 0 {
+            true => Some(reads::slices(&self.store.readers, ino, 0).await?.0),
+            false => None,
+        };
         self.opens.open(conn, ino);
-        Ok(a)
+        Ok((a, map))
     }
 
     /// Drops a handle; the last one of a file without links frees it. No SQL: which inodes

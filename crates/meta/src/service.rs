@@ -97,7 +97,10 @@ impl MetaService {
             }
             MetaRequest::ReadLink { ino } => R::Link(self.readlink(ino).await?),
             MetaRequest::ReadDir { ino, after, limit, plus } => R::Dir(self.readdir(ino, after, limit, plus).await?),
-            MetaRequest::Open { ino } => R::Attr(self.open(conn, ino).await?),
+            MetaRequest::Open { ino } => {
+                let (attr, first_map) = self.open(conn, ino).await?;
+                R::Opened { attr, first_map }
+            }
             MetaRequest::Close { ino } => {
                 self.close(conn, ino);
                 R::Empty

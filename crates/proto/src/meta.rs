@@ -137,7 +137,8 @@ pub enum MetaRequest {
         limit: u32,
         plus: bool,
     },
-    /// Registers an open handle so an unlinked inode lives until its last close.
+    /// Registers an open handle so an unlinked inode lives until its last close. Answered
+    /// with `Opened`.
     Open {
         ino: Ino,
     },
@@ -236,6 +237,12 @@ pub enum MetaResponse {
     Changed {
         attr: Option<Attr>,
         dirs: Vec<Attr>,
+    },
+    /// An opened inode's attributes and, for a file with data, the map of its first chunk:
+    /// reading a small file then takes no further metadata round trip.
+    Opened {
+        attr: Attr,
+        first_map: Option<Vec<SliceRef>>,
     },
     Link(Vec<u8>),
     Dir(Vec<DirEntry>),
