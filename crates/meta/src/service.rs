@@ -176,6 +176,7 @@ impl MetaService {
                 _ = self.gc_wakeup.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             }
+            let started = tokio::time::Instant::now();
             let batch = match self.gc_batch(512).await {
                 Ok(b) if b.is_empty() => continue,
                 Ok(b) => b,
@@ -217,6 +218,9 @@ impl MetaService {
                 if let Err(e) = self.gc_done(&ids).await {
                     warn!("gc: {e}");
                 }
+                // A backlog (after an `rm -rf`) is worked off at most half the time, so that
+                // clients' requests and the chunk servers' disks are not starved meanwhile.
+                tokio::time::sleep(started.elapsed()).await;
                 self.gc_wakeup.notify_one();
             } else {
                 // Retry later: a holder is down. Blocks of dead servers are dealt with on rejoin.
