@@ -4,7 +4,7 @@
 //! are free again at once and slow network calls never block other requests.
 
 use crate::ioctl::*;
-use cairn_client::{Client, ClientError};
+use cairn_client::{Client, ClientError, Entry};
 use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
 use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp};
 use dashmap::DashMap;
@@ -208,13 +208,13 @@ impl Filesystem for CairnFs {
         let client = self.client.clone();
         self.spawn(async move {
             match client.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
+                Ok(Entry { attr: Some(a), ttl }) => reply.entry(&ttl, &to_fuse(&a), Generation(0)),
                 // A negative entry (inode 0) lets the kernel remember the miss for the same TTL
                 // as positive entries, so create-after-lookup costs one round trip, not two.
-                Err(e) if e.code == ErrorCode::NotFound && name != b"." && name != b".." => {
+                Ok(Entry { attr: None, ttl }) => {
                     let mut none = to_fuse(&negative_attr());
                     none.ino = INodeNo(0);
-                    reply.entry(&TTL, &none, Generation(0))
+                    reply.entry(&ttl, &none, Generation(0))
                 }
                 Err(e) => reply.error(errno(&e)),
             }

@@ -7,6 +7,7 @@ mod blocks;
 mod compact;
 mod error;
 pub mod layout;
+mod listing;
 mod namespace;
 pub mod placement;
 mod read;
@@ -14,6 +15,7 @@ mod write;
 
 pub use atime::AtimeMode;
 pub use error::{ClientError, Result};
+pub use listing::Entry;
 
 use cairn_net::{Identity, RpcClient};
 use cairn_proto::meta::{MetaRequest, MetaResponse};
@@ -95,6 +97,8 @@ pub struct Client {
     /// getattr the kernel sends after every create, unlink or rename in a directory (it drops
     /// the parent's attributes then). Kept for the attribute TTL, like the kernel's own cache.
     pub(crate) dir_attrs: moka::sync::Cache<Ino, Attr>,
+    /// Whole directories, for runs of lookups (see `listing`).
+    pub(crate) listings: listing::Listings,
     /// Set by [`Client::shut_down`]: every call fails from then on.
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -125,6 +129,7 @@ impl Client {
             compacting: dashmap::DashSet::new(),
             inode_flags: moka::sync::Cache::builder().max_capacity(100_000).build(),
             dir_attrs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
+            listings: listing::Listings::new(config.map_ttl),
             shut_down: Default::default(),
             meta,
             volume,
@@ -149,7 +154,10 @@ impl Client {
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
         self.check_up()?;
         self.forget_dir_attrs(&req);
-        Ok(self.meta.call::<_, MetaResponse>(&req, &[]).await?.0)
+        let sent = self.listings.before(&req);
+        let resp = self.meta.call::<_, MetaResponse>(&req, &[]).await.map(|r| r.0).map_err(ClientError::from);
+        self.listings.after(&req, sent, &resp);
+        resp
     }
 
     /// Shuts this client down, as a local filesystem does on a fatal error or an

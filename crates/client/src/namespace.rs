@@ -1,6 +1,6 @@
 //! Namespace calls: thin wrappers over metadata requests, plus name checks done locally.
 
-use crate::{Client, ClientError, Result, unexpected};
+use crate::{Client, ClientError, Entry, Result, unexpected};
 use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
@@ -13,9 +13,21 @@ fn check_name(name: &[u8]) -> Result<()> {
 }
 
 impl Client {
-    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+    /// Looks `name` up in `parent`, from a directory listing when one is at hand (see
+    /// `listing`). A missing name is an entry without attributes, which the kernel may
+    /// remember as long as a found one; "." and ".." are never missing.
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Entry> {
         check_name(name)?;
-        self.call_attr(MetaRequest::Lookup { parent, name: name.to_vec() }).await
+        let dots = name == b"." || name == b"..";
+        if !dots && let Some(hit) = self.listed(parent, name).await {
+            return Ok(hit);
+        }
+        let ttl = self.listings.ttl;
+        match self.call_attr(MetaRequest::Lookup { parent, name: name.to_vec() }).await {
+            Ok(a) => Ok(Entry { attr: Some(a), ttl }),
+            Err(e) if e.code == ErrorCode::NotFound && !dots => Ok(Entry { attr: None, ttl }),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {

@@ -1,0 +1,476 @@
+//! Whole-directory listings, so that a run of lookups in one directory (`stat` of every file,
+//! `git status`, a build reading headers) costs one round trip instead of one per name, and a
+//! name missing from a listing is answered as a negative entry locally.
+//!
+//! A listing is fetched after a few lookups in a small directory and trusted for the map TTL,
+//! the same bound that holds for the kernel's own entry cache (answers from it carry only the
+//! rest of that time as their TTL, so nothing the kernel holds is older than one TTL). Until
+//! directory leases exist, changes by other clients show within that bound; changes by this
+//! client show at once:
+//!
+//! * every request that may change an inode's attributes marks the inode with a fresh epoch
+//!   when sent and again when answered, and a listed entry is used only if it was read after
+//!   the inode's last mark;
+//! * this client's namespace changes are applied to the listing of the directory they change
+//!   (a created name is added, a removed one dropped, a renamed one marked unknown), and a
+//!   listing the change could not be applied to (it was being fetched) is not used again.
+
+use crate::Client;
+use cairn_proto::meta::{MetaRequest, MetaResponse, RenameMode};
+use cairn_proto::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Directories with more entries than this are not listed whole.
+const MAX_ENTRIES: usize = 16_384;
+/// Entries per directory page asked for while listing (the server's largest page).
+const PAGE: u32 = 4096;
+/// Lookups in one directory within the TTL after which it is listed whole.
+const LOOKUPS_BEFORE_LISTING: u32 = 3;
+/// Listed entries kept in memory, over all directories.
+const MAX_CACHED_ENTRIES: u64 = 200_000;
+
+/// What a listing knows about one name.
+#[derive(Clone)]
+enum Slot {
+    /// The entry's attributes, read at `epoch`.
+    Known(Attr, u64),
+    /// Changed by this client in a way the answer did not describe: ask the server.
+    Unknown,
+}
+
+/// One directory's entries.
+pub(crate) struct Listing {
+    at: Instant,
+    /// Every change of the directory's entries by this client up to this epoch is applied.
+    covered: AtomicU64,
+    /// `None`: the directory is too large to be listed whole.
+    entries: Option<Mutex<HashMap<Vec<u8>, Slot>>>,
+}
+
+/// An answer to a lookup from a listing: the attributes (`None`: no such name) and how long
+/// the kernel may keep it.
+pub struct Entry {
+    pub attr: Option<Attr>,
+    pub ttl: Duration,
+}
+
+pub(crate) struct Listings {
+    pub(crate) ttl: Duration,
+    epoch: AtomicU64,
+    /// Epoch of this client's last change of each inode's attributes or entries.
+    changed: moka::sync::Cache<Ino, u64>,
+    lookups: moka::sync::Cache<Ino, u32>,
+    listings: moka::sync::Cache<Ino, Arc<Listing>>,
+    /// Directories whose listing is being fetched (one fetch per directory at a time).
+    fetching: dashmap::DashSet<Ino>,
+}
+
+impl Listings {
+    pub(crate) fn new(ttl: Duration) -> Listings {
+        Listings {
+            ttl,
+            epoch: AtomicU64::new(1),
+            // Marks outlive every listing that could predate them.
+            changed: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(ttl * 2).build(),
+            lookups: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(ttl).build(),
+            fetching: dashmap::DashSet::new(),
+            listings: moka::sync::Cache::builder()
+                .max_capacity(MAX_CACHED_ENTRIES)
+                .weigher(|_, l: &Arc<Listing>| {
+                    l.entries.as_ref().map_or(1, |e| e.lock().expect("listing").len() as u32 + 1)
+                })
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    /// A fresh epoch, later than every one handed out before.
+    pub(crate) fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn mark(&self, ino: Ino, epoch: u64) {
+        self.changed.entry(ino).and_upsert_with(|old| old.map_or(epoch, |o| o.into_value().max(epoch)));
+    }
+
+    /// Whether this client changed `ino` after `epoch`.
+    fn changed_since(&self, ino: Ino, epoch: u64) -> bool {
+        self.changed.get(&ino).is_some_and(|c| c > epoch)
+    }
+
+    /// The listing of `dir`, if it is present and still describes this client's view.
+    fn usable(&self, dir: Ino) -> Option<Arc<Listing>> {
+        let l = self.listings.get(&dir)?;
+        let covered = l.covered.load(Ordering::Acquire);
+        // A directory found too large stays so for the TTL, whatever changes in it.
+        let current = l.entries.is_none() || self.changed.get(&dir).is_none_or(|c| c <= covered);
+        (l.at.elapsed() < self.ttl && current).then_some(l)
+    }
+
+    /// The lookup answer for `name` in `parent` from a listing, if one can be given.
+    fn answer(&self, parent: Ino, name: &[u8]) -> Option<Entry> {
+        let l = self.usable(parent)?;
+        let ttl = self.ttl.checked_sub(l.at.elapsed())?;
+        let entries = l.entries.as_ref()?.lock().expect("listing");
+        let attr = match entries.get(name) {
+            None => None,
+            Some(Slot::Unknown) => return None,
+            Some(Slot::Known(a, epoch)) if self.changed_since(a.ino, *epoch) => return None,
+            Some(Slot::Known(a, _)) => Some(a.clone()),
+        };
+        Some(Entry { attr, ttl })
+    }
+
+    /// Applies `f` to the entries of `dir`'s listing, if it has one.
+    fn edit(&self, dir: Ino, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
+        if let Some(l) = self.listings.get(&dir)
+            && let Some(entries) = &l.entries
+        {
+            f(&mut entries.lock().expect("listing"));
+        }
+    }
+
+    /// Like `edit`, and records that the listing includes this client's change of `dir`
+    /// at `epoch` (the directory itself is marked changed, which alone retires a listing).
+    fn apply(&self, dir: Ino, epoch: u64, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
+        if let Some(l) = self.listings.get(&dir)
+            && let Some(entries) = &l.entries
+        {
+            let mut e = entries.lock().expect("listing");
+            f(&mut e);
+            // Only a listing that covered every earlier change keeps covering them.
+            if self.changed.get(&dir).is_none_or(|c| c <= l.covered.load(Ordering::Acquire)) {
+                l.covered.fetch_max(epoch, Ordering::AcqRel);
+            }
+        }
+        self.mark(dir, epoch);
+    }
+
+    /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
+    pub(crate) fn before(&self, req: &MetaRequest) -> u64 {
+        let epoch = self.next_epoch();
+        // The name's state is unknown until the answer says what became of it. Its inode
+        // changes too (nlink, ctime), but appears in no other listing: see `slot`.
+        let unknown = |dir: Ino, name: &[u8]| {
+            self.edit(dir, |e| {
+                e.insert(name.to_vec(), Slot::Unknown);
+            })
+        };
+        use MetaRequest as R;
+        match req {
+            R::Hello { .. }
+            | R::Lookup { .. }
+            | R::GetAttr { .. }
+            | R::ReadLink { .. }
+            | R::ReadDir { .. }
+            | R::Open { .. }
+            | R::Close { .. }
+            | R::ReadMap { .. }
+            | R::AllocSlices { .. }
+            | R::Sync
+            | R::GetXattr { .. }
+            | R::ListXattr { .. }
+            | R::StatFs
+            | R::ListServers
+            | R::Heartbeat { .. } => {}
+            R::SetAttr { ino, .. }
+            | R::Commit { ino, .. }
+            | R::Fallocate { ino, .. }
+            | R::SetXattr { ino, .. }
+            | R::RemoveXattr { ino, .. }
+            | R::Touch { ino, .. }
+            | R::Compact { ino, .. } => self.mark(*ino, epoch),
+            R::MakeNode { parent, name, .. } | R::Unlink { parent, name } | R::Rmdir { parent, name } => {
+                unknown(*parent, name)
+            }
+            R::Link { ino, new_parent, new_name } => {
+                self.mark(*ino, epoch);
+                unknown(*new_parent, new_name);
+            }
+            R::Rename { parent, name, new_parent, new_name, .. } => {
+                unknown(*parent, name);
+                unknown(*new_parent, new_name);
+            }
+        }
+        epoch
+    }
+
+    /// Records what an answered `req` changed (see [`Listings::before`]).
+    pub(crate) fn after(&self, req: &MetaRequest, sent: u64, resp: &Result<MetaResponse, crate::ClientError>) {
+        use MetaRequest as R;
+        // First the marks: whatever the answer, an inode the request may have changed may
+        // have changed after any listing read meanwhile.
+        let epoch = self.next_epoch();
+        match req {
+            R::SetAttr { ino, .. }
+            | R::Commit { ino, .. }
+            | R::Fallocate { ino, .. }
+            | R::SetXattr { ino, .. }
+            | R::RemoveXattr { ino, .. }
+            | R::Touch { ino, .. }
+            | R::Compact { ino, .. }
+            | R::Link { ino, .. } => self.mark(*ino, epoch),
+            _ => {}
+        }
+        // A change that failed for want of an answer may still have happened: retire the
+        // listings. (An error from the server itself means nothing changed.)
+        if let Err(e) = resp
+            && matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut)
+        {
+            match req {
+                R::MakeNode { parent, .. } | R::Unlink { parent, .. } | R::Rmdir { parent, .. } => {
+                    self.mark(*parent, epoch)
+                }
+                R::Link { new_parent, .. } => self.mark(*new_parent, epoch),
+                R::Rename { parent, new_parent, .. } => {
+                    self.mark(*parent, epoch);
+                    self.mark(*new_parent, epoch);
+                }
+                _ => {}
+            }
+        }
+        // Then what the answer tells about names.
+        let fresh = self.next_epoch();
+        match (req, resp) {
+            // A lookup answer describes the name as of when it was sent: it is no news if this
+            // client changed the directory since.
+            (R::Lookup { parent, .. }, _) if self.changed_since(*parent, sent) => {}
+            (R::Lookup { parent, name }, Ok(MetaResponse::Attr(a))) => self.edit(*parent, |e| {
+                if !matches!(e.get(name.as_slice()), Some(Slot::Known(_, at)) if *at > sent) {
+                    e.insert(name.clone(), slot(a, sent));
+                }
+            }),
+            (R::Lookup { parent, name }, Err(err)) if err.code == ErrorCode::NotFound => self.edit(*parent, |e| {
+                if matches!(e.get(name.as_slice()), Some(Slot::Known(_, at)) if *at < sent) {
+                    e.remove(name.as_slice());
+                }
+            }),
+            (R::MakeNode { parent, name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
+                self.apply(*parent, epoch, |e| {
+                    e.insert(name.clone(), slot(a, fresh));
+                })
+            }
+            (R::Link { new_parent, new_name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
+                self.apply(*new_parent, epoch, |e| {
+                    e.insert(new_name.clone(), slot(a, fresh));
+                })
+            }
+            (R::Unlink { parent, name } | R::Rmdir { parent, name }, Ok(_)) => self.apply(*parent, epoch, |e| {
+                e.remove(name.as_slice());
+            }),
+            (R::Rename { parent, name, new_parent, mode, .. }, Ok(_)) => {
+                // The source name is gone, unless it was swapped or left a whiteout; the
+                // target (marked unknown before) now names the moved inode.
+                let gone = matches!(mode, RenameMode::Replace | RenameMode::NoReplace);
+                self.apply(*parent, epoch, |e| {
+                    if gone {
+                        e.remove(name.as_slice());
+                    }
+                });
+                self.apply(*new_parent, epoch, |_| {});
+            }
+            _ => {}
+        }
+        // Last, as `apply` needs the directories' marks from before this change.
+        if let Ok(MetaResponse::Changed { dirs, .. }) = resp {
+            dirs.iter().for_each(|d| self.mark(d.ino, epoch));
+        }
+    }
+}
+
+/// How a listing holds an entry read at `epoch`. An inode with several links is never
+/// answered from a listing: a change through another of its names (an unlink, a rename
+/// over it) would have to find every listing that holds it.
+fn slot(a: &Attr, epoch: u64) -> Slot {
+    match a.kind == FileKind::Dir || a.nlink <= 1 {
+        true => Slot::Known(a.clone(), epoch),
+        false => Slot::Unknown,
+    }
+}
+
+impl Client {
+    /// Answers a lookup from the listing of `parent`, fetching the listing first when the
+    /// directory has seen enough lookups lately; `None`: ask the server.
+    pub async fn listed(&self, parent: Ino, name: &[u8]) -> Option<Entry> {
+        let l = &self.listings;
+        if let Some(hit) = l.answer(parent, name) {
+            return Some(self.overlay(hit));
+        }
+        let seen = l.lookups.entry(parent).and_upsert_with(|n| n.map_or(1, |n| n.into_value() + 1)).into_value();
+        if seen < LOOKUPS_BEFORE_LISTING || l.usable(parent).is_some() || !l.fetching.insert(parent) {
+            return None;
+        }
+        let fetched = self.fetch_listing(parent).await;
+        l.fetching.remove(&parent);
+        // A listing retired early is fetched again only after as many lookups again.
+        l.lookups.invalidate(&parent);
+        l.listings.insert(parent, fetched.ok()?);
+        l.answer(parent, name).map(|hit| self.overlay(hit))
+    }
+
+    /// Shows this client's own buffered writes and atime updates in a listed entry.
+    fn overlay(&self, mut hit: Entry) -> Entry {
+        hit.attr = hit.attr.map(|a| self.note_attr(a));
+        hit
+    }
+
+    async fn fetch_listing(&self, dir: Ino) -> crate::Result<Arc<Listing>> {
+        let epoch = self.listings.next_epoch();
+        let at = Instant::now();
+        let mut entries = HashMap::new();
+        let mut after = 0;
+        let complete = loop {
+            let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
+            let page = match self.meta.call::<_, MetaResponse>(&req, &[]).await?.0 {
+                MetaResponse::Dir(page) => page,
+                other => return Err(crate::unexpected(other)),
+            };
+            let end = page.len() < PAGE as usize;
+            after = page.last().map_or(after, |e| e.cookie);
+            entries.extend(page.into_iter().filter_map(|e| Some((e.name, slot(&e.attr?, epoch)))));
+            if end || entries.len() > MAX_ENTRIES {
+                break end && entries.len() <= MAX_ENTRIES;
+            }
+        };
+        let entries = complete.then(|| Mutex::new(entries));
+        Ok(Arc::new(Listing { at, covered: AtomicU64::new(epoch), entries }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientError;
+    use cairn_proto::meta::SetAttrs;
+
+    fn attr(ino: Ino, kind: FileKind, nlink: u32) -> Attr {
+        let t = Timestamp { secs: 1, nanos: 0 };
+        Attr {
+            ino,
+            kind,
+            perm: 0o644,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            size: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            has_xattrs: false,
+            stored: 0,
+            flags: 0,
+        }
+    }
+
+    const DIR: Ino = 1;
+
+    /// A cache holding a listing of `DIR` with files "a" (ino 10), "b" (11) and "c" (12,
+    /// two links).
+    fn listed() -> Listings {
+        let l = Listings::new(Duration::from_secs(60));
+        let epoch = l.next_epoch();
+        let entries = [("a", 10, 1), ("b", 11, 1), ("c", 12, 2)]
+            .into_iter()
+            .map(|(n, ino, links)| (n.as_bytes().to_vec(), slot(&attr(ino, FileKind::File, links), epoch)))
+            .collect();
+        let listing =
+            Listing { at: Instant::now(), covered: AtomicU64::new(epoch), entries: Some(Mutex::new(entries)) };
+        l.listings.insert(DIR, Arc::new(listing));
+        l
+    }
+
+    /// What a lookup of `name` gets: Some(Some(ino)) found, Some(None) missing, None: ask.
+    fn ask(l: &Listings, name: &str) -> Option<Option<Ino>> {
+        l.answer(DIR, name.as_bytes()).map(|e| e.attr.map(|a| a.ino))
+    }
+
+    fn send(l: &Listings, req: MetaRequest, resp: Result<MetaResponse, ClientError>) {
+        let sent = l.before(&req);
+        l.after(&req, sent, &resp);
+    }
+
+    fn changed(attr: Option<Attr>) -> Result<MetaResponse, ClientError> {
+        Ok(MetaResponse::Changed { attr, dirs: vec![attr_dir()] })
+    }
+
+    fn attr_dir() -> Attr {
+        attr(DIR, FileKind::Dir, 2)
+    }
+
+    #[test]
+    fn answers_names_and_misses_but_not_multiply_linked_inodes() {
+        let l = listed();
+        assert_eq!(ask(&l, "a"), Some(Some(10)));
+        assert_eq!(ask(&l, "zz"), Some(None));
+        assert_eq!(ask(&l, "c"), None, "two links: ask the server");
+        assert!(l.answer(2, b"a").is_none(), "no listing of that directory");
+    }
+
+    #[test]
+    fn this_clients_changes_show_at_once() {
+        let l = listed();
+        let set = SetAttrs { perm: Some(0o600), ..Default::default() };
+        send(
+            &l,
+            MetaRequest::SetAttr { ino: 10, set, caller: Default::default() },
+            Ok(MetaResponse::Attr(attr(10, FileKind::File, 1))),
+        );
+        assert_eq!(ask(&l, "a"), None, "changed inode: ask the server");
+        send(
+            &l,
+            MetaRequest::Lookup { parent: DIR, name: b"a".to_vec() },
+            Ok(MetaResponse::Attr(attr(10, FileKind::File, 1))),
+        );
+        assert_eq!(ask(&l, "a"), Some(Some(10)), "the server's answer is cached again");
+
+        send(&l, MetaRequest::Unlink { parent: DIR, name: b"b".to_vec() }, changed(None));
+        assert_eq!(ask(&l, "b"), Some(None), "unlinked");
+
+        let new = attr(20, FileKind::File, 1);
+        let make = MetaRequest::MakeNode {
+            parent: DIR,
+            name: b"new".to_vec(),
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+            target: None,
+            caller: Default::default(),
+            umask: 0,
+            open: false,
+        };
+        send(&l, make, changed(Some(new)));
+        assert_eq!(ask(&l, "new"), Some(Some(20)), "created");
+
+        let rename = |name: &str, to: &str, mode| MetaRequest::Rename {
+            parent: DIR,
+            name: name.as_bytes().to_vec(),
+            new_parent: DIR,
+            new_name: to.as_bytes().to_vec(),
+            mode,
+        };
+        send(&l, rename("new", "moved", RenameMode::Replace), changed(None));
+        assert_eq!(ask(&l, "new"), Some(None), "rename: source gone");
+        assert_eq!(ask(&l, "moved"), None, "rename: target unknown");
+        send(&l, rename("a", "zz", RenameMode::Exchange), Err(ClientError::new(ErrorCode::NotFound, "no")));
+        assert!(l.usable(DIR).is_some(), "a refused change changed nothing");
+        send(&l, rename("a", "zz", RenameMode::Exchange), Err(ClientError::new(ErrorCode::TimedOut, "lost")));
+        assert!(l.usable(DIR).is_none(), "a change that may have happened retires the listing");
+    }
+
+    #[test]
+    fn a_change_while_listing_is_fetched_retires_it() {
+        let l = Listings::new(Duration::from_secs(60));
+        let fetch_epoch = l.next_epoch();
+        send(&l, MetaRequest::Unlink { parent: DIR, name: b"a".to_vec() }, changed(None));
+        let entries = [(b"a".to_vec(), slot(&attr(10, FileKind::File, 1), fetch_epoch))].into_iter().collect();
+        let listing =
+            Listing { at: Instant::now(), covered: AtomicU64::new(fetch_epoch), entries: Some(Mutex::new(entries)) };
+        l.listings.insert(DIR, Arc::new(listing));
+        assert_eq!(ask(&l, "a"), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! Lookups answered from a cached directory listing (crates/client/src/listing.rs) must show
+//! this client's own changes at once, and another client's within the cache TTL.
+
+use cairn_tests::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Makes the kernel forget dentries and inodes, so the next path walk asks the filesystem.
+fn forget_dentries() {
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+}
+
+fn stat_all(dir: &Path, n: usize) {
+    for i in 0..n {
+        std::fs::symlink_metadata(dir.join(format!("f{i}"))).unwrap();
+    }
+}
+
+#[test]
+fn listed_lookups_show_this_clients_changes_at_once() {
+    let c = Cluster::start(1);
+    let d = c.path("d");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..20 {
+        std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+    }
+    forget_dentries();
+    // Enough lookups in one directory to make the client list it whole.
+    stat_all(&d, 20);
+
+    std::fs::set_permissions(d.join("f1"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(d.join("f2"), b"longer now").unwrap();
+    std::fs::remove_file(d.join("f3")).unwrap();
+    std::fs::rename(d.join("f4"), d.join("f4b")).unwrap();
+    std::fs::rename(d.join("f6"), d.join("f7")).unwrap();
+    std::fs::write(d.join("new"), b"new").unwrap();
+    std::fs::hard_link(d.join("f5"), d.join("f5l")).unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let f8 = d.join("f8");
+    let f8_ino = std::fs::metadata(&f8).unwrap().ino();
+    forget_dentries();
+
+    let meta = |name: &str| std::fs::symlink_metadata(d.join(name));
+    assert_eq!(meta("f1").unwrap().permissions().mode() & 0o777, 0o600, "chmod");
+    assert_eq!(meta("f2").unwrap().len(), 10, "write");
+    assert_eq!(meta("f3").unwrap_err().kind(), std::io::ErrorKind::NotFound, "unlink");
+    assert_eq!(meta("f4").unwrap_err().kind(), std::io::ErrorKind::NotFound, "rename source");
+    assert_eq!(meta("f4b").unwrap().len(), 1, "rename target");
+    assert_eq!(meta("f6").unwrap_err().kind(), std::io::ErrorKind::NotFound, "rename over: source");
+    assert_eq!(std::fs::read(d.join("f7")).unwrap(), b"x", "rename over: target");
+    assert_eq!(meta("new").unwrap().len(), 3, "create");
+    assert_eq!(meta("f5").unwrap().nlink(), 2, "link: source");
+    assert_eq!(meta("f5l").unwrap().nlink(), 2, "link: new name");
+    assert!(meta("sub").unwrap().is_dir(), "mkdir");
+    assert_eq!(meta("f8").unwrap().ino(), f8_ino, "untouched entry");
+    assert_eq!(meta("missing").unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    // A name created over a negative entry the listing held.
+    std::fs::write(d.join("missing"), b"now").unwrap();
+    forget_dentries();
+    assert_eq!(meta("missing").unwrap().len(), 3, "created after a miss");
+}
+
+#[test]
+fn another_clients_changes_show_within_the_cache_ttl() {
+    let c = Cluster::start(1);
+    let other = c.mount_again("other", "");
+    let d = c.path("d");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..20 {
+        std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+    }
+    let od = other.join("d");
+    stat_all(&od, 20);
+    std::fs::remove_file(d.join("f0")).unwrap();
+    std::fs::write(d.join("late"), b"late").unwrap();
+    // The contract is one TTL (1 s); allow slack for a loaded machine, but far less than a
+    // listing kept past its TTL would take.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let gone = std::fs::symlink_metadata(od.join("f0")).is_err();
+        let there = std::fs::symlink_metadata(od.join("late")).is_ok();
+        if gone && there {
+            break;
+        }
+        assert!(Instant::now() < deadline, "other client: f0 gone {gone}, late there {there}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
