@@ -5,6 +5,19 @@ use cairn_proto::chunk::BlockKey;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Blocks at least this large start their writeback as soon as they are written (see
+/// [`start_writeback`]).
+const WRITEBACK_MIN: usize = 256 << 10;
+
+/// Asks the kernel to start writing a file's dirty pages now, without waiting. A large write
+/// ends with an fsync; without this the page cache collects the whole file first and the
+/// fsync then waits for all of it (1.2 s for 1 GiB here), while with it the disk works during
+/// the write and the fsync finds little left to do. Only a hint: failures are ignored.
+fn start_writeback(f: &std::fs::File) {
+    // SAFETY: sync_file_range on a descriptor we own, over the whole file (0, 0).
+    unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(f), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// Up to this many blocks are synced one by one; more take one `syncfs` (see [`BlockStore::sync`]).
 const SYNC_EACH_MAX: usize = 32;
 
@@ -67,6 +80,8 @@ impl BlockStore {
             f.write_all(block)?;
             if sync {
                 f.sync_data()?;
+            } else if block.len() >= WRITEBACK_MIN {
+                start_writeback(&f);
             }
             std::fs::rename(&tmp, &path)?;
             if sync {
