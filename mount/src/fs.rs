@@ -4,7 +4,7 @@
 //! are free again at once and slow network calls never block other requests.
 
 use crate::ioctl::*;
-use cairn_client::{Client, ClientError, Entry};
+use cairn_client::{Client, ClientError};
 use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
 use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp};
 use dashmap::DashMap;
@@ -205,20 +205,15 @@ impl Filesystem for CairnFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
-        let client = self.client.clone();
-        self.spawn(async move {
-            match client.lookup(parent.0, &name).await {
-                Ok(Entry { attr: Some(a), ttl }) => reply.entry(&ttl, &to_fuse(&a), Generation(0)),
-                // A negative entry (inode 0) lets the kernel remember the miss for the same TTL
-                // as positive entries, so create-after-lookup costs one round trip, not two.
-                Ok(Entry { attr: None, ttl }) => {
-                    let mut none = to_fuse(&negative_attr());
-                    none.ino = INodeNo(0);
-                    reply.entry(&ttl, &none, Generation(0))
-                }
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        run!(self, reply, |c| c.lookup(parent.0, &name), |e| {
+            // A negative entry (inode 0) lets the kernel remember the miss for the same TTL
+            // as positive entries, so create-after-lookup costs one round trip, not two.
+            let attr = match e.attr {
+                Some(a) => to_fuse(&a),
+                None => FileAttr { ino: INodeNo(0), ..to_fuse(&negative_attr()) },
+            };
+            reply.entry(&e.ttl, &attr, Generation(0))
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

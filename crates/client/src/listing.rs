@@ -33,7 +33,6 @@ const LOOKUPS_BEFORE_LISTING: u32 = 3;
 const MAX_CACHED_ENTRIES: u64 = 200_000;
 
 /// What a listing knows about one name.
-#[derive(Clone)]
 enum Slot {
     /// The entry's attributes, read at `epoch`.
     Known(Attr, u64),
@@ -124,27 +123,21 @@ impl Listings {
         Some(Entry { attr, ttl })
     }
 
-    /// Applies `f` to the entries of `dir`'s listing, if it has one.
-    fn edit(&self, dir: Ino, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
-        if let Some(l) = self.listings.get(&dir)
-            && let Some(entries) = &l.entries
-        {
-            f(&mut entries.lock().expect("listing"));
-        }
+    /// Applies `f` to the entries of `dir`'s listing, if it has one; returns that listing.
+    fn edit(&self, dir: Ino, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) -> Option<Arc<Listing>> {
+        let l = self.listings.get(&dir)?;
+        f(&mut l.entries.as_ref()?.lock().expect("listing"));
+        Some(l)
     }
 
     /// Like `edit`, and records that the listing includes this client's change of `dir`
     /// at `epoch` (the directory itself is marked changed, which alone retires a listing).
     fn apply(&self, dir: Ino, epoch: u64, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
-        if let Some(l) = self.listings.get(&dir)
-            && let Some(entries) = &l.entries
+        // Only a listing that covered every earlier change keeps covering them.
+        if let Some(l) = self.edit(dir, f)
+            && self.changed.get(&dir).is_none_or(|c| c <= l.covered.load(Ordering::Acquire))
         {
-            let mut e = entries.lock().expect("listing");
-            f(&mut e);
-            // Only a listing that covered every earlier change keeps covering them.
-            if self.changed.get(&dir).is_none_or(|c| c <= l.covered.load(Ordering::Acquire)) {
-                l.covered.fetch_max(epoch, Ordering::AcqRel);
-            }
+            l.covered.fetch_max(epoch, Ordering::AcqRel);
         }
         self.mark(dir, epoch);
     }
@@ -152,48 +145,15 @@ impl Listings {
     /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
     pub(crate) fn before(&self, req: &MetaRequest) -> u64 {
         let epoch = self.next_epoch();
-        // The name's state is unknown until the answer says what became of it. Its inode
+        if let Some(ino) = changed_inode(req) {
+            self.mark(ino, epoch);
+        }
+        // A name's state is unknown until the answer says what became of it. Its inode
         // changes too (nlink, ctime), but appears in no other listing: see `slot`.
-        let unknown = |dir: Ino, name: &[u8]| {
+        for (dir, name) in changed_names(req) {
             self.edit(dir, |e| {
                 e.insert(name.to_vec(), Slot::Unknown);
-            })
-        };
-        use MetaRequest as R;
-        match req {
-            R::Hello { .. }
-            | R::Lookup { .. }
-            | R::GetAttr { .. }
-            | R::ReadLink { .. }
-            | R::ReadDir { .. }
-            | R::Open { .. }
-            | R::Close { .. }
-            | R::ReadMap { .. }
-            | R::AllocSlices { .. }
-            | R::Sync
-            | R::GetXattr { .. }
-            | R::ListXattr { .. }
-            | R::StatFs
-            | R::ListServers
-            | R::Heartbeat { .. } => {}
-            R::SetAttr { ino, .. }
-            | R::Commit { ino, .. }
-            | R::Fallocate { ino, .. }
-            | R::SetXattr { ino, .. }
-            | R::RemoveXattr { ino, .. }
-            | R::Touch { ino, .. }
-            | R::Compact { ino, .. } => self.mark(*ino, epoch),
-            R::MakeNode { parent, name, .. } | R::Unlink { parent, name } | R::Rmdir { parent, name } => {
-                unknown(*parent, name)
-            }
-            R::Link { ino, new_parent, new_name } => {
-                self.mark(*ino, epoch);
-                unknown(*new_parent, new_name);
-            }
-            R::Rename { parent, name, new_parent, new_name, .. } => {
-                unknown(*parent, name);
-                unknown(*new_parent, new_name);
-            }
+            });
         }
         epoch
     }
@@ -204,58 +164,44 @@ impl Listings {
         // First the marks: whatever the answer, an inode the request may have changed may
         // have changed after any listing read meanwhile.
         let epoch = self.next_epoch();
-        match req {
-            R::SetAttr { ino, .. }
-            | R::Commit { ino, .. }
-            | R::Fallocate { ino, .. }
-            | R::SetXattr { ino, .. }
-            | R::RemoveXattr { ino, .. }
-            | R::Touch { ino, .. }
-            | R::Compact { ino, .. }
-            | R::Link { ino, .. } => self.mark(*ino, epoch),
-            _ => {}
+        if let Some(ino) = changed_inode(req) {
+            self.mark(ino, epoch);
         }
         // A change that failed for want of an answer may still have happened: retire the
         // listings. (An error from the server itself means nothing changed.)
         if let Err(e) = resp
             && matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut)
         {
-            match req {
-                R::MakeNode { parent, .. } | R::Unlink { parent, .. } | R::Rmdir { parent, .. } => {
-                    self.mark(*parent, epoch)
-                }
-                R::Link { new_parent, .. } => self.mark(*new_parent, epoch),
-                R::Rename { parent, new_parent, .. } => {
-                    self.mark(*parent, epoch);
-                    self.mark(*new_parent, epoch);
-                }
-                _ => {}
-            }
+            changed_names(req).into_iter().for_each(|(dir, _)| self.mark(dir, epoch));
         }
-        // Then what the answer tells about names.
-        let fresh = self.next_epoch();
+        // Then what the answer tells about names; entries it adds are read now.
+        let fresh = || self.next_epoch();
         match (req, resp) {
             // A lookup answer describes the name as of when it was sent: it is no news if this
             // client changed the directory since.
             (R::Lookup { parent, .. }, _) if self.changed_since(*parent, sent) => {}
-            (R::Lookup { parent, name }, Ok(MetaResponse::Attr(a))) => self.edit(*parent, |e| {
-                if !matches!(e.get(name.as_slice()), Some(Slot::Known(_, at)) if *at > sent) {
-                    e.insert(name.clone(), slot(a, sent));
-                }
-            }),
-            (R::Lookup { parent, name }, Err(err)) if err.code == ErrorCode::NotFound => self.edit(*parent, |e| {
-                if matches!(e.get(name.as_slice()), Some(Slot::Known(_, at)) if *at < sent) {
-                    e.remove(name.as_slice());
-                }
-            }),
+            (R::Lookup { parent, name }, Ok(MetaResponse::Attr(a))) => {
+                self.edit(*parent, |e| {
+                    if !matches!(e.get(name.as_slice()), Some(Slot::Known(_, at)) if *at > sent) {
+                        e.insert(name.clone(), slot(a, sent));
+                    }
+                });
+            }
+            (R::Lookup { parent, name }, Err(err)) if err.code == ErrorCode::NotFound => {
+                self.edit(*parent, |e| {
+                    if matches!(e.get(name.as_slice()), Some(Slot::Known(_, at)) if *at < sent) {
+                        e.remove(name.as_slice());
+                    }
+                });
+            }
             (R::MakeNode { parent, name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
                 self.apply(*parent, epoch, |e| {
-                    e.insert(name.clone(), slot(a, fresh));
+                    e.insert(name.clone(), slot(a, fresh()));
                 })
             }
             (R::Link { new_parent, new_name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
                 self.apply(*new_parent, epoch, |e| {
-                    e.insert(new_name.clone(), slot(a, fresh));
+                    e.insert(new_name.clone(), slot(a, fresh()));
                 })
             }
             (R::Unlink { parent, name } | R::Rmdir { parent, name }, Ok(_)) => self.apply(*parent, epoch, |e| {
@@ -288,6 +234,54 @@ fn slot(a: &Attr, epoch: u64) -> Slot {
     match a.kind == FileKind::Dir || a.nlink <= 1 {
         true => Slot::Known(a.clone(), epoch),
         false => Slot::Unknown,
+    }
+}
+
+/// The inode whose attributes `req` may change, if any. Every request is named, so a new
+/// one cannot be forgotten here.
+fn changed_inode(req: &MetaRequest) -> Option<Ino> {
+    use MetaRequest as R;
+    match req {
+        R::SetAttr { ino, .. }
+        | R::Commit { ino, .. }
+        | R::Fallocate { ino, .. }
+        | R::SetXattr { ino, .. }
+        | R::RemoveXattr { ino, .. }
+        | R::Touch { ino, .. }
+        | R::Compact { ino, .. }
+        | R::Link { ino, .. } => Some(*ino),
+        R::Hello { .. }
+        | R::Lookup { .. }
+        | R::GetAttr { .. }
+        | R::MakeNode { .. }
+        | R::Unlink { .. }
+        | R::Rmdir { .. }
+        | R::Rename { .. }
+        | R::ReadLink { .. }
+        | R::ReadDir { .. }
+        | R::Open { .. }
+        | R::Close { .. }
+        | R::ReadMap { .. }
+        | R::AllocSlices { .. }
+        | R::Sync
+        | R::GetXattr { .. }
+        | R::ListXattr { .. }
+        | R::StatFs
+        | R::ListServers
+        | R::Heartbeat { .. } => None,
+    }
+}
+
+/// The (directory, name) pairs whose entries `req` may change.
+fn changed_names(req: &MetaRequest) -> Vec<(Ino, &[u8])> {
+    use MetaRequest as R;
+    match req {
+        R::MakeNode { parent, name, .. } | R::Unlink { parent, name } | R::Rmdir { parent, name } => {
+            vec![(*parent, name)]
+        }
+        R::Link { new_parent, new_name, .. } => vec![(*new_parent, new_name)],
+        R::Rename { parent, name, new_parent, new_name, .. } => vec![(*parent, name), (*new_parent, new_name)],
+        _ => Vec::new(),
     }
 }
 
