@@ -1,12 +1,14 @@
 //! Access times. The kernel never updates atime on a FUSE mount (it marks FUSE inodes
 //! `S_NOATIME`), so the client does, by the mount's rule, in the background: a read never
-//! waits for it. Attributes fetched while an update is in flight already show it.
+//! waits for it. Updates are gathered for a moment and sent together, so reading thousands of
+//! files costs the metadata server a few transactions, not one each. Attributes fetched while
+//! an update is pending already show it.
 
 use crate::Client;
 use cairn_proto::meta::MetaRequest;
 use cairn_proto::*;
 use dashmap::DashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// When reads update atime: the mount options `noatime`, `relatime` (Linux's default) and
@@ -21,14 +23,20 @@ pub enum AtimeMode {
 
 /// relatime also updates an atime that is this old, so it stays roughly current.
 const RELATIME_MAX_AGE_SECS: i64 = 24 * 3600;
+/// How long updates are gathered before they are sent.
+const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// Updates sent in one request at most; a fuller batch goes at once.
+const BATCH_MAX: usize = 1024;
 
 pub(crate) struct Atimes {
     mode: AtimeMode,
     diratime: bool,
     /// Last known (atime, mtime, ctime) per inode, from attributes the server sent.
     known: moka::sync::Cache<Ino, (Timestamp, Timestamp, Timestamp)>,
-    /// Updates sent and not answered yet.
+    /// Updates not answered yet.
     pending: DashMap<Ino, Timestamp>,
+    /// Updates not sent yet, in order.
+    queue: Mutex<Vec<(Ino, Timestamp)>>,
 }
 
 impl Atimes {
@@ -38,6 +46,7 @@ impl Atimes {
             diratime,
             known: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
             pending: DashMap::new(),
+            queue: Mutex::new(Vec::new()),
         }
     }
 
@@ -87,13 +96,35 @@ impl Client {
             return;
         }
         let Some(atime) = self.atimes.due(ino, dir) else { return };
-        let client = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.call_empty(MetaRequest::Touch { ino, atime }).await {
-                tracing::debug!(ino, error = %e, "atime update failed");
-            }
-            client.atimes.pending.remove_if(&ino, |_, t| *t == atime);
-        });
+        let queued = {
+            let mut q = self.atimes.queue.lock().expect("atime queue lock");
+            q.push((ino, atime));
+            q.len()
+        };
+        // The first update of a batch schedules its sending; a full batch goes at once.
+        if queued == 1 || queued == BATCH_MAX {
+            let client = self.clone();
+            tokio::spawn(async move {
+                if queued == 1 {
+                    tokio::time::sleep(BATCH_DELAY).await;
+                }
+                client.send_atimes().await;
+            });
+        }
+    }
+
+    /// Sends the queued atime updates now (also before the mount ends, so none is lost).
+    pub async fn send_atimes(&self) {
+        let times = std::mem::take(&mut *self.atimes.queue.lock().expect("atime queue lock"));
+        if times.is_empty() {
+            return;
+        }
+        if let Err(e) = self.call_empty(MetaRequest::Touch { times: times.clone() }).await {
+            tracing::debug!(error = %e, "atime update failed");
+        }
+        for (ino, atime) in times {
+            self.atimes.pending.remove_if(&ino, |_, t| *t == atime);
+        }
     }
 }
 

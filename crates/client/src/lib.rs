@@ -223,8 +223,8 @@ impl Client {
         match req {
             MetaRequest::SetAttr { ino, .. }
             | MetaRequest::SetXattr { ino, .. }
-            | MetaRequest::RemoveXattr { ino, .. }
-            | MetaRequest::Touch { ino, .. } => self.dir_attrs.invalidate(ino),
+            | MetaRequest::RemoveXattr { ino, .. } => self.dir_attrs.invalidate(ino),
+            MetaRequest::Touch { times } => times.iter().for_each(|(ino, _)| self.dir_attrs.invalidate(ino)),
             // A directory removed or moved (its ctime) may be among them.
             MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. } => self.dir_attrs.invalidate_all(),
             _ => {}

@@ -145,7 +145,7 @@ impl Listings {
     /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
     pub(crate) fn before(&self, req: &MetaRequest) -> u64 {
         let epoch = self.next_epoch();
-        if let Some(ino) = changed_inode(req) {
+        for ino in changed_inodes(req) {
             self.mark(ino, epoch);
         }
         // A name's state is unknown until the answer says what became of it. Its inode
@@ -164,7 +164,7 @@ impl Listings {
         // First the marks: whatever the answer, an inode the request may have changed may
         // have changed after any listing read meanwhile.
         let epoch = self.next_epoch();
-        if let Some(ino) = changed_inode(req) {
+        for ino in changed_inodes(req) {
             self.mark(ino, epoch);
         }
         // A change that failed for want of an answer may still have happened: retire the
@@ -237,9 +237,9 @@ fn slot(a: &Attr, epoch: u64) -> Slot {
     }
 }
 
-/// The inode whose attributes `req` may change, if any. Every request is named, so a new
-/// one cannot be forgotten here.
-fn changed_inode(req: &MetaRequest) -> Option<Ino> {
+/// The inodes whose attributes `req` may change. Every request is named, so a new one
+/// cannot be forgotten here.
+fn changed_inodes(req: &MetaRequest) -> Vec<Ino> {
     use MetaRequest as R;
     match req {
         R::SetAttr { ino, .. }
@@ -247,9 +247,9 @@ fn changed_inode(req: &MetaRequest) -> Option<Ino> {
         | R::Fallocate { ino, .. }
         | R::SetXattr { ino, .. }
         | R::RemoveXattr { ino, .. }
-        | R::Touch { ino, .. }
         | R::Compact { ino, .. }
-        | R::Link { ino, .. } => Some(*ino),
+        | R::Link { ino, .. } => vec![*ino],
+        R::Touch { times } => times.iter().map(|(ino, _)| *ino).collect(),
         R::Hello { .. }
         | R::Lookup { .. }
         | R::GetAttr { .. }
@@ -268,7 +268,7 @@ fn changed_inode(req: &MetaRequest) -> Option<Ino> {
         | R::ListXattr { .. }
         | R::StatFs
         | R::ListServers
-        | R::Heartbeat { .. } => None,
+        | R::Heartbeat { .. } => Vec::new(),
     }
 }
 

@@ -5,6 +5,9 @@ use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
 
+/// Files up to this size opened read-only have their data fetched as the open returns.
+const PREFETCH_ON_OPEN: u64 = 1 << 20;
+
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_MAX {
         return Err(ClientError::new(ErrorCode::NameTooLong, format!("name of {} bytes", name.len())));
@@ -145,6 +148,12 @@ impl Client {
                     // then retires it.
                     self.maybe_compact(ino, 0, map.len());
                     self.maps.insert((ino, generation, 0), Arc::new(map)).await;
+                    // A small file opened for reading is about to be read whole: start
+                    // fetching it now rather than one kernel round trip later.
+                    if !write && attr.size <= PREFETCH_ON_OPEN {
+                        let client = self.clone();
+                        tokio::spawn(async move { client.prefetch(ino, 0, attr.size).await });
+                    }
                 }
                 self.note_attr(attr)
             }

@@ -86,7 +86,7 @@ impl Client {
     }
 
     /// Warms the block cache for `[offset, offset + len)`.
-    async fn prefetch(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) {
+    pub(crate) async fn prefetch(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) {
         if let Ok(jobs) = self.plan(ino, offset, len).await {
             let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
             keys.dedup_by_key(|(k, _)| *k);

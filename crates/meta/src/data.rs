@@ -245,11 +245,13 @@ impl MetaService {
         Ok(())
     }
 
-    /// Records a read access (`MetaRequest::Touch`). A missing inode is not an error: the
-    /// file may have been removed since the read.
-    pub(crate) async fn touch(&self, ino: Ino, atime: Timestamp) -> Result<()> {
+    /// Records read accesses (`MetaRequest::Touch`), in one transaction. A missing inode is
+    /// not an error: the file may have been removed since the read.
+    pub(crate) async fn touch(&self, times: &[(Ino, Timestamp)]) -> Result<()> {
         let mut b = Batch::default();
-        b.touch_atime(ino, atime);
+        for &(ino, atime) in times {
+            b.touch_atime(ino, atime);
+        }
         self.store.write().await?.apply(b).await?;
         Ok(())
     }

@@ -414,16 +414,22 @@ impl MetaService {
     /// Registers a handle; returns the attributes and, for a file with data, its first
     /// chunk's map (see `MetaResponse::Opened`).
     pub(crate) async fn open(&self, conn: usize, ino: Ino) -> Result<(Attr, Option<Vec<SliceRef>>)> {
-        // Under the writer lock so an open cannot slip between an unlink's check and its purge,
-        // and no commit comes between the attributes and the map.
-        let _w = self.store.write().await?;
-        let a = reads::get_attr(&self.store.readers, ino).await?;
-        let map = match a.kind == FileKind::File && a.size > 0 {
-            true => Some(reads::slices(&self.store.readers, ino, 0).await?.0),
-            false => None,
-        };
+        // Registered before reading: a purge checks the handles under the writer lock, so once
+        // this read sees the file linked, no purge can free it while it is open.
         self.opens.open(conn, ino);
-        Ok((a, map))
+        let read = match reads::open_view(&self.store.readers, ino).await {
+            // Unlinked already: a purge may have checked the handles before this registration,
+            // so look again after any purge in progress, under the writer lock.
+            Ok((a, _)) if a.nlink == 0 => {
+                let mut w = self.store.write().await?;
+                reads::open_view(w.conn(), ino).await
+            }
+            other => other,
+        };
+        if read.is_err() {
+            self.close(conn, ino);
+        }
+        read
     }
 
     /// Drops a handle; the last one of a file without links frees it. No SQL: which inodes

@@ -117,8 +117,8 @@ impl MetaService {
                 self.compact(ino, chunk, seq, &slice).await?;
                 R::Empty
             }
-            MetaRequest::Touch { ino, atime } => {
-                self.touch(ino, atime).await?;
+            MetaRequest::Touch { times } => {
+                self.touch(&times).await?;
                 R::Empty
             }
             MetaRequest::Sync => {

@@ -14,6 +14,6 @@ pub use error::{ErrorCode, WireError};
 pub use types::*;
 
 /// Bumped whenever a message changes shape; exchanged in `Hello` so mismatched peers fail loudly.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// ALPN string for every Cairn QUIC connection.
 pub const ALPN: &[u8] = b"cairn/1";

@@ -204,11 +204,11 @@ pub enum MetaRequest {
         capacity: u64,
         free: u64,
     },
-    /// Records a read access: the kernel leaves atime to FUSE filesystems, and the client
-    /// applies the mount's atime rule before sending this. Never changes ctime.
+    /// Records read accesses: the kernel leaves atime to FUSE filesystems, and the client
+    /// applies the mount's atime rule before sending this, gathering many in one request.
+    /// Never changes ctime.
     Touch {
-        ino: Ino,
-        atime: Timestamp,
+        times: Vec<(Ino, Timestamp)>,
     },
     /// Replaces the slices that lie entirely inside `[slice.pos, slice.pos + slice.len)` of a
     /// chunk by `slice`, which holds that range's bytes as of commit position `seq` (from

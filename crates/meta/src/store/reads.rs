@@ -158,6 +158,35 @@ pub(crate) async fn dir_entries<'e>(
         .collect()
 }
 
+/// An inode's attributes and, for a non-empty file, chunk 0's slices in commit order: what an
+/// open returns, read in one statement so no commit can come between the two.
+pub(crate) async fn open_view<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Result<(Attr, Option<Vec<SliceRef>>)> {
+    let rows = sqlx::query(&format!(
+        "SELECT {}, s.pos, s.len, s.slice, s.servers FROM inodes i \
+         LEFT JOIN slices s ON s.ino = i.ino AND s.chunk = 0 WHERE i.ino = ? ORDER BY s.seq",
+        inode_columns_of("i")
+    ))
+    .bind(ino as i64)
+    .fetch_all(ex)
+    .await?;
+    let Some(first) = rows.first() else { return Err(not_found(format!("no inode {ino}"))) };
+    let attr = attr_from_row(first)?;
+    if attr.kind != FileKind::File || attr.size == 0 {
+        return Ok((attr, None));
+    }
+    let mut map = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(id) = row.try_get::<Option<i64>, _>("slice")? else { continue };
+        map.push(SliceRef {
+            pos: row.try_get::<i64, _>("pos")? as u32,
+            len: row.try_get::<i64, _>("len")? as u32,
+            id: id as u64,
+            servers: servers_from_text(&row.try_get::<String, _>("servers")?),
+        });
+    }
+    Ok((attr, Some(map)))
+}
+
 /// A chunk's slices in commit order and the newest one's `seq` (0 if none).
 pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64) -> Result<(Vec<SliceRef>, u64)> {
     let rows: Vec<(i64, i64, i64, String, i64)> =
