@@ -222,7 +222,7 @@ impl Filesystem for CairnFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        run!(self, reply, |c| c.getattr(ino.0), |a| reply.attr(&TTL, &to_fuse(&a)))
+        run!(self, reply, |c| c.stat(ino.0), |st| reply.attr(&st.1, &to_fuse(&st.0)))
     }
 
     fn setattr(

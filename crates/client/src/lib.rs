@@ -3,6 +3,7 @@
 //! without a kernel; `mount/` adapts it to `fuser`.
 
 mod atime;
+mod attrs;
 mod blocks;
 mod compact;
 mod error;
@@ -97,6 +98,11 @@ pub struct Client {
     /// getattr the kernel sends after every create, unlink or rename in a directory (it drops
     /// the parent's attributes then). Kept for the attribute TTL, like the kernel's own cache.
     pub(crate) dir_attrs: moka::sync::Cache<Ino, Attr>,
+    /// Small files' first maps from directory listings, size first: an open starts fetching
+    /// the data by them while it waits for the server (see `DirEntry::first_map`).
+    pub(crate) map_hints: moka::sync::Cache<Ino, (u64, Arc<Vec<SliceRef>>)>,
+    /// Files' attributes for the getattr that follows every read (see `attrs`).
+    pub(crate) file_attrs: attrs::FileAttrs,
     /// Whole directories, for runs of lookups (see `listing`).
     pub(crate) listings: listing::Listings,
     /// Set by [`Client::shut_down`]: every call fails from then on.
@@ -130,6 +136,8 @@ impl Client {
             inode_flags: moka::sync::Cache::builder().max_capacity(100_000).build(),
             dir_attrs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
             listings: listing::Listings::new(config.map_ttl),
+            file_attrs: attrs::FileAttrs::new(config.map_ttl),
+            map_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             shut_down: Default::default(),
             meta,
             volume,
@@ -154,9 +162,19 @@ impl Client {
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
         self.check_up()?;
         self.forget_dir_attrs(&req);
+        let sent_at = std::time::Instant::now();
         let sent = self.listings.before(&req);
+        self.file_attrs.forget(&req, sent);
         let resp = self.meta.call::<_, MetaResponse>(&req, &[]).await.map(|r| r.0).map_err(ClientError::from);
         self.listings.after(&req, sent, &resp);
+        self.file_attrs.forget(&req, self.listings.next_epoch());
+        match (&req, &resp) {
+            (MetaRequest::GetAttr { .. }, Ok(MetaResponse::Attr(a)))
+            | (MetaRequest::Open { .. }, Ok(MetaResponse::Opened { attr: a, .. })) => {
+                self.file_attrs.keep(a, sent, sent_at, &self.listings)
+            }
+            _ => {}
+        }
         resp
     }
 

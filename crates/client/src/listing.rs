@@ -96,7 +96,7 @@ impl Listings {
     }
 
     /// Whether this client changed `ino` after `epoch`.
-    fn changed_since(&self, ino: Ino, epoch: u64) -> bool {
+    pub(crate) fn changed_since(&self, ino: Ino, epoch: u64) -> bool {
         self.changed.get(&ino).is_some_and(|c| c > epoch)
     }
 
@@ -239,7 +239,7 @@ fn slot(a: &Attr, epoch: u64) -> Slot {
 
 /// The inodes whose attributes `req` may change. Every request is named, so a new one
 /// cannot be forgotten here.
-fn changed_inodes(req: &MetaRequest) -> Vec<Ino> {
+pub(crate) fn changed_inodes(req: &MetaRequest) -> Vec<Ino> {
     use MetaRequest as R;
     match req {
         R::SetAttr { ino, .. }
@@ -319,7 +319,10 @@ impl Client {
         let complete = loop {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
             let page = match self.meta.call::<_, MetaResponse>(&req, &[]).await?.0 {
-                MetaResponse::Dir(page) => page,
+                MetaResponse::Dir(mut page) => {
+                    self.note_map_hints(&mut page);
+                    page
+                }
                 other => return Err(crate::unexpected(other)),
             };
             let end = page.len() < PAGE as usize;

@@ -4,6 +4,7 @@ use crate::{Client, ClientError, Entry, Result, unexpected};
 use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Files up to this size opened read-only have their data fetched as the open returns.
 const PREFETCH_ON_OPEN: u64 = 1 << 20;
@@ -34,11 +35,21 @@ impl Client {
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        Ok(self.stat(ino).await?.0)
+    }
+
+    /// The attributes of `ino` and how long the kernel may keep them: from this client's
+    /// recent answers when it has them (see `attrs`), else from the server.
+    pub async fn stat(&self, ino: Ino) -> Result<(Attr, Duration)> {
+        let ttl = self.listings.ttl;
         if let Some(mut a) = self.dir_attrs.get(&ino) {
             self.atimes.note(&mut a);
-            return Ok(a);
+            return Ok((a, ttl));
         }
-        self.call_attr(MetaRequest::GetAttr { ino }).await
+        if let Some((a, left)) = self.file_attrs.get(ino) {
+            return Ok((self.note_attr(a), left));
+        }
+        Ok((self.call_attr(MetaRequest::GetAttr { ino }).await?, ttl))
     }
 
     /// Changes attributes; a size change first flushes buffered writes so they cannot land
@@ -125,6 +136,7 @@ impl Client {
                 if after == 0 {
                     self.accessed(ino, true);
                 }
+                self.note_map_hints(&mut entries);
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         e.attr = Some(self.note_attr(a));
@@ -141,6 +153,9 @@ impl Client {
     /// writing without `O_APPEND`, is EPERM (the kernel leaves these checks to FUSE).
     pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<Attr> {
         let generation = self.data_generation(ino);
+        if !write {
+            self.prefetch_hinted(ino);
+        }
         let attr = match self.call(MetaRequest::Open { ino }).await? {
             MetaResponse::Opened { attr, first_map } => {
                 if let Some(map) = first_map {

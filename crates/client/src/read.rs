@@ -94,6 +94,30 @@ impl Client {
         }
     }
 
+    /// Remembers the small files' maps a directory page carries (see `map_hints`).
+    pub(crate) fn note_map_hints(&self, entries: &mut [DirEntry]) {
+        for e in entries {
+            if let (Some(map), Some(a)) = (e.first_map.take(), &e.attr) {
+                self.map_hints.insert(e.ino, (a.size, Arc::new(map)));
+            }
+        }
+    }
+
+    /// Starts fetching a small file's data by the map a listing gave, before the open that
+    /// brings the current map returns. Blocks never change, so a stale map only costs a
+    /// fetch of a block the reads may not need.
+    pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) {
+        let Some((size, map)) = self.map_hints.get(&ino) else { return };
+        let mut jobs = Vec::new();
+        self.plan_chunk(&map, 0, size.min(self.volume.chunk_size), 0, &mut jobs);
+        let client = self.clone();
+        tokio::spawn(async move {
+            let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
+            keys.dedup_by_key(|(k, _)| *k);
+            futures::future::join_all(keys.iter().map(|(k, s)| client.block(*k, s))).await;
+        });
+    }
+
     /// Which parts of which blocks make up `[offset, offset + len)` of a file.
     async fn plan(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) -> Result<Vec<Copy>> {
         let cs = self.volume.chunk_size;

@@ -190,6 +190,10 @@ pub struct DirEntry {
     pub cookie: u64,
     /// Present when the request asked for attributes (readdirplus).
     pub attr: Option<Attr>,
+    /// With attributes, for a small file: its first chunk's map as of the listing, so a
+    /// client can start fetching the data while it opens the file (the open's own map,
+    /// which may be newer, is what reads use).
+    pub first_map: Option<Vec<SliceRef>>,
 }
 
 /// A stored run of bytes inside one chunk of a file, as listed by `ReadMap`.

@@ -7,6 +7,9 @@ use crate::error::{MetaError, Result};
 use cairn_proto::*;
 use sqlx::{Row, SqliteExecutor};
 
+/// Files up to this size get their first chunk's map in a readdirplus page.
+const SMALL_FILE_MAP: u64 = 1 << 20;
+
 fn not_found(msg: impl Into<String>) -> MetaError {
     MetaError::fs(ErrorCode::NotFound, msg)
 }
@@ -95,7 +98,8 @@ pub(crate) async fn symlink_target<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) ->
     }
 }
 
-/// Up to `limit` entries of directory `ino` after cookie `after`, with attributes if `plus`.
+/// Up to `limit` entries of directory `ino` after cookie `after`, with attributes if `plus`,
+/// and then also the first chunk's map of each small file (see `DirEntry::first_map`).
 ///
 /// The page comes back as one JSON row: sqlx hands every row from SQLite's worker thread to
 /// the runtime separately, and a thread wake-up per entry made a page of 1,024 entries cost
@@ -107,27 +111,36 @@ pub(crate) async fn dir_entries<'e>(
     limit: i64,
     plus: bool,
 ) -> Result<Vec<DirEntry>> {
-    let attr = if plus {
-        "json_array(i.kind, i.perm, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_s, i.atime_ns, i.mtime_s, \
-         i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs, i.stored, i.flags)"
+    let (attr, map) = if plus {
+        (
+            "json_array(i.kind, i.perm, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_s, i.atime_ns, i.mtime_s, \
+             i.mtime_ns, i.ctime_s, i.ctime_ns, i.crtime_s, i.crtime_ns, i.xattrs, i.stored, i.flags)"
+                .to_string(),
+            format!(
+                "CASE WHEN i.kind = {} AND i.size BETWEEN 1 AND {SMALL_FILE_MAP} THEN \
+                 (SELECT json_group_array(json_array(s.pos, s.len, s.slice, s.servers) ORDER BY s.seq) \
+                  FROM slices s WHERE s.ino = i.ino AND s.chunk = 0) END",
+                FileKind::File.to_i64()
+            ),
+        )
     } else {
-        "NULL"
+        ("NULL".to_string(), "NULL".to_string())
     };
     let (page,): (Option<String>,) = sqlx::query_as(&format!(
-        "SELECT json_group_array(json_array(cookie, hex(name), ino, kind, json(a)) ORDER BY cookie) FROM \
-         (SELECT d.cookie, d.name, d.ino, d.kind, {attr} AS a FROM dentries d JOIN inodes i ON i.ino = d.ino \
-          WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?)"
+        "SELECT json_group_array(json_array(cookie, hex(name), ino, kind, json(a), json(m)) ORDER BY cookie) FROM \
+         (SELECT d.cookie, d.name, d.ino, d.kind, {attr} AS a, {map} AS m FROM dentries d \
+          JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?)"
     ))
     .bind(ino as i64)
     .bind(after as i64)
     .bind(limit)
     .fetch_one(ex)
     .await?;
-    type Row = (i64, String, i64, i64, Option<[i64; 18]>);
+    type Row = (i64, String, i64, i64, Option<[i64; 18]>, Option<Vec<(i64, i64, i64, String)>>);
     let bad = |what: String| MetaError::fs(ErrorCode::Io, format!("bad directory page from the database: {what}"));
     let rows: Vec<Row> = serde_json::from_str(page.as_deref().unwrap_or("[]")).map_err(|e| bad(e.to_string()))?;
     rows.into_iter()
-        .map(|(cookie, name, ino, kind, a)| {
+        .map(|(cookie, name, ino, kind, a, m)| {
             let kind = FileKind::from_i64(kind).ok_or_else(|| bad(format!("file kind {kind}")))?;
             let ts = |s: i64, n: i64| Timestamp { secs: s, nanos: n as u32 };
             let attr = a.map(|a| Attr {
@@ -147,12 +160,24 @@ pub(crate) async fn dir_entries<'e>(
                 stored: a[16] as u64,
                 flags: a[17] as u32,
             });
+            let first_map = m.map(|slices| {
+                slices
+                    .into_iter()
+                    .map(|(pos, len, id, servers)| SliceRef {
+                        pos: pos as u32,
+                        len: len as u32,
+                        id: id as u64,
+                        servers: servers_from_text(&servers),
+                    })
+                    .collect()
+            });
             Ok(DirEntry {
                 name: hex::decode(&name).map_err(|e| bad(e.to_string()))?,
                 ino: ino as u64,
                 kind,
                 cookie: cookie as u64,
                 attr,
+                first_map,
             })
         })
         .collect()

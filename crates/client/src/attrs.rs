@@ -1,0 +1,128 @@
+//! Files' attributes as a GetAttr or Open last returned them, for the getattr the kernel
+//! sends after every read of a FUSE file (a read drops the atime it caches): `tar c` would
+//! otherwise wait for the server once per file. Kept only for the rest of the attribute TTL,
+//! as the kernel keeps its own, and dropped whenever this client changes the inode.
+
+use crate::listing::{Listings, changed_inodes};
+use cairn_proto::meta::MetaRequest;
+use cairn_proto::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub(crate) struct FileAttrs {
+    ttl: Duration,
+    cache: moka::sync::Cache<Ino, (Instant, Attr)>,
+    /// Epoch of this client's last unlink or rename, which change the link count or ctime of
+    /// an inode they do not name: attributes asked for before it are not kept.
+    unnamed_change: AtomicU64,
+}
+
+impl FileAttrs {
+    pub(crate) fn new(ttl: Duration) -> FileAttrs {
+        FileAttrs {
+            ttl,
+            cache: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
+            unnamed_change: AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets what `req` may change; called when it is sent and again when it is answered,
+    /// with a fresh epoch each time.
+    pub(crate) fn forget(&self, req: &MetaRequest, epoch: u64) {
+        for ino in changed_inodes(req) {
+            self.cache.invalidate(&ino);
+        }
+        if matches!(req, MetaRequest::Unlink { .. } | MetaRequest::Rename { .. }) {
+            self.unnamed_change.fetch_max(epoch, Ordering::AcqRel);
+            self.cache.invalidate_all();
+        }
+    }
+
+    /// Keeps a file's attributes from the answer to a request sent at `sent_at` (epoch
+    /// `sent`), unless this client may have changed the file since.
+    pub(crate) fn keep(&self, a: &Attr, sent: u64, sent_at: Instant, listings: &Listings) {
+        if a.kind == FileKind::File
+            && !listings.changed_since(a.ino, sent)
+            && self.unnamed_change.load(Ordering::Acquire) <= sent
+        {
+            self.cache.insert(a.ino, (sent_at, a.clone()));
+        }
+    }
+
+    /// The kept attributes of `ino` and how much of their TTL is left.
+    pub(crate) fn get(&self, ino: Ino) -> Option<(Attr, Duration)> {
+        let (at, a) = self.cache.get(&ino)?;
+        let left = self.ttl.checked_sub(at.elapsed())?;
+        Some((a, left))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_proto::meta::SetAttrs;
+
+    fn attr(ino: Ino, kind: FileKind) -> Attr {
+        let t = Timestamp { secs: 1, nanos: 0 };
+        Attr {
+            ino,
+            kind,
+            perm: 0o644,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            size: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            has_xattrs: false,
+            stored: 0,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn kept_only_while_this_client_changed_nothing_they_describe() {
+        let ttl = Duration::from_secs(60);
+        let (l, f) = (Listings::new(ttl), FileAttrs::new(ttl));
+        let sent = l.next_epoch();
+        f.keep(&attr(5, FileKind::File), sent, Instant::now(), &l);
+        f.keep(&attr(6, FileKind::Dir), sent, Instant::now(), &l);
+        assert!(f.get(5).is_some_and(|(a, left)| a.ino == 5 && left <= ttl));
+        assert!(f.get(6).is_none(), "directories are not kept here");
+
+        // A chmod sent after a getattr: the kept attributes go, and the getattr's answer,
+        // which may predate the chmod, is not kept.
+        let getattr_sent = l.next_epoch();
+        let chmod = MetaRequest::SetAttr {
+            ino: 5,
+            set: SetAttrs { perm: Some(0o600), ..Default::default() },
+            caller: Default::default(),
+        };
+        f.forget(&chmod, l.before(&chmod));
+        assert!(f.get(5).is_none());
+        f.keep(&attr(5, FileKind::File), getattr_sent, Instant::now(), &l);
+        assert!(f.get(5).is_none());
+
+        // An unlink changes the link count of an inode it does not name.
+        f.keep(&attr(7, FileKind::File), l.next_epoch(), Instant::now(), &l);
+        let getattr_sent = l.next_epoch();
+        let unlink = MetaRequest::Unlink { parent: 1, name: b"x".to_vec() };
+        f.forget(&unlink, l.next_epoch());
+        assert!(f.get(7).is_none());
+        f.keep(&attr(8, FileKind::File), getattr_sent, Instant::now(), &l);
+        assert!(f.get(8).is_none());
+        f.keep(&attr(8, FileKind::File), l.next_epoch(), Instant::now(), &l);
+        assert!(f.get(8).is_some());
+    }
+
+    #[test]
+    fn given_out_only_for_the_rest_of_the_ttl() {
+        let (l, f) = (Listings::new(Duration::from_secs(60)), FileAttrs::new(Duration::from_secs(1)));
+        let old = Instant::now() - Duration::from_secs(2);
+        f.keep(&attr(5, FileKind::File), l.next_epoch(), old, &l);
+        assert!(f.get(5).is_none());
+    }
+}
