@@ -1,9 +1,10 @@
-//! Files' attributes as a GetAttr or Open last returned them, for the getattr the kernel
-//! sends after every read of a FUSE file (a read drops the atime it caches): `tar c` would
-//! otherwise wait for the server once per file. Kept only for the rest of the attribute TTL,
-//! as the kernel keeps its own, and dropped whenever this client changes the inode.
+//! Files' attributes as this client's last request about them left them, for the getattr
+//! the kernel sends after every read (a read drops the atime it caches) and before every
+//! chown (to recompute the mode): `tar c` and `tar x` would otherwise wait for the server
+//! once per file. Kept only for the rest of the attribute TTL, as the kernel keeps its own,
+//! and dropped whenever this client changes the inode.
 
-use crate::listing::{Listings, changed_inodes};
+use crate::listing::changed_inodes;
 use cairn_proto::meta::MetaRequest;
 use cairn_proto::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,12 +40,10 @@ impl FileAttrs {
     }
 
     /// Keeps a file's attributes from the answer to a request sent at `sent_at` (epoch
-    /// `sent`), unless this client may have changed the file since.
-    pub(crate) fn keep(&self, a: &Attr, sent: u64, sent_at: Instant, listings: &Listings) {
-        if a.kind == FileKind::File
-            && !listings.changed_since(a.ino, sent)
-            && self.unnamed_change.load(Ordering::Acquire) <= sent
-        {
+    /// `sent`). The caller has checked that no other request of this client changed the
+    /// inode since; an unlink or rename may have, without naming it.
+    pub(crate) fn keep(&self, a: &Attr, sent: u64, sent_at: Instant) {
+        if a.kind == FileKind::File && self.unnamed_change.load(Ordering::Acquire) <= sent {
             self.cache.insert(a.ino, (sent_at, a.clone()));
         }
     }
@@ -86,43 +85,37 @@ mod tests {
     #[test]
     fn kept_only_while_this_client_changed_nothing_they_describe() {
         let ttl = Duration::from_secs(60);
-        let (l, f) = (Listings::new(ttl), FileAttrs::new(ttl));
-        let sent = l.next_epoch();
-        f.keep(&attr(5, FileKind::File), sent, Instant::now(), &l);
-        f.keep(&attr(6, FileKind::Dir), sent, Instant::now(), &l);
+        let f = FileAttrs::new(ttl);
+        f.keep(&attr(5, FileKind::File), 1, Instant::now());
+        f.keep(&attr(6, FileKind::Dir), 1, Instant::now());
         assert!(f.get(5).is_some_and(|(a, left)| a.ino == 5 && left <= ttl));
         assert!(f.get(6).is_none(), "directories are not kept here");
 
-        // A chmod sent after a getattr: the kept attributes go, and the getattr's answer,
-        // which may predate the chmod, is not kept.
-        let getattr_sent = l.next_epoch();
+        // A chmod is sent: the kept attributes go.
         let chmod = MetaRequest::SetAttr {
             ino: 5,
             set: SetAttrs { perm: Some(0o600), ..Default::default() },
             caller: Default::default(),
         };
-        f.forget(&chmod, l.before(&chmod));
-        assert!(f.get(5).is_none());
-        f.keep(&attr(5, FileKind::File), getattr_sent, Instant::now(), &l);
+        f.forget(&chmod, 2);
         assert!(f.get(5).is_none());
 
-        // An unlink changes the link count of an inode it does not name.
-        f.keep(&attr(7, FileKind::File), l.next_epoch(), Instant::now(), &l);
-        let getattr_sent = l.next_epoch();
+        // An unlink changes the link count of an inode it does not name: everything goes,
+        // and answers to requests sent before it are not kept.
+        f.keep(&attr(7, FileKind::File), 3, Instant::now());
         let unlink = MetaRequest::Unlink { parent: 1, name: b"x".to_vec() };
-        f.forget(&unlink, l.next_epoch());
+        f.forget(&unlink, 5);
         assert!(f.get(7).is_none());
-        f.keep(&attr(8, FileKind::File), getattr_sent, Instant::now(), &l);
+        f.keep(&attr(8, FileKind::File), 4, Instant::now());
         assert!(f.get(8).is_none());
-        f.keep(&attr(8, FileKind::File), l.next_epoch(), Instant::now(), &l);
+        f.keep(&attr(8, FileKind::File), 6, Instant::now());
         assert!(f.get(8).is_some());
     }
 
     #[test]
     fn given_out_only_for_the_rest_of_the_ttl() {
-        let (l, f) = (Listings::new(Duration::from_secs(60)), FileAttrs::new(Duration::from_secs(1)));
-        let old = Instant::now() - Duration::from_secs(2);
-        f.keep(&attr(5, FileKind::File), l.next_epoch(), old, &l);
+        let f = FileAttrs::new(Duration::from_secs(1));
+        f.keep(&attr(5, FileKind::File), 1, Instant::now() - Duration::from_secs(2));
         assert!(f.get(5).is_none());
     }
 }

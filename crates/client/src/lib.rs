@@ -166,14 +166,18 @@ impl Client {
         let sent = self.listings.before(&req);
         self.file_attrs.forget(&req, sent);
         let resp = self.meta.call::<_, MetaResponse>(&req, &[]).await.map(|r| r.0).map_err(ClientError::from);
+        // Attributes in the answer are this client's latest word on their inode unless
+        // another of its requests changed it since this one was sent.
+        let latest = match &resp {
+            Ok(MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. })
+            | Ok(MetaResponse::Changed { attr: Some(a), .. }) => Some(a.clone()),
+            _ => None,
+        }
+        .filter(|a| !self.listings.changed_since(a.ino, sent));
         self.listings.after(&req, sent, &resp);
         self.file_attrs.forget(&req, self.listings.next_epoch());
-        match (&req, &resp) {
-            (MetaRequest::GetAttr { .. }, Ok(MetaResponse::Attr(a)))
-            | (MetaRequest::Open { .. }, Ok(MetaResponse::Opened { attr: a, .. })) => {
-                self.file_attrs.keep(a, sent, sent_at, &self.listings)
-            }
-            _ => {}
+        if let Some(a) = latest {
+            self.file_attrs.keep(&a, sent, sent_at);
         }
         resp
     }
