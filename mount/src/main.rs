@@ -84,7 +84,7 @@ fn find_client_file(args: &MountArgs) -> anyhow::Result<PathBuf> {
 fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
     let mut pipe = pipe;
     let mounted = mount(&args);
-    let session = match mounted {
+    let mut session = match mounted {
         Ok(s) => {
             daemon::report(pipe.take(), &Ok(()));
             s
@@ -96,7 +96,17 @@ fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
     };
     info!(source = %args.source, mountpoint = %args.mountpoint.display(), "mounted");
 
-    session.join().context("FUSE session")?;
+    let guard = std::mem::replace(&mut session.guard, std::thread::spawn(|| Ok(())));
+    let ended = guard.join().map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
+    if let Err(e) = ended {
+        // Dropping the session unmounts what the failed loop may have left mounted.
+        drop(session);
+        return Err(anyhow::Error::from(e).context("FUSE session"));
+    }
+    // The kernel ended the session, so the mount is gone. Dropping the session would unmount
+    // the path once more, and by then it may hold a new mount of the same volume (a remount
+    // is umount followed at once by mount): keep it from doing so.
+    std::mem::forget(session);
     info!(mountpoint = %args.mountpoint.display(), "unmounted");
     Ok(())
 }
