@@ -119,11 +119,13 @@ impl Client {
         if times.is_empty() {
             return;
         }
-        if let Err(e) = self.call_empty(MetaRequest::Touch { times: times.clone() }).await {
-            tracing::debug!(error = %e, "atime update failed");
-        }
-        for (ino, atime) in times {
-            self.atimes.pending.remove_if(&ino, |_, t| *t == atime);
+        for batch in times.chunks(BATCH_MAX) {
+            if let Err(e) = self.call_empty(MetaRequest::Touch { times: batch.to_vec() }).await {
+                tracing::debug!(error = %e, "atime update failed");
+            }
+            for (ino, atime) in batch {
+                self.atimes.pending.remove_if(ino, |_, t| t == atime);
+            }
         }
     }
 }

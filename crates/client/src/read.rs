@@ -88,10 +88,15 @@ impl Client {
     /// Warms the block cache for `[offset, offset + len)`.
     pub(crate) async fn prefetch(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) {
         if let Ok(jobs) = self.plan(ino, offset, len).await {
-            let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
-            keys.dedup_by_key(|(k, _)| *k);
-            futures::future::join_all(keys.iter().map(|(k, s)| self.block(*k, s))).await;
+            self.warm(jobs).await;
         }
+    }
+
+    /// Fetches the blocks `jobs` name into the cache, each once.
+    async fn warm(&self, jobs: Vec<Copy>) {
+        let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
+        keys.dedup_by_key(|(k, _)| *k);
+        futures::future::join_all(keys.iter().map(|(k, s)| self.block(*k, s))).await;
     }
 
     /// Remembers the small files' maps a directory page carries (see `map_hints`).
@@ -111,11 +116,7 @@ impl Client {
         let mut jobs = Vec::new();
         self.plan_chunk(&map, 0, size.min(self.volume.chunk_size), 0, &mut jobs);
         let client = self.clone();
-        tokio::spawn(async move {
-            let mut keys: Vec<_> = jobs.into_iter().map(|j| (j.key, j.servers)).collect();
-            keys.dedup_by_key(|(k, _)| *k);
-            futures::future::join_all(keys.iter().map(|(k, s)| client.block(*k, s))).await;
-        });
+        tokio::spawn(async move { client.warm(jobs).await });
     }
 
     /// Which parts of which blocks make up `[offset, offset + len)` of a file.

@@ -420,10 +420,10 @@ impl MetaService {
         let read = match reads::open_view(&self.store.readers, ino).await {
             // Unlinked already: a purge may have checked the handles before this registration,
             // so look again after any purge in progress, under the writer lock.
-            Ok((a, _)) if a.nlink == 0 => {
-                let mut w = self.store.write().await?;
-                reads::open_view(w.conn(), ino).await
-            }
+            Ok((a, _)) if a.nlink == 0 => match self.store.write().await {
+                Ok(mut w) => reads::open_view(w.conn(), ino).await,
+                Err(e) => Err(e),
+            },
             other => other,
         };
         if read.is_err() {
