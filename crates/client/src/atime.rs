@@ -137,21 +137,11 @@ mod tests {
     fn attr(atime: i64, mtime: i64) -> Attr {
         let ts = |secs| Timestamp { secs, nanos: 0 };
         Attr {
-            ino: 7,
-            kind: FileKind::File,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            size: 0,
             atime: ts(atime),
             mtime: ts(mtime),
             ctime: ts(mtime),
             crtime: ts(mtime),
-            has_xattrs: false,
-            stored: 0,
-            flags: 0,
+            ..crate::test_attr(7, FileKind::File, 1)
         }
     }
 

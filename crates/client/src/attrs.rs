@@ -62,24 +62,7 @@ mod tests {
     use cairn_proto::meta::SetAttrs;
 
     fn attr(ino: Ino, kind: FileKind) -> Attr {
-        let t = Timestamp { secs: 1, nanos: 0 };
-        Attr {
-            ino,
-            kind,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            size: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            has_xattrs: false,
-            stored: 0,
-            flags: 0,
-        }
+        crate::test_attr(ino, kind, 1)
     }
 
     #[test]

@@ -289,3 +289,26 @@ impl Client {
 pub(crate) fn unexpected(resp: MetaResponse) -> ClientError {
     ClientError::new(ErrorCode::Io, format!("unexpected answer from the metadata server: {resp:?}"))
 }
+
+/// Attributes for unit tests: a `kind` inode with `nlink` links, every time 1 s.
+#[cfg(test)]
+pub(crate) fn test_attr(ino: Ino, kind: FileKind, nlink: u32) -> Attr {
+    let t = Timestamp { secs: 1, nanos: 0 };
+    Attr {
+        ino,
+        kind,
+        perm: 0o644,
+        nlink,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        has_xattrs: false,
+        stored: 0,
+        flags: 0,
+    }
+}
