@@ -2,7 +2,7 @@
 //! read pool, or the writer connection when the answer decides what a batch will write.
 
 use super::Child;
-use super::rows::{INODE_COLUMNS, attr_from_row, child_from_row, inode_columns_of, servers_from_text};
+use super::rows::{INODE_COLUMNS, attr_from_row, child_from_row, inode_columns_of, servers_from_text, slice_ref};
 use crate::error::{MetaError, Result};
 use cairn_proto::*;
 use sqlx::{Row, SqliteExecutor};
@@ -161,15 +161,7 @@ pub(crate) async fn dir_entries<'e>(
                 flags: a[17] as u32,
             });
             let first_map = m.map(|slices| {
-                slices
-                    .into_iter()
-                    .map(|(pos, len, id, servers)| SliceRef {
-                        pos: pos as u32,
-                        len: len as u32,
-                        id: id as u64,
-                        servers: servers_from_text(&servers),
-                    })
-                    .collect()
+                slices.iter().map(|(pos, len, id, servers)| slice_ref(*pos, *len, *id, servers)).collect()
             });
             Ok(DirEntry {
                 name: hex::decode(&name).map_err(|e| bad(e.to_string()))?,
@@ -202,12 +194,7 @@ pub(crate) async fn open_view<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Resu
     let mut map = Vec::with_capacity(rows.len());
     for row in &rows {
         let Some(id) = row.try_get::<Option<i64>, _>("slice")? else { continue };
-        map.push(SliceRef {
-            pos: row.try_get::<i64, _>("pos")? as u32,
-            len: row.try_get::<i64, _>("len")? as u32,
-            id: id as u64,
-            servers: servers_from_text(&row.try_get::<String, _>("servers")?),
-        });
+        map.push(slice_ref(row.try_get("pos")?, row.try_get("len")?, id, row.try_get("servers")?));
     }
     Ok((attr, Some(map)))
 }
@@ -221,15 +208,7 @@ pub(crate) async fn slices<'e>(ex: impl SqliteExecutor<'e>, ino: Ino, chunk: u64
             .fetch_all(ex)
             .await?;
     let seq = rows.last().map_or(0, |r| r.4 as u64);
-    let slices = rows
-        .into_iter()
-        .map(|(pos, len, id, servers, _)| SliceRef {
-            pos: pos as u32,
-            len: len as u32,
-            id: id as u64,
-            servers: servers_from_text(&servers),
-        })
-        .collect();
+    let slices = rows.into_iter().map(|(pos, len, id, servers, _)| slice_ref(pos, len, id, &servers)).collect();
     Ok((slices, seq))
 }
 

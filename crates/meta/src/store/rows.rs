@@ -99,6 +99,11 @@ pub(crate) fn servers_to_text(servers: &[ServerId]) -> String {
     servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
 }
 
+/// A slice as stored in a `slices` row.
+pub(crate) fn slice_ref(pos: i64, len: i64, id: i64, servers: &str) -> SliceRef {
+    SliceRef { pos: pos as u32, len: len as u32, id: id as u64, servers: servers_from_text(servers) }
+}
+
 pub(crate) fn servers_from_text(text: &str) -> Vec<ServerId> {
     text.split(',').filter_map(|s| s.parse().ok()).collect()
 }
