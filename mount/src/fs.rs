@@ -6,7 +6,7 @@
 use crate::ioctl::*;
 use cairn_client::{Client, ClientError};
 use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
-use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, TimeSet, Timestamp};
+use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, STATS_IOCTL, TimeSet, Timestamp};
 use dashmap::DashMap;
 use fuser::*;
 use std::ffi::OsStr;
@@ -594,6 +594,11 @@ impl Filesystem for CairnFs {
                     reply.ioctl(0, &echo[..echo.len().min(out_size as usize)]);
                     forget_attrs(&notifier, ino);
                 })
+            }
+            STATS_IOCTL => {
+                let mut report = self.client.stats_report().into_bytes();
+                report.truncate(out_size as usize);
+                reply.ioctl(0, &report)
             }
             _ => reply.error(Errno::from_i32(libc::ENOTTY)),
         }

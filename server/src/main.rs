@@ -39,6 +39,11 @@ enum Command {
     },
     /// Show servers, capacity and files of a volume.
     Status(status::StatusArgs),
+    /// Show how many requests of each kind a mount has sent to the servers.
+    Stats {
+        /// The mountpoint (or any path on the mount).
+        path: PathBuf,
+    },
 }
 
 fn init_tracing() {
@@ -60,6 +65,7 @@ fn main() {
         Command::Chunk { config } => run_chunk(&config),
         Command::Local { command } => local::run(command),
         Command::Status(args) => status::run(&args),
+        Command::Stats { path } => status::mount_stats(&path),
     };
     if let Err(e) = result {
         eprintln!("cairn: {e:#}");

@@ -105,6 +105,7 @@ impl Client {
 
     async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: &[u8]) -> Result<Vec<u8>> {
         let rpc = self.rpc(id).await?;
+        self.stats.count("chunk", req.into());
         let (_resp, data): (ChunkResponse, _) = rpc.call(req, payload).await?;
         Ok(data)
     }

@@ -12,6 +12,7 @@ mod listing;
 mod namespace;
 pub mod placement;
 mod read;
+mod stats;
 mod write;
 
 pub use atime::AtimeMode;
@@ -105,6 +106,8 @@ pub struct Client {
     pub(crate) file_attrs: attrs::FileAttrs,
     /// Whole directories, for runs of lookups (see `listing`).
     pub(crate) listings: listing::Listings,
+    /// Requests sent, by kind (see `stats`).
+    pub(crate) stats: stats::Stats,
     /// Set by [`Client::shut_down`]: every call fails from then on.
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -138,6 +141,7 @@ impl Client {
             listings: listing::Listings::new(config.map_ttl),
             file_attrs: attrs::FileAttrs::new(config.map_ttl),
             map_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            stats: Default::default(),
             shut_down: Default::default(),
             meta,
             volume,
@@ -165,6 +169,7 @@ impl Client {
         let sent_at = std::time::Instant::now();
         let sent = self.listings.before(&req);
         self.file_attrs.forget(&req, sent);
+        self.stats.count("meta", (&req).into());
         let resp = self.meta.call::<_, MetaResponse>(&req, &[]).await.map(|r| r.0).map_err(ClientError::from);
         // Attributes in the answer are this client's latest word on their inode unless
         // another of its requests changed it since this one was sent.
@@ -189,6 +194,11 @@ impl Client {
     pub fn shut_down(&self) {
         self.shut_down.store(true, std::sync::atomic::Ordering::Release);
         tracing::warn!("the filesystem was shut down: every call fails with EIO until it is unmounted");
+    }
+
+    /// The requests this client has sent, by kind, as `server.kind count` lines.
+    pub fn stats_report(&self) -> String {
+        self.stats.report()
     }
 
     /// The `chattr` flags last seen on `ino`.

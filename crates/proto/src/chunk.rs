@@ -11,7 +11,7 @@ pub struct BlockKey {
 }
 
 /// A request to a chunk server.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum ChunkRequest {
     /// Stores the payload (an encoded block) under `key`; with `sync`, fsyncs before answering.
     Put { key: BlockKey, sync: bool },

@@ -73,7 +73,7 @@ pub enum FallocMode {
 }
 
 /// A request to the metadata server.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum MetaRequest {
     /// First call of a client session: checks versions and the volume name.
     Hello {
