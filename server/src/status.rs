@@ -45,9 +45,8 @@ pub fn mount_stats(path: &std::path::Path) -> anyhow::Result<()> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; cairn_proto::STATS_IOCTL_BYTES];
     // SAFETY: the buffer has the size the ioctl number encodes, and outlives the call.
-    let rc = unsafe {
-        libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), cairn_proto::STATS_IOCTL as _, buf.as_mut_ptr())
-    };
+    let rc =
+        unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), cairn_proto::STATS_IOCTL as _, buf.as_mut_ptr()) };
     if rc < 0 {
         let e = std::io::Error::last_os_error();
         anyhow::bail!("{} is not on a Cairn mount (or its client is too old): {e}", path.display());
