@@ -4,7 +4,7 @@
 //! DIR/cluster.toml          what `cairn local` and `cairn status` need: volume, addresses
 //! DIR/tls/ca.pem, ca.key    the cluster CA (keep ca.key offline in real deployments)
 //! DIR/tls/{meta,chunk,client}.{pem,key}   node certificates signed by the CA
-//! DIR/volume.key            32 random bytes: the volume's data key
+//! DIR/volume.key            the volume's data keys, 32 random bytes each (docs/KEYS.md)
 //! DIR/meta.toml, meta.db    metadata server config and SQLite database
 //! DIR/chunk-N.toml, chunk-N/   chunk server N config and block directory
 //! DIR/client.toml           client settings for mount.cairn
@@ -21,9 +21,8 @@ pub struct FormatArgs {
     /// Directory for the volume's files (created if missing; must not hold a volume yet).
     #[arg(long)]
     pub data: PathBuf,
-    /// Volume name, as used in the mount source HOST:PORT:/NAME.
-    #[arg(long, default_value = "cairn")]
-    pub volume: String,
+    #[command(flatten)]
+    pub volume: VolumeArgs,
     /// Metadata server address; port 0 picks a free port now and keeps it.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub meta_listen: String,
@@ -33,9 +32,26 @@ pub struct FormatArgs {
     /// Host the chunk servers listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub chunk_host: String,
+}
+
+/// The settings a volume is formatted with (`cairn format`, and `cairn local up` on first
+/// use); they cannot change afterwards.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VolumeArgs {
+    /// Volume name, as used in the mount source HOST:PORT:/NAME.
+    #[arg(long, default_value = "cairn")]
+    pub volume: String,
     /// Copies of every block (at most the number of live chunk servers is used).
     #[arg(long, default_value_t = 1)]
     pub replication: u32,
+    /// zstd level file data is compressed with (1 fast … 19 small, negative faster still; 0
+    /// stores it uncompressed). Blocks that do not shrink are stored as they are.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub compression: i32,
+    /// Store file data in the clear on the chunk servers (default: encrypted by the clients
+    /// under the volume key, so chunk servers only hold ciphertext).
+    #[arg(long)]
+    pub no_encryption: bool,
 }
 
 /// `cluster.toml`: the shape of a formatted volume directory.
@@ -117,34 +133,43 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
     if dir.join("cluster.toml").exists() || dir.join("meta.db").exists() {
         bail!("{} already holds a volume; remove it first to format again", dir.display());
     }
-    if args.volume.is_empty() || args.volume.contains(['/', ':', ',']) || args.volume.len() > 64 {
+    if args.volume.volume.is_empty() || args.volume.volume.contains(['/', ':', ',']) || args.volume.volume.len() > 64 {
         bail!("volume name {:?} must be 1-64 characters without '/', ':' or ','", args.volume);
     }
     std::fs::create_dir_all(dir.join("tls")).with_context(|| format!("creating {}", dir.display()))?;
     let meta = with_free_port(&args.meta_listen)?;
-    let ca = cairn_net::pki::generate_ca(&args.volume)?;
+    let ca = cairn_net::pki::generate_ca(&args.volume.volume)?;
     write_private(&dir.join("tls/ca.key"), ca.key_pem.as_bytes())?;
     std::fs::write(dir.join("tls/ca.pem"), &ca.cert_pem)?;
-    for (name, dns) in
-        [("meta", cairn_net::META_SERVER_NAME), ("chunk", cairn_net::CHUNK_SERVER_NAME), ("client", "client.cairn")]
-    {
+    for (name, dns) in [
+        ("meta", cairn_net::META_SERVER_NAME),
+        ("chunk", cairn_net::CHUNK_SERVER_NAME),
+        ("client", cairn_net::CLIENT_NAME),
+    ] {
         let pair = cairn_net::pki::issue(&ca, &format!("cairn {name}"), &[dns])?;
         std::fs::write(dir.join(format!("tls/{name}.pem")), &pair.cert_pem)?;
         write_private(&dir.join(format!("tls/{name}.key")), pair.key_pem.as_bytes())?;
     }
-    let key: [u8; 32] = rand::random();
-    write_private(&dir.join("volume.key"), &key)?;
-    let meta_file = MetaFile { listen: meta.clone(), database: "meta.db".into(), dead_after_secs: 5, tls: tls("meta") };
+    cairn_config::append_key(&dir.join("volume.key"), &rand::random())?;
+    let meta_file = MetaFile {
+        listen: meta.clone(),
+        database: "meta.db".into(),
+        dead_after_secs: 5,
+        key_file: "volume.key".into(),
+        tls: tls("meta"),
+    };
     cairn_config::save(&dir.join("meta.toml"), "Cairn metadata server", &meta_file)?;
     let client = ClientFile { timeout_secs: 10, cache_mib: 64, write_buffer_mib: 64, tls: tls("client") };
     cairn_config::save(&dir.join("client.toml"), "Cairn client (mount.cairn -o config=...)", &client)?;
     let uuid = format!("{:032x}", rand::random::<u128>());
     let info = cairn_proto::VolumeInfo {
-        name: args.volume.clone(),
+        name: args.volume.volume.clone(),
         uuid,
         chunk_size: 64 << 20,
         block_size: 4 << 20,
-        replication: args.replication.max(1),
+        replication: args.volume.replication.max(1),
+        compression: args.volume.compression,
+        encrypted: !args.volume.no_encryption,
     };
     let db = dir.join("meta.db");
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
@@ -152,7 +177,7 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         store.format(&info, 0, 0).await
     })?;
     let mut cluster = ClusterFile {
-        volume: args.volume.clone(),
+        volume: args.volume.volume.clone(),
         meta,
         chunk_servers: Vec::new(),
         chunk_host: args.chunk_host.clone(),

@@ -1,6 +1,6 @@
 //! `cairn local up|down`: an all-in-one cluster on 127.0.0.1, as separate processes.
 
-use crate::format::{self, ClusterFile, FormatArgs};
+use crate::format::{self, ClusterFile, FormatArgs, VolumeArgs};
 use anyhow::{Context, bail};
 use cairn_client::{Client, ClientConfig};
 use std::os::unix::process::CommandExt;
@@ -27,12 +27,9 @@ pub enum LocalCommand {
         /// Number of chunk servers to run.
         #[arg(long, default_value_t = 3)]
         chunk_servers: u32,
-        /// Volume name used when formatting.
-        #[arg(long, default_value = "cairn")]
-        volume: String,
-        /// Copies of every block, used when formatting.
-        #[arg(long, default_value_t = 1)]
-        replication: u32,
+        /// Used when formatting, ignored afterwards.
+        #[command(flatten)]
+        volume: VolumeArgs,
         /// Extra mount options passed to mount.cairn.
         #[arg(short = 'o', long)]
         options: Option<String>,
@@ -48,8 +45,8 @@ pub enum LocalCommand {
 
 pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
     match cmd {
-        LocalCommand::Up { mountpoint, data, chunk_servers, volume, replication, options } => {
-            up(&mountpoint, &data, chunk_servers, &volume, replication, options.as_deref())
+        LocalCommand::Up { mountpoint, data, chunk_servers, volume, options } => {
+            up(&mountpoint, &data, chunk_servers, &volume, options.as_deref())
         }
         LocalCommand::Down { mountpoint, data } => down(&mountpoint, data),
     }
@@ -77,8 +74,7 @@ fn up(
     mountpoint: &Path,
     data: &Path,
     chunk_servers: u32,
-    volume: &str,
-    replication: u32,
+    volume: &VolumeArgs,
     options: Option<&str>,
 ) -> anyhow::Result<()> {
     let mountpoint = match std::fs::create_dir_all(mountpoint).and_then(|()| mountpoint.canonicalize()) {
@@ -94,11 +90,10 @@ fn up(
     if !data.join("cluster.toml").exists() {
         format::run(&FormatArgs {
             data: data.clone(),
-            volume: volume.to_string(),
+            volume: volume.clone(),
             meta_listen: "127.0.0.1:0".into(),
             chunk_servers,
             chunk_host: "127.0.0.1".into(),
-            replication,
         })?;
     }
     let mut cluster: ClusterFile = cairn_config::load(&data.join("cluster.toml"))?;

@@ -39,6 +39,12 @@ enum Command {
     },
     /// Show servers, capacity and files of a volume.
     Status(status::StatusArgs),
+    /// Add a volume key: new data is encrypted with it (see docs/KEYS.md).
+    KeyRotate {
+        /// Volume directory holding meta.toml.
+        #[arg(long, default_value = local::DEFAULT_DATA)]
+        data: PathBuf,
+    },
     /// Show how many requests of each kind a mount has sent to the servers.
     Stats {
         /// The mountpoint (or any path on the mount).
@@ -66,11 +72,23 @@ fn main() {
         Command::Local { command } => local::run(command),
         Command::Status(args) => status::run(&args),
         Command::Stats { path } => status::mount_stats(&path),
+        Command::KeyRotate { data } => rotate_key(&data),
     };
     if let Err(e) = result {
         eprintln!("cairn: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn rotate_key(data: &std::path::Path) -> anyhow::Result<()> {
+    let meta: cairn_config::MetaFile = cairn_config::load(&data.join("meta.toml"))?;
+    let id = cairn_config::append_key(&meta.key_file, &rand::random())?;
+    println!(
+        "added volume key {id} to {}: clients that mount from now on encrypt new data with it; \
+         keep the older keys, data written under them still needs them",
+        meta.key_file.display()
+    );
+    Ok(())
 }
 
 fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
@@ -83,6 +101,7 @@ fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
         cert: f.tls.cert,
         key: f.tls.key,
         dead_after: Duration::from_secs(f.dead_after_secs.max(1)),
+        key_file: f.key_file,
     };
     // One thread: every SQL statement is a handoff to sqlx's SQLite worker thread, and a single
     // runtime thread on the other side of it wakes faster than a work-stealing pool.

@@ -1,27 +1,51 @@
 //! The block format: what a chunk server stores and a client decodes.
 //!
-//! A block is encoded once by the writing client and never changes afterwards, so a checksum
-//! computed at encode time protects it end to end: on the wire, on the chunk server's disk and
-//! in any cache. Layout (little endian):
+//! A block is encoded once, by the writing client, and never changes afterwards. It is
+//! compressed (zstd, unless that does not pay for this block) and encrypted
+//! (ChaCha20-Poly1305 under a volume key) before it leaves the client, so chunk servers only
+//! ever hold ciphertext. A CRC-32C over the stored bytes lets chunk servers check what they
+//! store and scrub it without any key; the AEAD tag lets the client detect any change the CRC
+//! could miss, including a valid block put in another block's place. Layout (little endian):
 //!
 //! ```text
 //! offset size field
 //!   0     4   magic "CBLK"
-//!   4     1   format version (1)
-//!   5     1   flags (bit 0: zstd, bit 1: encrypted; both reserved, 0 in version 1)
-//!   6     2   reserved, 0
+//!   4     1   format version (2; version 1 is the same with flags and key id 0)
+//!   5     1   flags: bit 0 body is zstd-compressed, bit 1 body is encrypted
+//!   6     2   key id: which volume key encrypted the body (0 when not encrypted)
 //!   8     4   plain length (bytes after decoding)
 //!  12     4   body length
 //!  16     4   CRC-32C over bytes 0..16 and the body
-//!  20     …   body
+//!  20     …   body: the (compressed) bytes; when encrypted, their ciphertext and a 16-byte tag
 //! ```
+//!
+//! Nonces: the 96-bit ChaCha20-Poly1305 nonce is the block's identity, slice id (64 bits) and
+//! block index (32 bits). The metadata server hands out every slice id once (a durable
+//! counter), a slice is written once and never changed, and a client encodes each of its
+//! blocks once (retries resend the same bytes), so no nonce is used twice under one key.
+//! The header bytes 0..16 are the associated data, so flags, key id and lengths are
+//! authenticated too.
+
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use std::borrow::Cow;
 
 /// Magic bytes at the start of every block.
 pub const MAGIC: &[u8; 4] = b"CBLK";
 /// Current format version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 20;
+/// Body flag: zstd-compressed.
+pub const FLAG_ZSTD: u8 = 1;
+/// Body flag: encrypted (ChaCha20-Poly1305).
+pub const FLAG_ENCRYPTED: u8 = 2;
+/// Bytes of a volume key.
+pub const KEY_LEN: usize = 32;
+/// Bytes of the authentication tag after an encrypted body.
+pub const TAG_LEN: usize = 16;
+/// Largest plain block accepted when decoding: a corrupt or forged length must not make the
+/// decoder allocate gigabytes. Blocks are at most a chunk (64 MiB).
+pub const MAX_PLAIN_LEN: usize = 64 << 20;
 
 /// Why a stored block could not be decoded. Every variant means "do not trust these bytes".
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,33 +60,185 @@ pub enum BlockError {
     LengthMismatch { declared: usize, actual: usize },
     #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
+    #[error("block is encrypted with volume key {0}, which this client does not have")]
+    UnknownKey(u16),
+    #[error("block failed authentication (wrong key, or altered or misplaced data)")]
+    Authentication,
+    #[error("compressed body does not decode to the declared {0} bytes")]
+    Decompress(usize),
 }
 
-/// Encodes plain bytes into a stored block.
-pub fn encode(plain: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + plain.len());
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(0);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(plain.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(plain.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..16]), plain);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(plain);
-    out
+/// A block's identity: the AEAD nonce, and what binds a block's bytes to its place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockId {
+    pub slice: u64,
+    pub index: u32,
 }
 
-/// Checks a stored block's header and checksum without decoding it (what chunk servers do).
-pub fn verify(block: &[u8]) -> Result<(), BlockError> {
+impl BlockId {
+    fn nonce(self) -> Nonce {
+        let mut n = [0u8; NONCE_LEN];
+        n[..8].copy_from_slice(&self.slice.to_le_bytes());
+        n[8..].copy_from_slice(&self.index.to_le_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+}
+
+/// How a client encodes the blocks it writes, and the keys it can decode with.
+pub struct Codec {
+    /// zstd level; 0 stores bodies uncompressed.
+    level: i32,
+    /// Volume keys by id.
+    keys: Vec<(u16, LessSafeKey)>,
+    /// The key new blocks are encrypted with; `None` stores them in the clear.
+    current: Option<u16>,
+}
+
+impl Codec {
+    /// A codec that compresses at zstd `level` (0: off) and, when `encrypt_with` names one of
+    /// `keys`, encrypts under it. Every key stays usable for decoding.
+    pub fn new(level: i32, keys: &[(u16, [u8; KEY_LEN])], encrypt_with: Option<u16>) -> Result<Codec, BlockError> {
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|(id, k)| (*id, LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, k).expect("32-byte key"))))
+            .collect();
+        if let Some(id) = encrypt_with
+            && !keys.iter().any(|(k, _)| *k == id)
+        {
+            return Err(BlockError::UnknownKey(id));
+        }
+        Ok(Codec { level, keys, current: encrypt_with })
+    }
+
+    /// Neither compression nor encryption (tests, and volumes formatted without them).
+    pub fn plain() -> Codec {
+        Codec { level: 0, keys: Vec::new(), current: None }
+    }
+
+    /// Whether this codec holds volume key `id`.
+    pub fn has_key(&self, id: u16) -> bool {
+        self.keys.iter().any(|(k, _)| *k == id)
+    }
+
+    fn key(&self, id: u16) -> Result<&LessSafeKey, BlockError> {
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, k)| k).ok_or(BlockError::UnknownKey(id))
+    }
+
+    /// Encodes plain bytes into a stored block. Compression is kept only when it saves at
+    /// least 1/32 of the block, so incompressible data costs no decompression on reads.
+    pub fn encode(&self, id: BlockId, plain: &[u8]) -> Vec<u8> {
+        let mut flags = 0;
+        let compressed = (self.level != 0)
+            .then(|| zstd::bulk::compress(plain, self.level).ok())
+            .flatten()
+            .filter(|c| c.len() < plain.len() - plain.len() / 32);
+        let mut body = match compressed {
+            Some(c) => {
+                flags |= FLAG_ZSTD;
+                c
+            }
+            None => {
+                let mut v = Vec::with_capacity(plain.len() + TAG_LEN);
+                v.extend_from_slice(plain);
+                v
+            }
+        };
+        let key_id = self.current.unwrap_or(0);
+        if self.current.is_some() {
+            flags |= FLAG_ENCRYPTED;
+        }
+        let body_len = body.len() + if self.current.is_some() { TAG_LEN } else { 0 };
+        let header = header(flags, key_id, plain.len(), body_len);
+        if self.current.is_some() {
+            let key = self.key(key_id).expect("checked in Codec::new");
+            key.seal_in_place_append_tag(id.nonce(), Aad::from(&header[..16]), &mut body)
+                .expect("a block is far below the AEAD's size limit");
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..16]), &body);
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(&header[..16]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Verifies a stored block and returns its plain bytes: borrowed when the body is stored
+    /// as is, decoded otherwise. `id` must be the identity the block was written under.
+    pub fn decode<'a>(&self, id: BlockId, block: &'a [u8]) -> Result<Cow<'a, [u8]>, BlockError> {
+        let h = verify(block)?;
+        if h.plain_len > MAX_PLAIN_LEN {
+            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: MAX_PLAIN_LEN });
+        }
+        let body = &block[HEADER_LEN..];
+        let body: Cow<'a, [u8]> = if h.flags & FLAG_ENCRYPTED != 0 {
+            let key = self.key(h.key_id)?;
+            let mut buf = body.to_vec();
+            let plain_len = key
+                .open_in_place(id.nonce(), Aad::from(&block[..16]), &mut buf)
+                .map_err(|_| BlockError::Authentication)?
+                .len();
+            buf.truncate(plain_len);
+            Cow::Owned(buf)
+        } else {
+            Cow::Borrowed(body)
+        };
+        if h.flags & FLAG_ZSTD != 0 {
+            let plain = zstd::bulk::decompress(&body, h.plain_len).map_err(|_| BlockError::Decompress(h.plain_len))?;
+            if plain.len() != h.plain_len {
+                return Err(BlockError::Decompress(h.plain_len));
+            }
+            return Ok(Cow::Owned(plain));
+        }
+        if body.len() != h.plain_len {
+            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: body.len() });
+        }
+        Ok(body)
+    }
+}
+
+/// The first 16 header bytes (the CRC follows them).
+fn header(flags: u8, key_id: u16, plain_len: usize, body_len: usize) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[5] = flags;
+    h[6..8].copy_from_slice(&key_id.to_le_bytes());
+    h[8..12].copy_from_slice(&(plain_len as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&(body_len as u32).to_le_bytes());
+    h
+}
+
+/// The key an encrypted block names in its header, read without verifying anything (to
+/// fetch a key before decoding); `None` for blocks stored in the clear or too short.
+pub fn key_id(block: &[u8]) -> Option<u16> {
+    let encrypted = block.len() >= HEADER_LEN && block[5] & FLAG_ENCRYPTED != 0;
+    encrypted.then(|| u16::from_le_bytes([block[6], block[7]]))
+}
+
+/// What [`verify`] read from a header.
+pub struct Header {
+    pub flags: u8,
+    pub key_id: u16,
+    pub plain_len: usize,
+}
+
+/// Checks a stored block's header and checksum without decoding it: what chunk servers do on
+/// every write and read, with no key.
+pub fn verify(block: &[u8]) -> Result<Header, BlockError> {
     if block.len() < HEADER_LEN {
         return Err(BlockError::Truncated(block.len()));
     }
     if &block[0..4] != MAGIC {
         return Err(BlockError::BadMagic);
     }
-    if block[4] != VERSION || block[5] != 0 {
-        return Err(BlockError::Unsupported(block[4], block[5]));
+    let (version, flags, key_id) = (block[4], block[5], u16::from_le_bytes([block[6], block[7]]));
+    let known = match version {
+        1 => flags == 0 && key_id == 0,
+        VERSION => flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) == 0 && (flags & FLAG_ENCRYPTED != 0 || key_id == 0),
+        _ => false,
+    };
+    if !known {
+        return Err(BlockError::Unsupported(version, flags));
     }
     let declared = u32::from_le_bytes(block[12..16].try_into().expect("4 bytes")) as usize;
     let actual = block.len() - HEADER_LEN;
@@ -74,41 +250,9 @@ pub fn verify(block: &[u8]) -> Result<(), BlockError> {
     if stored != computed {
         return Err(BlockError::Checksum { stored, computed });
     }
-    Ok(())
-}
-
-/// Verifies a stored block and returns its plain bytes (borrowed: no copy).
-pub fn decode(block: &[u8]) -> Result<&[u8], BlockError> {
-    verify(block)?;
     let plain_len = u32::from_le_bytes(block[8..12].try_into().expect("4 bytes")) as usize;
-    let body = &block[HEADER_LEN..];
-    if plain_len != body.len() {
-        return Err(BlockError::LengthMismatch { declared: plain_len, actual: body.len() });
-    }
-    Ok(body)
+    Ok(Header { flags, key_id, plain_len })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip() {
-        for len in [0usize, 1, 4095, 4096, 1 << 20] {
-            let plain: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-            assert_eq!(decode(&encode(&plain)).unwrap(), &plain[..]);
-        }
-    }
-
-    #[test]
-    fn every_flipped_byte_is_detected() {
-        let block = encode(b"the quick brown fox jumps over the lazy dog");
-        for i in 0..block.len() {
-            let mut bad = block.clone();
-            bad[i] ^= 0x01;
-            assert!(decode(&bad).is_err(), "flip at byte {i} went unnoticed");
-        }
-        assert!(decode(&block[..block.len() - 1]).is_err());
-        assert_eq!(decode(&block[..3]), Err(BlockError::Truncated(3)));
-    }
-}
+mod tests;

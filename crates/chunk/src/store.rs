@@ -174,7 +174,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path()).unwrap();
         let key = BlockKey { slice: 0x1234, index: 2 };
-        let block = cairn_block::encode(b"hello block");
+        let block = cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 1, index: 0 }, b"hello block");
         store.put(key, &block, true).unwrap();
         assert_eq!(store.get(key).unwrap(), block);
         assert!(matches!(store.put(key, b"garbage", false), Err(StoreError::Malformed { .. })));

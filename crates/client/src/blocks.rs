@@ -16,8 +16,17 @@ const SERVER_LIST_TTL: Duration = Duration::from_secs(3);
 /// Slice ids reserved per request to the metadata server.
 const SLICE_ID_BATCH: u64 = 256;
 
-/// A cached block: its plain bytes are `bytes[start..]` (a verified encoded block keeps its
-/// header in front, so fetching costs no copy).
+/// Blocks up to this size are encoded and decoded on the network thread; bigger ones on the
+/// blocking pool, where zstd and ChaCha20 cost that thread nothing.
+const INLINE_CODEC_BYTES: u64 = 256 << 10;
+
+/// The codec's name for a block: its slice and index.
+fn block_id(slice: SliceId, index: usize) -> cairn_block::BlockId {
+    cairn_block::BlockId { slice, index: index as u32 }
+}
+
+/// A cached block: its plain bytes are `bytes[start..]` (a block stored as is keeps its
+/// header in front, so fetching it costs no copy).
 pub(crate) struct Block {
     bytes: Vec<u8>,
     start: usize,
@@ -134,12 +143,20 @@ impl Client {
     pub(crate) async fn store_slice(&self, slice: SliceId, data: Vec<u8>, sync: bool) -> Result<Vec<ServerId>> {
         let bs = self.volume.block_size as usize;
         let len = data.len() as u64;
-        let encoded: Vec<(BlockKey, Vec<u8>)> = data
-            .chunks(bs)
-            .enumerate()
-            .map(|(i, part)| (BlockKey { slice, index: i as u32 }, cairn_block::encode(part)))
-            .collect();
-        drop(data);
+        let codec = self.codec();
+        let encode = move || -> Vec<(BlockKey, Vec<u8>)> {
+            let blocks = data.chunks(bs).enumerate();
+            blocks
+                .map(|(i, part)| (BlockKey { slice, index: i as u32 }, codec.encode(block_id(slice, i), part)))
+                .collect()
+        };
+        // Compressing and encrypting megabytes must not stall the one network thread.
+        let encoded = match len > INLINE_CODEC_BYTES {
+            true => {
+                tokio::task::spawn_blocking(encode).await.map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?
+            }
+            false => encode(),
+        };
         let mut last_err = None;
         for attempt in 0..3 {
             let servers = self.servers(attempt > 0).await?;
@@ -202,11 +219,8 @@ impl Client {
                     let got = self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await;
                     tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
                     match got {
-                        Ok(bytes) => match cairn_block::decode(&bytes) {
-                            Ok(plain) => {
-                                let start = bytes.len() - plain.len();
-                                return Ok(Arc::new(Block { bytes, start }));
-                            }
+                        Ok(bytes) => match self.decode(key, bytes).await {
+                            Ok(block) => return Ok(Arc::new(block)),
                             Err(e) => {
                                 error!(server = id, ?key, "block failed verification: {e}");
                                 last = ClientError::new(ErrorCode::Corrupt, e.to_string());
@@ -226,5 +240,33 @@ impl Client {
             })
             .await
             .map_err(|e: Arc<ClientError>| (*e).clone())
+    }
+
+    /// Verifies and decodes a fetched block.
+    async fn decode(&self, key: BlockKey, bytes: Vec<u8>) -> std::result::Result<Block, cairn_block::BlockError> {
+        let inline = bytes.get(5).is_some_and(|flags| *flags == 0) || bytes.len() as u64 <= INLINE_CODEC_BYTES;
+        if let Some(id) = cairn_block::key_id(&bytes)
+            && !self.codec().has_key(id)
+        {
+            if let Err(e) = self.refresh_codec().await {
+                warn!(?key, "cannot fetch the volume keys again: {}", e.message);
+            }
+        }
+        let codec = self.codec();
+        let decode = move || {
+            // Stored as is: keep the fetched buffer and point past the header.
+            let decoded = match codec.decode(block_id(key.slice, key.index as usize), &bytes)? {
+                std::borrow::Cow::Borrowed(plain) => Err(bytes.len() - plain.len()),
+                std::borrow::Cow::Owned(plain) => Ok(plain),
+            };
+            Ok(match decoded {
+                Ok(plain) => Block { bytes: plain, start: 0 },
+                Err(start) => Block { bytes, start },
+            })
+        };
+        match inline {
+            true => decode(),
+            false => tokio::task::spawn_blocking(decode).await.unwrap_or(Err(cairn_block::BlockError::Authentication)),
+        }
     }
 }

@@ -65,6 +65,9 @@ impl Default for ClientConfig {
 pub struct Client {
     pub(crate) meta: RpcClient,
     pub(crate) volume: VolumeInfo,
+    /// Compresses and encrypts the blocks this client writes; decodes what it reads.
+    /// Replaced when a block names a key this client lacks (see `Client::refresh_codec`).
+    pub(crate) codec: std::sync::RwLock<Arc<cairn_block::Codec>>,
     pub(crate) blocks: blocks::BlockClient,
     pub(crate) files: DashMap<Ino, Arc<write::FileState>>,
     /// Chunk maps keyed by (inode, data generation, chunk index).
@@ -118,8 +121,11 @@ impl Client {
         let endpoint = cairn_net::client_endpoint(identity)?;
         let meta = RpcClient::new(endpoint.clone(), &config.meta, cairn_net::META_SERVER_NAME, config.timeout);
         let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: config.volume.clone() };
-        let volume = match meta.call::<_, MetaResponse>(&hello, &[]).await?.0 {
-            MetaResponse::Hello { volume } => volume,
+        let (volume, codec) = match meta.call::<_, MetaResponse>(&hello, &[]).await?.0 {
+            MetaResponse::Hello { volume, keys } => {
+                let codec = codec(&volume, &keys)?;
+                (volume, codec)
+            }
             other => return Err(unexpected(other)),
         };
         let client = Client {
@@ -145,6 +151,7 @@ impl Client {
             shut_down: Default::default(),
             meta,
             volume,
+            codec: std::sync::RwLock::new(Arc::new(codec)),
         };
         Ok(Arc::new(client))
     }
@@ -194,6 +201,24 @@ impl Client {
     pub fn shut_down(&self) {
         self.shut_down.store(true, std::sync::atomic::Ordering::Release);
         tracing::warn!("the filesystem was shut down: every call fails with EIO until it is unmounted");
+    }
+
+    /// The current block codec.
+    pub(crate) fn codec(&self) -> Arc<cairn_block::Codec> {
+        self.codec.read().expect("codec lock").clone()
+    }
+
+    /// Fetches the volume keys again, for a block encrypted under a key added (`cairn
+    /// key-rotate`) after this client connected; from then on it encrypts with that key too.
+    pub(crate) async fn refresh_codec(&self) -> Result<()> {
+        let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: self.volume.name.clone() };
+        match self.call(hello).await? {
+            MetaResponse::Hello { volume, keys } => {
+                *self.codec.write().expect("codec lock") = Arc::new(codec(&volume, &keys)?);
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The requests this client has sent, by kind, as `server.kind count` lines.
@@ -294,6 +319,21 @@ impl Client {
         }
         a
     }
+}
+
+/// The block codec for a volume: its compression, and its keys when it is encrypted (new
+/// blocks are encrypted under the newest key; older ones still decode).
+fn codec(volume: &VolumeInfo, keys: &[(u16, [u8; 32])]) -> Result<cairn_block::Codec> {
+    let encrypt_with = match (volume.encrypted, keys.last()) {
+        (false, _) => None,
+        (true, Some((id, _))) => Some(*id),
+        (true, None) => {
+            let msg = "the volume is encrypted but the metadata server gave no keys (is this a client certificate?)";
+            return Err(ClientError::new(ErrorCode::Access, msg));
+        }
+    };
+    cairn_block::Codec::new(volume.compression, keys, encrypt_with)
+        .map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))
 }
 
 pub(crate) fn unexpected(resp: MetaResponse) -> ClientError {

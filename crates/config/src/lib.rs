@@ -2,6 +2,8 @@
 //! `mount.cairn`. Keys are documented here and in docs/CONFIG.md; unknown keys are refused so
 //! a typo never passes silently. Relative paths are resolved against the file's directory.
 
+mod keys;
+pub use keys::{KEY_LEN, append_key, load_keys};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a key file: {len} bytes, not a non-empty multiple of 32")]
+    BadKeyFile { path: PathBuf, len: usize },
 }
 
 /// Credentials of one node: the cluster CA and this node's certificate and key (PEM files).
@@ -39,6 +43,10 @@ pub struct MetaFile {
     /// Seconds of heartbeat silence after which a chunk server counts as dead.
     #[serde(default = "default_dead_after")]
     pub dead_after_secs: u64,
+    /// The volume keys, 32 bytes each, newest last (see docs/KEYS.md). Only the metadata
+    /// server reads it; clients get the keys from it over mutual TLS.
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
     pub tls: Tls,
 }
 
@@ -79,6 +87,9 @@ pub struct ClientFile {
     pub tls: Tls,
 }
 
+fn default_key_file() -> PathBuf {
+    "volume.key".into()
+}
 fn default_dead_after() -> u64 {
     5
 }
@@ -138,6 +149,7 @@ impl HasTls for MetaFile {
     fn resolve_paths(&mut self, dir: &Path) {
         self.tls.resolve(dir);
         resolve(dir, &mut self.database);
+        resolve(dir, &mut self.key_file);
     }
 }
 

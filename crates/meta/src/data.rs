@@ -38,7 +38,9 @@ impl MetaService {
     }
 
     pub(crate) async fn alloc_slices(&self, count: u64) -> Result<SliceId> {
-        let mut b = Batch::default();
+        // Durable: slice ids are the blocks' encryption nonces, so a power cut must never let
+        // the counter hand out ids again (see cairn-block).
+        let mut b = Batch::durable(true);
         b.alloc_slices(count.clamp(1, 1 << 20));
         Ok(self.store.write().await?.apply(b).await?.value()? as u64)
     }

@@ -26,12 +26,16 @@ pub struct MetaConfig {
     pub key: PathBuf,
     /// A chunk server silent for this long is considered dead.
     pub dead_after: Duration,
+    /// The volume key file (see `cairn_config::load_keys`), read again at every client's
+    /// hello so a rotated key reaches clients that connect afterwards.
+    pub key_file: PathBuf,
 }
 
 /// The metadata service state shared by all connections.
 pub struct MetaService {
     pub(crate) store: Store,
     pub(crate) volume: VolumeInfo,
+    key_file: PathBuf,
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
     pub(crate) gc_wakeup: Notify,
@@ -42,11 +46,12 @@ pub struct MetaService {
 
 impl MetaService {
     /// Opens the service on an already formatted store.
-    pub async fn new(store: Store, dead_after: Duration) -> crate::Result<MetaService> {
+    pub async fn new(store: Store, dead_after: Duration, key_file: PathBuf) -> crate::Result<MetaService> {
         let volume = store.volume().await?;
         let svc = MetaService {
             store,
             volume,
+            key_file,
             opens: Opens::default(),
             registry: Registry::new(dead_after),
             gc_wakeup: Notify::new(),
@@ -74,7 +79,11 @@ impl MetaService {
                         format!("no volume {volume:?} here (this server holds {:?})", self.volume.name),
                     ));
                 }
-                R::Hello { volume: self.volume.clone() }
+                let keys = match self.volume.encrypted && peer.is_client {
+                    true => self.keys()?,
+                    false => Vec::new(),
+                };
+                R::Hello { volume: self.volume.clone(), keys }
             }
             MetaRequest::Lookup { parent, name } => R::Attr(self.lookup(parent, &name).await?),
             MetaRequest::GetAttr { ino } => R::Attr(self.getattr(ino).await?),
@@ -146,6 +155,14 @@ impl MetaService {
                 }
                 R::Empty
             }
+        })
+    }
+
+    /// The volume keys, for an encrypted volume's clients.
+    fn keys(&self) -> crate::Result<Vec<(u16, [u8; 32])>> {
+        cairn_config::load_keys(&self.key_file).map_err(|e| {
+            tracing::error!("cannot give clients the volume keys: {e}");
+            MetaError::fs(ErrorCode::Io, format!("the metadata server cannot read the volume keys: {e}"))
         })
     }
 
@@ -249,7 +266,11 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
 pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     let identity = Identity::load(&config.ca, &config.cert, &config.key)?;
     let store = Store::open(&config.db).await?;
-    let svc = Arc::new(MetaService::new(store, config.dead_after).await?);
+    let svc = Arc::new(MetaService::new(store, config.dead_after, config.key_file).await?);
+    if svc.volume.encrypted {
+        // Refuse to start rather than fail every client's hello.
+        svc.keys()?;
+    }
     let endpoint = cairn_net::server_endpoint(&identity, config.listen)?;
     let gc_endpoint = cairn_net::client_endpoint(&identity)?;
     info!(volume = %svc.volume.name, listen = %endpoint.local_addr()?, "metadata server ready");

@@ -16,3 +16,5 @@ pub use tls::{Identity, client_endpoint, server_endpoint};
 pub const META_SERVER_NAME: &str = "meta.cairn";
 /// TLS server name of every chunk server in its certificate.
 pub const CHUNK_SERVER_NAME: &str = "chunk.cairn";
+/// Name in every client's certificate: what tells a client from a server.
+pub const CLIENT_NAME: &str = "client.cairn";

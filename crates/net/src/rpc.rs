@@ -19,6 +19,9 @@ pub struct Peer {
     /// Unique per connection for the lifetime of the server process.
     pub conn_id: usize,
     pub remote: SocketAddr,
+    /// The peer's certificate is a client's (valid for [`crate::CLIENT_NAME`]), not a
+    /// server's: only clients may be given the volume keys.
+    pub is_client: bool,
 }
 
 /// A connection to one server that reconnects when the server comes back.
@@ -256,7 +259,8 @@ where
                     return;
                 }
             };
-            let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address() };
+            let is_client = crate::tls::peer_is_named(&conn, crate::CLIENT_NAME);
+            let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address(), is_client };
             debug!(?peer, "peer connected");
             loop {
                 match conn.accept_bi().await {

@@ -157,3 +157,15 @@ pub fn client_endpoint(identity: &Identity) -> Result<quinn::Endpoint, NetError>
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
+
+/// Whether the peer of `conn` presented a certificate valid for `name` (its chain was already
+/// verified against the cluster CA when the connection was accepted).
+pub(crate) fn peer_is_named(conn: &quinn::Connection, name: &str) -> bool {
+    let Some(certs) = conn.peer_identity().and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok()) else {
+        return false;
+    };
+    let (Some(cert), Ok(name)) = (certs.first(), rustls::pki_types::ServerName::try_from(name)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert).is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+}

@@ -228,6 +228,9 @@ pub enum MetaRequest {
 pub enum MetaResponse {
     Hello {
         volume: VolumeInfo,
+        /// The volume keys by id, newest last, when the volume is encrypted and the peer is a
+        /// client (chunk servers never get them).
+        keys: Vec<(u16, [u8; 32])>,
     },
     Attr(Attr),
     Empty,

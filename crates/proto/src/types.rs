@@ -239,6 +239,10 @@ pub struct VolumeInfo {
     pub block_size: u64,
     /// Copies of each block to store.
     pub replication: u32,
+    /// zstd level blocks are compressed with; 0 stores them uncompressed.
+    pub compression: i32,
+    /// Whether clients encrypt blocks under the volume key before storing them.
+    pub encrypted: bool,
 }
 
 /// Filesystem-wide usage for `statfs`.

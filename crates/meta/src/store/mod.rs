@@ -75,6 +75,8 @@ impl Store {
             ("chunk_size", info.chunk_size.to_string()),
             ("block_size", info.block_size.to_string()),
             ("replication", info.replication.to_string()),
+            ("compression", info.compression.to_string()),
+            ("encrypted", info.encrypted.to_string()),
         ] {
             b.set_volume_setting(k, v);
         }

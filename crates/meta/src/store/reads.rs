@@ -25,9 +25,16 @@ pub(crate) async fn volume<'e>(ex: impl SqliteExecutor<'e>) -> Result<VolumeInfo
     let get = |k: &str| rows.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
     match (get("name"), get("uuid"), num("chunk_size"), num("block_size"), num("replication")) {
-        (Some(name), Some(uuid), Some(chunk_size), Some(block_size), Some(replication)) => {
-            Ok(VolumeInfo { name, uuid, chunk_size, block_size, replication: replication as u32 })
-        }
+        (Some(name), Some(uuid), Some(chunk_size), Some(block_size), Some(replication)) => Ok(VolumeInfo {
+            name,
+            uuid,
+            chunk_size,
+            block_size,
+            replication: replication as u32,
+            // Volumes formatted before blocks were compressed and encrypted have neither.
+            compression: get("compression").and_then(|v| v.parse().ok()).unwrap_or(0),
+            encrypted: get("encrypted").is_some_and(|v| v == "true"),
+        }),
         _ => Err(MetaError::fs(ErrorCode::Invalid, "database holds no formatted volume (run `cairn format`)")),
     }
 }

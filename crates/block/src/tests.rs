@@ -1,0 +1,141 @@
+use super::*;
+use proptest::prelude::*;
+
+const ID: BlockId = BlockId { slice: 42, index: 3 };
+
+fn key(b: u8) -> [u8; KEY_LEN] {
+    [b; KEY_LEN]
+}
+
+/// The four ways a volume can store blocks: plain, zstd, encrypted, zstd + encrypted.
+fn codecs() -> Vec<Codec> {
+    let keys = [(1, key(7))];
+    vec![
+        Codec::plain(),
+        Codec::new(3, &[], None).unwrap(),
+        Codec::new(0, &keys, Some(1)).unwrap(),
+        Codec::new(3, &keys, Some(1)).unwrap(),
+    ]
+}
+
+fn compressible(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b"cairn block "[i % 12]).collect()
+}
+
+/// A block as format version 1 wrote it (no flags, no key).
+fn v1_block(plain: &[u8]) -> Vec<u8> {
+    let mut h = header(0, 0, plain.len(), plain.len());
+    h[4] = 1;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), plain);
+    [&h[..], &crc.to_le_bytes(), plain].concat()
+}
+
+proptest! {
+    #[test]
+    fn round_trip_in_every_mode(plain in proptest::collection::vec(any::<u8>(), 0..70_000), repeat in any::<bool>()) {
+        // Half the cases repeat a short pattern, so compression is taken, not only skipped.
+        let plain = if repeat { compressible(plain.len()) } else { plain };
+        for c in codecs() {
+            let block = c.encode(ID, &plain);
+            prop_assert_eq!(&c.decode(ID, &block).unwrap()[..], &plain[..]);
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_is_detected(plain in proptest::collection::vec(any::<u8>(), 1..5_000), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+        for c in codecs() {
+            let mut block = c.encode(ID, &plain);
+            let i = at.index(block.len());
+            block[i] ^= 1 << bit;
+            prop_assert!(c.decode(ID, &block).is_err(), "flip of bit {} at byte {} went unnoticed", bit, i);
+        }
+    }
+
+    /// The decoder's fuzz test: arbitrary bytes, and arbitrary bodies behind a well-formed
+    /// header with a correct CRC (so the AEAD and zstd paths see garbage too), never panic and
+    /// never decode as data.
+    #[test]
+    fn garbage_never_decodes(body in proptest::collection::vec(any::<u8>(), 0..3_000), flags in 0u8..4, plain_len in 0usize..100_000) {
+        let c = Codec::new(1, &[(0, key(9))], Some(0)).unwrap();
+        let _ = c.decode(ID, &body);
+        let h = header(flags, 0, plain_len, body.len());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &body);
+        let forged = [&h[..], &crc.to_le_bytes(), &body].concat();
+        match c.decode(ID, &forged) {
+            // Only an unencrypted, uncompressed body of the declared length is valid data.
+            Ok(plain) => prop_assert!(flags == 0 && plain.len() == plain_len),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn encrypted_blocks_hide_their_bytes_and_bind_their_place() {
+    let marker = b"CAIRN-MARKER-4f1c".repeat(100);
+    let c = Codec::new(1, &[(1, key(7))], Some(1)).unwrap();
+    let block = c.encode(ID, &marker);
+    assert!(!block.windows(17).any(|w| w == &marker[..17]), "plaintext visible in an encrypted block");
+    let compressed = zstd::bulk::compress(&marker, 1).unwrap();
+    assert!(!block.windows(compressed.len()).any(|w| w == &compressed[..]), "compressed plaintext visible");
+    assert_eq!(block[5], FLAG_ZSTD | FLAG_ENCRYPTED);
+    // The same bytes presented as another block (a chunk server swapping files) fail.
+    let elsewhere = BlockId { slice: ID.slice, index: ID.index + 1 };
+    assert_eq!(c.decode(elsewhere, &block), Err(BlockError::Authentication));
+    // A client with a different key, or no key of that id, gets an error, never bytes.
+    let other = Codec::new(0, &[(1, key(8))], Some(1)).unwrap();
+    assert_eq!(other.decode(ID, &block), Err(BlockError::Authentication));
+    assert_eq!(Codec::plain().decode(ID, &block), Err(BlockError::UnknownKey(1)));
+}
+
+#[test]
+fn rotated_keys_decode_old_blocks_and_encrypt_new_ones() {
+    let old = Codec::new(0, &[(0, key(1))], Some(0)).unwrap();
+    let rotated = Codec::new(0, &[(0, key(1)), (1, key(2))], Some(1)).unwrap();
+    let before = old.encode(ID, b"written before the rotation");
+    let after = rotated.encode(ID, b"written after the rotation");
+    assert_eq!(u16::from_le_bytes([after[6], after[7]]), 1);
+    assert_eq!(&rotated.decode(ID, &before).unwrap()[..], b"written before the rotation");
+    assert_eq!(&rotated.decode(ID, &after).unwrap()[..], b"written after the rotation");
+    assert!(Codec::new(0, &[(0, key(1))], Some(5)).is_err(), "encrypting with a missing key");
+}
+
+#[test]
+fn compression_is_kept_only_when_it_pays() {
+    let c = Codec::new(1, &[], None).unwrap();
+    let text = compressible(1 << 20);
+    let block = c.encode(ID, &text);
+    assert_eq!(block[5], FLAG_ZSTD);
+    assert!(block.len() < text.len() / 10);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..1 << 16)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    let block = c.encode(ID, &noise);
+    assert_eq!(block[5], 0, "incompressible data is stored as is");
+    assert_eq!(block.len(), HEADER_LEN + noise.len());
+}
+
+#[test]
+fn version_1_blocks_still_decode_and_chunk_servers_verify_without_keys() {
+    let block = v1_block(b"an old block");
+    assert_eq!(&Codec::plain().decode(ID, &block).unwrap()[..], b"an old block");
+    let c = Codec::new(3, &[(1, key(7))], Some(1)).unwrap();
+    assert_eq!(&c.decode(ID, &block).unwrap()[..], b"an old block");
+    let new = c.encode(ID, &compressible(10_000));
+    assert!(verify(&new).is_ok());
+    assert_eq!(verify(&new[..3]).err(), Some(BlockError::Truncated(3)));
+}
+
+#[test]
+fn oversized_lengths_are_refused_before_allocating() {
+    let h = header(FLAG_ZSTD, 0, u32::MAX as usize, 4);
+    let body = [0u8; 4];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &body);
+    let forged = [&h[..], &crc.to_le_bytes(), &body].concat();
+    assert!(matches!(Codec::plain().decode(ID, &forged), Err(BlockError::LengthMismatch { .. })));
+}
