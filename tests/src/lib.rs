@@ -192,3 +192,17 @@ pub fn errno() -> i32 {
 pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in path")
 }
+
+/// `len` pseudo-random bytes (xorshift, fixed seed): data zstd cannot shrink, for tests about
+/// how much space file data takes on the chunk servers.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

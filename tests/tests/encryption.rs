@@ -35,18 +35,7 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
 /// A file of 64 KiB records, each the marker followed by pseudo-random bytes: the marker
 /// appears in the clear if stored as is, and zstd finds nothing to squeeze.
 fn marked_noise() -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut out = Vec::new();
-    for _ in 0..32 {
-        out.extend_from_slice(MARKER);
-        out.extend((0..65_536 - MARKER.len()).map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        }));
-    }
-    out
+    noise(32 << 16).chunks(1 << 16).flat_map(|record| [MARKER, &record[MARKER.len()..]].concat()).collect()
 }
 
 /// The marker and the file's text, compressed as the client would compress a block.

@@ -247,10 +247,9 @@ impl Client {
         let inline = bytes.get(5).is_some_and(|flags| *flags == 0) || bytes.len() as u64 <= INLINE_CODEC_BYTES;
         if let Some(id) = cairn_block::key_id(&bytes)
             && !self.codec().has_key(id)
+            && let Err(e) = self.refresh_codec().await
         {
-            if let Err(e) = self.refresh_codec().await {
-                warn!(?key, "cannot fetch the volume keys again: {}", e.message);
-            }
+            warn!(?key, "cannot fetch the volume keys again: {}", e.message);
         }
         let codec = self.codec();
         let decode = move || {
