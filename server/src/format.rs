@@ -118,6 +118,7 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
         meta: cluster.meta.clone(),
         data_dir: format!("chunk-{id}").into(),
         heartbeat_ms: 1000,
+        zone: None,
         tls: tls("chunk"),
     };
     std::fs::create_dir_all(dir.join(format!("chunk-{id}")))?;

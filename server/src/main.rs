@@ -122,6 +122,7 @@ fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
         cert: f.tls.cert,
         key: f.tls.key,
         heartbeat: Duration::from_millis(f.heartbeat_ms.max(50)),
+        zone: f.zone.unwrap_or_else(|| format!("server-{}", f.id)),
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(cairn_chunk::run(config))?;
     Ok(())

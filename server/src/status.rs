@@ -26,10 +26,15 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         println!("replication {}", v.replication);
         println!("files       {}", stats.files);
         println!("capacity    {:.1} GiB, {:.1} GiB free", gib(stats.capacity), gib(stats.free));
+        println!(
+            "repair      {} slices short of copies, {} with no live copy, {} re-replicated since start",
+            stats.short_slices, stats.lost_slices, stats.repaired_slices
+        );
         println!("chunk servers:");
         for s in servers {
             let state = if s.alive { "alive" } else { "DEAD" };
-            println!("  {:>4}  {:<22} {:<5}  {:.1}/{:.1} GiB free", s.id, s.addr, state, gib(s.free), gib(s.capacity));
+            let (free, cap) = (gib(s.free), gib(s.capacity));
+            println!("  {:>4}  {:<22} {:<12} {:<5}  {free:.1}/{cap:.1} GiB free", s.id, s.addr, s.zone, state);
         }
         Ok::<_, anyhow::Error>(())
     })

@@ -24,10 +24,43 @@ pub struct ChunkConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub heartbeat: Duration,
+    /// Failure domain reported to the metadata server.
+    pub zone: String,
 }
 
 struct ChunkService {
     store: BlockStore,
+    /// Connections to other chunk servers, for `Replicate`, by address.
+    peers: std::sync::Mutex<std::collections::HashMap<String, Arc<RpcClient>>>,
+    endpoint: quinn::Endpoint,
+}
+
+/// Deadline of each block fetched from another chunk server.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ChunkService {
+    fn peer(&self, addr: &str) -> Arc<RpcClient> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        let rpc = peers.entry(addr.to_string()).or_insert_with(|| {
+            Arc::new(RpcClient::new(self.endpoint.clone(), addr, cairn_net::CHUNK_SERVER_NAME, PEER_TIMEOUT))
+        });
+        rpc.clone()
+    }
+
+    /// Fetches each block from `from`, checks it and stores it with fsync.
+    async fn replicate(&self, keys: Vec<cairn_proto::chunk::BlockKey>, from: &str) -> Result<(), WireError> {
+        let rpc = self.peer(from);
+        for key in keys {
+            let fetched = rpc.call::<_, ChunkResponse>(&ChunkRequest::Get { key }, &[]).await;
+            let (_, block) = fetched.map_err(|e| match e {
+                cairn_net::NetError::Remote(w) => w,
+                other => WireError::new(other.code(), format!("fetching {key:?} from {from}: {other}")),
+            })?;
+            let store = self.store.clone();
+            blocking(move || store.put(key, &block, true)).await?;
+        }
+        Ok(())
+    }
 }
 
 fn wire(e: StoreError) -> WireError {
@@ -70,6 +103,10 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
                 blocking(move || store.delete(&keys)).await?;
                 Ok((ChunkResponse::Done, Vec::new()))
             }
+            ChunkRequest::Replicate { keys, from } => {
+                self.replicate(keys, &from).await?;
+                Ok((ChunkResponse::Done, Vec::new()))
+            }
             ChunkRequest::Stat => {
                 let (capacity, free) = blocking(move || Ok(store.usage()?)).await?;
                 Ok((ChunkResponse::Stat { capacity, free }, Vec::new()))
@@ -82,7 +119,13 @@ async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, meta: RpcClient)
     let mut announced = false;
     loop {
         let (capacity, free) = store.usage().unwrap_or((0, 0));
-        let req = MetaRequest::Heartbeat { id: config.id, addr: config.advertise.clone(), capacity, free };
+        let req = MetaRequest::Heartbeat {
+            id: config.id,
+            addr: config.advertise.clone(),
+            zone: config.zone.clone(),
+            capacity,
+            free,
+        };
         match meta.call::<_, MetaResponse>(&req, &[]).await {
             Ok(_) if !announced => {
                 info!(meta = %config.meta, "registered with the metadata server");
@@ -114,14 +157,16 @@ pub async fn run(config: ChunkConfig) -> Result<(), RunError> {
     let identity = Identity::load(&config.ca, &config.cert, &config.key)?;
     let store = BlockStore::open(&config.data_dir)?;
     let endpoint = cairn_net::server_endpoint(&identity, config.listen)?;
+    let client_endpoint = cairn_net::client_endpoint(&identity)?;
     let meta = RpcClient::new(
-        cairn_net::client_endpoint(&identity)?,
+        client_endpoint.clone(),
         &config.meta,
         cairn_net::META_SERVER_NAME,
         config.heartbeat.max(Duration::from_secs(1)) * 3,
     );
     info!(id = config.id, listen = %endpoint.local_addr()?, data = %config.data_dir.display(), "chunk server ready");
     tokio::spawn(heartbeat_loop(config.clone(), store.clone(), meta));
-    cairn_net::serve(endpoint, Arc::new(ChunkService { store })).await;
+    let service = ChunkService { store, peers: Default::default(), endpoint: client_endpoint };
+    cairn_net::serve(endpoint, Arc::new(service)).await;
     Ok(())
 }

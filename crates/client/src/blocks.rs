@@ -207,14 +207,22 @@ impl Client {
     /// The decoded bytes of a block, from the cache or from the first replica that has a
     /// good copy. A block that fails its checksum everywhere is `EIO`, never wrong bytes.
     pub(crate) async fn block(&self, key: BlockKey, servers: &[ServerId]) -> Result<Arc<Block>> {
-        let servers = servers.to_vec();
+        let mut servers = servers.to_vec();
         self.blocks
             .cache
             .try_get_with(key, async move {
+                // Live replicas first, spread by slice; those on servers known to be down last.
+                let alive = match servers.len() > 1 {
+                    true => self.servers(false).await.ok(),
+                    false => None,
+                };
+                if let Some(list) = alive {
+                    servers.sort_by_key(|id| !list.iter().any(|s| s.id == *id && s.alive));
+                    let up = servers.iter().filter(|id| list.iter().any(|s| s.id == **id && s.alive)).count();
+                    servers[..up].rotate_left(key.slice as usize % up.max(1));
+                }
                 let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
-                let start = (key.slice as usize) % servers.len().max(1);
-                for i in 0..servers.len() {
-                    let id = servers[(start + i) % servers.len()];
+                for &id in &servers {
                     let t0 = std::time::Instant::now();
                     let got = self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await;
                     tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");

@@ -68,6 +68,10 @@ pub struct ChunkFile {
     /// Milliseconds between heartbeats to the metadata server.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
+    /// Failure domain (host, rack, …): no two copies of a block go to servers of one zone.
+    /// Defaults to a zone of its own per server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub tls: Tls,
 }
 

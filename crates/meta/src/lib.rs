@@ -10,6 +10,7 @@ mod error;
 mod namespace;
 mod opens;
 mod registry;
+mod repair;
 mod service;
 mod store;
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 struct Entry {
     addr: String,
+    zone: String,
     capacity: u64,
     free: u64,
     last_seen: Instant,
@@ -22,11 +23,16 @@ impl Registry {
         Registry { servers: DashMap::new(), dead_after }
     }
 
+    /// How long a silent server counts as alive.
+    pub(crate) fn dead_after(&self) -> Duration {
+        self.dead_after
+    }
+
     /// Records a heartbeat; returns true if the server was unknown or had been declared dead.
-    pub(crate) fn heartbeat(&self, id: ServerId, addr: String, capacity: u64, free: u64) -> bool {
+    pub(crate) fn heartbeat(&self, id: ServerId, addr: String, zone: String, capacity: u64, free: u64) -> bool {
         let now = Instant::now();
         let fresh = self.servers.get(&id).is_none_or(|e| now - e.last_seen > self.dead_after);
-        self.servers.insert(id, Entry { addr, capacity, free, last_seen: now });
+        self.servers.insert(id, Entry { addr, zone, capacity, free, last_seen: now });
         fresh
     }
 
@@ -39,6 +45,7 @@ impl Registry {
             .map(|e| ChunkServerInfo {
                 id: *e.key(),
                 addr: e.addr.clone(),
+                zone: e.zone.clone(),
                 capacity: e.capacity,
                 free: e.free,
                 alive: now - e.last_seen <= self.dead_after,

@@ -38,6 +38,7 @@ pub struct MetaService {
     key_file: PathBuf,
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
+    pub(crate) repair_stats: crate::repair::RepairStats,
     pub(crate) gc_wakeup: Notify,
     /// Inodes that lost their last link while nothing had them open, with when to free them.
     pub(crate) removed: std::sync::Mutex<std::collections::VecDeque<(Ino, tokio::time::Instant)>>,
@@ -54,6 +55,7 @@ impl MetaService {
             key_file,
             opens: Opens::default(),
             registry: Registry::new(dead_after),
+            repair_stats: Default::default(),
             gc_wakeup: Notify::new(),
             removed: Default::default(),
             removed_wakeup: Notify::new(),
@@ -149,9 +151,9 @@ impl MetaService {
             }
             MetaRequest::StatFs => R::StatFs(self.statfs().await?),
             MetaRequest::ListServers => R::Servers(self.registry.list()),
-            MetaRequest::Heartbeat { id, addr, capacity, free } => {
-                if self.registry.heartbeat(id, addr.clone(), capacity, free) {
-                    info!(id, %addr, "chunk server joined");
+            MetaRequest::Heartbeat { id, addr, zone, capacity, free } => {
+                if self.registry.heartbeat(id, addr.clone(), zone.clone(), capacity, free) {
+                    info!(id, %addr, %zone, "chunk server joined");
                 }
                 R::Empty
             }
@@ -169,7 +171,10 @@ impl MetaService {
     async fn statfs(&self) -> crate::Result<FsStats> {
         let files = crate::store::reads::inode_count(&self.store.readers).await?;
         let (capacity, free) = self.space();
-        Ok(FsStats { capacity, free, files })
+        let r = &self.repair_stats;
+        let [short_slices, lost_slices, repaired_slices] =
+            [&r.short, &r.lost, &r.repaired].map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+        Ok(FsStats { capacity, free, files, short_slices, lost_slices, repaired_slices })
     }
 
     /// Capacity and free bytes of the volume: the live chunk servers' space divided by the
@@ -274,6 +279,7 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     let endpoint = cairn_net::server_endpoint(&identity, config.listen)?;
     let gc_endpoint = cairn_net::client_endpoint(&identity)?;
     info!(volume = %svc.volume.name, listen = %endpoint.local_addr()?, "metadata server ready");
+    tokio::spawn(svc.clone().repair_loop(gc_endpoint.clone()));
     tokio::spawn(svc.clone().gc_loop(gc_endpoint));
     tokio::spawn(svc.clone().removed_loop());
     cairn_net::serve(endpoint, svc).await;

@@ -23,6 +23,9 @@ pub enum ChunkRequest {
     Delete { keys: Vec<BlockKey> },
     /// Capacity and free bytes of the data directory.
     Stat,
+    /// Copies blocks from the chunk server at `from` (`host:port`) and stores them durably:
+    /// how the metadata server re-replicates a lost server's blocks.
+    Replicate { keys: Vec<BlockKey>, from: String },
 }
 
 /// A successful answer from a chunk server.

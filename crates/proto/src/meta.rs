@@ -201,6 +201,8 @@ pub enum MetaRequest {
     Heartbeat {
         id: ServerId,
         addr: String,
+        /// Failure domain: copies of a block go to distinct zones.
+        zone: String,
         capacity: u64,
         free: u64,
     },

@@ -222,6 +222,8 @@ pub struct ChunkServerInfo {
     pub id: ServerId,
     /// Address clients connect to (`host:port`).
     pub addr: String,
+    /// Failure domain: no two copies of a block are placed in one zone.
+    pub zone: String,
     pub capacity: u64,
     pub free: u64,
     /// Whether it has heartbeated recently.
@@ -251,4 +253,10 @@ pub struct FsStats {
     pub capacity: u64,
     pub free: u64,
     pub files: u64,
+    /// Slices with fewer live copies than the replication factor, at the last repair scan.
+    pub short_slices: u64,
+    /// Slices none of whose holders is alive, at the last repair scan.
+    pub lost_slices: u64,
+    /// Slices re-replicated since the metadata server started.
+    pub repaired_slices: u64,
 }

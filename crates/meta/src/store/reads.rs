@@ -270,6 +270,22 @@ pub(crate) async fn gc_queue<'e>(
     Ok(rows.into_iter().map(|(s, len, servers)| (s as u64, len as u64, servers_from_text(&servers))).collect())
 }
 
+/// Slice rows after `after_seq` in `seq` order, at most `limit`: `(seq, slice, len,
+/// servers)`, for the re-replication scan.
+pub(crate) async fn slice_holders<'e>(
+    ex: impl SqliteExecutor<'e>,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<(i64, SliceId, u64, Vec<ServerId>)>> {
+    let rows: Vec<(i64, i64, i64, String)> =
+        sqlx::query_as("SELECT seq, slice, len, servers FROM slices WHERE seq > ? AND slice != 0 ORDER BY seq LIMIT ?")
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(ex)
+            .await?;
+    Ok(rows.into_iter().map(|(q, s, len, servers)| (q, s as u64, len as u64, servers_from_text(&servers))).collect())
+}
+
 /// Inodes with no link left (freed at start: their open handles died with the last run).
 pub(crate) async fn unlinked_inodes<'e>(ex: impl SqliteExecutor<'e>) -> Result<Vec<Ino>> {
     let rows: Vec<(i64,)> = sqlx::query_as("SELECT ino FROM inodes WHERE nlink = 0").fetch_all(ex).await?;

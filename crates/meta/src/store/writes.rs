@@ -315,6 +315,11 @@ impl Batch {
             .bind(count as i64);
     }
 
+    /// Records which servers hold a slice's blocks (after re-replication).
+    pub(crate) fn set_slice_servers(&mut self, slice: SliceId, servers: &[ServerId]) {
+        self.push("UPDATE slices SET servers = ? WHERE slice = ?").bind(servers_to_text(servers)).bind(slice as i64);
+    }
+
     /// Takes slices whose blocks are deleted off the GC queue.
     pub(crate) fn gc_done(&mut self, slices: &[SliceId]) {
         for part in slices.chunks(SLICES_PER_INSERT) {

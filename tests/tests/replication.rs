@@ -1,0 +1,67 @@
+//! Replication and repair with real chunk-server processes: reads survive a killed server,
+//! the metadata server rebuilds the lost copies on the survivors, and after that the data
+//! survives losing all but one server.
+
+use cairn_tests::*;
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn status(c: &Cluster) -> String {
+    run(Command::new(bin("cairn")).arg("status").arg("--data").arg(&c.data))
+}
+
+/// Polls `cairn status` until `done` holds, for at most `limit`.
+fn wait_status(c: &Cluster, what: &str, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = status(c);
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}; status:\n{s}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The number before `label` in the status line starting with `repair`.
+fn repair_count(status: &str, label: &str) -> u64 {
+    let line = status.lines().find(|l| l.starts_with("repair")).expect("repair line");
+    let before = &line[..line.find(label).unwrap_or_else(|| panic!("{label:?} in {line:?}"))];
+    before.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+#[test]
+fn lost_copies_are_rebuilt_so_data_survives_all_but_one_server() {
+    let c = Cluster::start_with(4, &["--replication", "3"]);
+    // Several slices of two blocks each; incompressible, so sizes are real.
+    let files: Vec<(String, Vec<u8>)> = (0..6).map(|i| (format!("f{i}"), noise((5 << 20) + i * 4099))).collect();
+    for (name, data) in &files {
+        let mut f = std::fs::File::create(c.path(name)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    }
+    c.kill9("chunk-1");
+    wait_status(&c, "chunk server 1 declared dead", Duration::from_secs(30), |s| s.contains("DEAD"));
+
+    // Reads go on meanwhile, from a client with nothing cached.
+    let during = c.mount_again("during", "");
+    for (name, data) in &files {
+        assert!(std::fs::read(during.join(name)).unwrap() == *data, "{name} while a server is down");
+    }
+    umount_lazy(&during);
+
+    let s = wait_status(&c, "the repair to finish", Duration::from_secs(120), |s| {
+        repair_count(s, "re-replicated") > 0 && repair_count(s, "slices short") == 0
+    });
+    assert_eq!(repair_count(&s, "with no live copy"), 0, "{s}");
+
+    // Every slice now has a copy on each of the three survivors: any one of them is enough.
+    c.kill9("chunk-2");
+    c.kill9("chunk-3");
+    let last = c.mount_again("last", "");
+    for (name, data) in &files {
+        assert!(std::fs::read(last.join(name)).unwrap() == *data, "{name} with only chunk-4 left");
+    }
+    umount_lazy(&last);
+}
