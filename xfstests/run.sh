@@ -26,6 +26,8 @@ done
 [ "$(id -u)" = 0 ] || { echo "$0: xfstests must run as root" >&2; exit 2; }
 
 WORK=${CAIRN_XFSTESTS_WORK:-$(mktemp -d /tmp/cairn-xfstests.XXXXXX)}
+# Tests run commands as the fsgqa users, who must reach TEST_DIR (mktemp -d makes it 0700).
+chmod 755 "$WORK"
 mkdir -p "$WORK/test" "$WORK/scratch" "$WORK/results"
 HELPERS=(/sbin/mount.cairn /sbin/mount.fuse.cairn)
 declare -A SAVED=()
