@@ -193,10 +193,10 @@ pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in path")
 }
 
-/// `len` pseudo-random bytes (xorshift, fixed seed): data zstd cannot shrink, for tests about
-/// how much space file data takes on the chunk servers.
-pub fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+/// `len` deterministic pseudo-random bytes (xorshift): data zstd cannot shrink, for tests
+/// about how much space file data takes on the chunk servers.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;

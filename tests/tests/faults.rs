@@ -401,7 +401,7 @@ fn full_chunk_server_gives_enospc_and_keeps_earlier_files() {
     std::fs::write(c.path("small"), b"small file").unwrap();
 
     // Incompressible: the volume compresses blocks, and a pattern would fit.
-    let big = noise(20 << 20);
+    let big = pattern(1, 20 << 20);
     let p = c.path("big");
     let result = bounded("writing 20 MiB to a full disk", Duration::from_secs(60), move || {
         let mut f = std::fs::File::create(&p)?;

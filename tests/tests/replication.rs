@@ -35,7 +35,8 @@ fn repair_count(status: &str, label: &str) -> u64 {
 fn lost_copies_are_rebuilt_so_data_survives_all_but_one_server() {
     let c = Cluster::start_with(4, &["--replication", "3"]);
     // Several slices of two blocks each; incompressible, so sizes are real.
-    let files: Vec<(String, Vec<u8>)> = (0..6).map(|i| (format!("f{i}"), noise((5 << 20) + i * 4099))).collect();
+    let files: Vec<(String, Vec<u8>)> =
+        (0..6).map(|i| (format!("f{i}"), pattern(i as u64, (5 << 20) + i * 4099))).collect();
     for (name, data) in &files {
         let mut f = std::fs::File::create(c.path(name)).unwrap();
         f.write_all(data).unwrap();

@@ -28,6 +28,7 @@
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 /// Magic bytes at the start of every block.
 pub const MAGIC: &[u8; 4] = b"CBLK";
@@ -125,11 +126,12 @@ impl Codec {
     }
 
     /// Encodes plain bytes into a stored block. Compression is kept only when it saves at
-    /// least 1/32 of the block, so incompressible data costs no decompression on reads.
+    /// least 1/32 of the block, so incompressible data costs no decompression on reads; a
+    /// big block whose middle 64 KiB does not compress is not even tried.
     pub fn encode(&self, id: BlockId, plain: &[u8]) -> Vec<u8> {
         let mut flags = 0;
-        let compressed = (self.level != 0)
-            .then(|| zstd::bulk::compress(plain, self.level).ok())
+        let compressed = (self.level != 0 && worth_compressing(self.level, plain))
+            .then(|| compress(self.level, plain))
             .flatten()
             .filter(|c| c.len() < plain.len() - plain.len() / 32);
         let mut body = match compressed {
@@ -183,7 +185,7 @@ impl Codec {
             Cow::Borrowed(body)
         };
         if h.flags & FLAG_ZSTD != 0 {
-            let plain = zstd::bulk::decompress(&body, h.plain_len).map_err(|_| BlockError::Decompress(h.plain_len))?;
+            let plain = decompress(&body, h.plain_len).ok_or(BlockError::Decompress(h.plain_len))?;
             if plain.len() != h.plain_len {
                 return Err(BlockError::Decompress(h.plain_len));
             }
@@ -194,6 +196,44 @@ impl Codec {
         }
         Ok(body)
     }
+}
+
+/// Bytes of the sample that decides whether a big block is worth compressing.
+const SAMPLE: usize = 64 << 10;
+
+thread_local! {
+    /// zstd contexts are reused per thread: a new one per block costs more than compressing
+    /// a small block (allocating and faulting in its tables).
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(level: i32, data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|c| {
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        c.as_mut()?.1.compress(data).ok()
+    })
+}
+
+fn decompress(data: &[u8], capacity: usize) -> Option<Vec<u8>> {
+    DECOMPRESSOR.with_borrow_mut(|d| {
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().ok()?);
+        }
+        d.as_mut()?.decompress(data, capacity).ok()
+    })
+}
+
+/// Whether a block may compress: small ones are simply tried; of a big one, the middle 64 KiB
+/// must shrink by 1/16, so random or already compressed data costs a sample, not a block.
+fn worth_compressing(level: i32, plain: &[u8]) -> bool {
+    if plain.len() <= 4 * SAMPLE {
+        return true;
+    }
+    let start = plain.len() / 2 - SAMPLE / 2;
+    compress(level, &plain[start..start + SAMPLE]).is_some_and(|c| c.len() < SAMPLE - SAMPLE / 16)
 }
 
 /// The first 16 header bytes (the CRC follows them).

@@ -117,6 +117,10 @@ fn compression_is_kept_only_when_it_pays() {
     let block = c.encode(ID, &noise);
     assert_eq!(block[5], 0, "incompressible data is stored as is");
     assert_eq!(block.len(), HEADER_LEN + noise.len());
+    // A big block is judged by its middle: noise there, text around it, stored as is.
+    let mixed = [&text[..1 << 19], &noise[..], &text[..1 << 19]].concat();
+    assert!(!worth_compressing(1, &mixed));
+    assert!(worth_compressing(1, &text));
 }
 
 #[test]

@@ -273,7 +273,10 @@ impl Client {
         };
         match inline {
             true => decode(),
-            false => tokio::task::spawn_blocking(decode).await.unwrap_or(Err(cairn_block::BlockError::Authentication)),
+            false => tokio::task::spawn_blocking(decode).await.unwrap_or_else(|e| {
+                error!(?key, "the block decoder failed: {e}");
+                Err(cairn_block::BlockError::Authentication)
+            }),
         }
     }
 }
