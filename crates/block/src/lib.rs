@@ -167,34 +167,53 @@ impl Codec {
     /// Verifies a stored block and returns its plain bytes: borrowed when the body is stored
     /// as is, decoded otherwise. `id` must be the identity the block was written under.
     pub fn decode<'a>(&self, id: BlockId, block: &'a [u8]) -> Result<Cow<'a, [u8]>, BlockError> {
-        let h = verify(block)?;
-        if h.plain_len > MAX_PLAIN_LEN {
-            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: MAX_PLAIN_LEN });
+        let h = self.check(block)?;
+        if h.flags == 0 {
+            return Ok(Cow::Borrowed(&block[HEADER_LEN..]));
         }
-        let body = &block[HEADER_LEN..];
-        let body: Cow<'a, [u8]> = if h.flags & FLAG_ENCRYPTED != 0 {
+        let (buf, start) = self.decode_owned(id, block.to_vec())?;
+        Ok(Cow::Owned(buf[start..].to_vec()))
+    }
+
+    /// Like [`Codec::decode`] on a block the caller owns, without copying it: the body is
+    /// decrypted in place, and the plain bytes are `buf[start..]` of the returned buffer
+    /// (a new buffer only when the body was compressed).
+    pub fn decode_owned(&self, id: BlockId, mut block: Vec<u8>) -> Result<(Vec<u8>, usize), BlockError> {
+        let h = self.check(&block)?;
+        let mut body_end = block.len();
+        if h.flags & FLAG_ENCRYPTED != 0 {
             let key = self.key(h.key_id)?;
-            let mut buf = body.to_vec();
-            let plain_len = key
-                .open_in_place(id.nonce(), Aad::from(&block[..16]), &mut buf)
-                .map_err(|_| BlockError::Authentication)?
-                .len();
-            buf.truncate(plain_len);
-            Cow::Owned(buf)
-        } else {
-            Cow::Borrowed(body)
-        };
+            let aad: [u8; 16] = block[..16].try_into().expect("16 header bytes");
+            let plain = key
+                .open_in_place(id.nonce(), Aad::from(aad), &mut block[HEADER_LEN..])
+                .map_err(|_| BlockError::Authentication)?;
+            body_end = HEADER_LEN + plain.len();
+        }
+        let body = &block[HEADER_LEN..body_end];
         if h.flags & FLAG_ZSTD != 0 {
-            let plain = decompress(&body, h.plain_len).ok_or(BlockError::Decompress(h.plain_len))?;
+            let plain = decompress(body, h.plain_len).ok_or(BlockError::Decompress(h.plain_len))?;
             if plain.len() != h.plain_len {
                 return Err(BlockError::Decompress(h.plain_len));
             }
-            return Ok(Cow::Owned(plain));
+            return Ok((plain, 0));
         }
         if body.len() != h.plain_len {
             return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: body.len() });
         }
-        Ok(body)
+        block.truncate(body_end);
+        Ok((block, HEADER_LEN))
+    }
+
+    /// The header and CRC checks of a decode, and the plain length bound.
+    fn check(&self, block: &[u8]) -> Result<Header, BlockError> {
+        let h = verify(block)?;
+        if h.plain_len > MAX_PLAIN_LEN {
+            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: MAX_PLAIN_LEN });
+        }
+        if h.flags == 0 && block.len() - HEADER_LEN != h.plain_len {
+            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: block.len() - HEADER_LEN });
+        }
+        Ok(h)
     }
 }
 

@@ -261,15 +261,8 @@ impl Client {
         }
         let codec = self.codec();
         let decode = move || {
-            // Stored as is: keep the fetched buffer and point past the header.
-            let decoded = match codec.decode(block_id(key.slice, key.index as usize), &bytes)? {
-                std::borrow::Cow::Borrowed(plain) => Err(bytes.len() - plain.len()),
-                std::borrow::Cow::Owned(plain) => Ok(plain),
-            };
-            Ok(match decoded {
-                Ok(plain) => Block { bytes: plain, start: 0 },
-                Err(start) => Block { bytes, start },
-            })
+            let (bytes, start) = codec.decode_owned(block_id(key.slice, key.index as usize), bytes)?;
+            Ok(Block { bytes, start })
         };
         match inline {
             true => decode(),
