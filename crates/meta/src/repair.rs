@@ -16,8 +16,8 @@ use tracing::{error, info, warn};
 
 /// Slice rows read per page of a scan.
 const SCAN_PAGE: i64 = 2048;
-/// Time between scans when nothing seems wrong (a full scan catches slices written while a
-/// server was down even without any server dying).
+/// Time between scans when the live servers stay the same and the last scan left no work (a
+/// full scan catches slices written while a server was down even without any server dying).
 const IDLE_SCAN: Duration = Duration::from_secs(60);
 
 /// A slice short of copies, as a scan found it.
@@ -36,6 +36,8 @@ impl MetaService {
         let started = Instant::now();
         let mut clients: HashMap<ServerId, RpcClient> = HashMap::new();
         let mut last_scan: Option<Instant> = None;
+        // The live servers at the last scan: a scan is due when they change.
+        let mut last_alive: Vec<ServerId> = Vec::new();
         let mut work_left = false;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -45,11 +47,13 @@ impl MetaService {
             if started.elapsed() < self.registry.dead_after() * 2 {
                 continue;
             }
-            let suspect = servers.iter().any(|s| !s.alive);
-            if !(suspect || work_left || last_scan.is_none_or(|t| t.elapsed() > IDLE_SCAN)) {
+            let alive: Vec<ServerId> = servers.iter().filter(|s| s.alive).map(|s| s.id).collect();
+            let changed = alive != last_alive;
+            if !(changed || work_left || last_scan.is_none_or(|t| t.elapsed() > IDLE_SCAN)) {
                 continue;
             }
             last_scan = Some(Instant::now());
+            last_alive = alive;
             let short = match self.scan_short(&servers).await {
                 Ok(s) => s,
                 Err(e) => {
