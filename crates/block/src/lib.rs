@@ -129,57 +129,50 @@ impl Codec {
     /// least 1/32 of the block, so incompressible data costs no decompression on reads; a
     /// big block whose middle 64 KiB does not compress is not even tried.
     pub fn encode(&self, id: BlockId, plain: &[u8]) -> Vec<u8> {
-        let mut flags = 0;
         let compressed = (self.level != 0 && worth_compressing(self.level, plain))
             .then(|| compress(self.level, plain))
             .flatten()
             .filter(|c| c.len() < plain.len() - plain.len() / 32);
-        let mut body = match compressed {
-            Some(c) => {
-                flags |= FLAG_ZSTD;
-                c
-            }
-            None => {
-                let mut v = Vec::with_capacity(plain.len() + TAG_LEN);
-                v.extend_from_slice(plain);
-                v
-            }
+        let (encrypted, tag_len) = match self.current {
+            Some(_) => (FLAG_ENCRYPTED, TAG_LEN),
+            None => (0, 0),
         };
-        let key_id = self.current.unwrap_or(0);
-        if self.current.is_some() {
-            flags |= FLAG_ENCRYPTED;
-        }
-        let body_len = body.len() + if self.current.is_some() { TAG_LEN } else { 0 };
-        let header = header(flags, key_id, plain.len(), body_len);
-        if self.current.is_some() {
+        let flags = encrypted | if compressed.is_some() { FLAG_ZSTD } else { 0 };
+        let body = compressed.as_deref().unwrap_or(plain);
+        // One buffer: header, body (sealed in place), tag.
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + tag_len);
+        out.extend_from_slice(&[0; HEADER_LEN]);
+        out.extend_from_slice(body);
+        let header = header(flags, self.current.unwrap_or(0), plain.len(), body.len() + tag_len);
+        out[..16].copy_from_slice(&header);
+        if let Some(key_id) = self.current {
             let key = self.key(key_id).expect("checked in Codec::new");
-            key.seal_in_place_append_tag(id.nonce(), Aad::from(&header[..16]), &mut body)
+            let tag = key
+                .seal_in_place_separate_tag(id.nonce(), Aad::from(header), &mut out[HEADER_LEN..])
                 .expect("a block is far below the AEAD's size limit");
+            out.extend_from_slice(tag.as_ref());
         }
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..16]), &body);
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-        out.extend_from_slice(&header[..16]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&body);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&header), &out[HEADER_LEN..]);
+        out[16..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
     /// Verifies a stored block and returns its plain bytes: borrowed when the body is stored
     /// as is, decoded otherwise. `id` must be the identity the block was written under.
     pub fn decode<'a>(&self, id: BlockId, block: &'a [u8]) -> Result<Cow<'a, [u8]>, BlockError> {
-        let h = self.check(block)?;
-        if h.flags == 0 {
+        if checked(block)?.flags == 0 {
             return Ok(Cow::Borrowed(&block[HEADER_LEN..]));
         }
-        let (buf, start) = self.decode_owned(id, block.to_vec())?;
-        Ok(Cow::Owned(buf[start..].to_vec()))
+        let (mut buf, start) = self.decode_owned(id, block.to_vec())?;
+        buf.drain(..start);
+        Ok(Cow::Owned(buf))
     }
 
     /// Like [`Codec::decode`] on a block the caller owns, without copying it: the body is
     /// decrypted in place, and the plain bytes are `buf[start..]` of the returned buffer
     /// (a new buffer only when the body was compressed).
     pub fn decode_owned(&self, id: BlockId, mut block: Vec<u8>) -> Result<(Vec<u8>, usize), BlockError> {
-        let h = self.check(&block)?;
+        let h = checked(&block)?;
         let mut body_end = block.len();
         if h.flags & FLAG_ENCRYPTED != 0 {
             let key = self.key(h.key_id)?;
@@ -203,18 +196,18 @@ impl Codec {
         block.truncate(body_end);
         Ok((block, HEADER_LEN))
     }
+}
 
-    /// The header and CRC checks of a decode, and the plain length bound.
-    fn check(&self, block: &[u8]) -> Result<Header, BlockError> {
-        let h = verify(block)?;
-        if h.plain_len > MAX_PLAIN_LEN {
-            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: MAX_PLAIN_LEN });
-        }
-        if h.flags == 0 && block.len() - HEADER_LEN != h.plain_len {
-            return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: block.len() - HEADER_LEN });
-        }
-        Ok(h)
+/// The header and CRC checks of a decode, and the plain length bound.
+fn checked(block: &[u8]) -> Result<Header, BlockError> {
+    let h = verify(block)?;
+    if h.plain_len > MAX_PLAIN_LEN {
+        return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: MAX_PLAIN_LEN });
     }
+    if h.flags == 0 && block.len() - HEADER_LEN != h.plain_len {
+        return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: block.len() - HEADER_LEN });
+    }
+    Ok(h)
 }
 
 /// Bytes of the sample that decides whether a big block is worth compressing.

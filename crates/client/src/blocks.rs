@@ -1,7 +1,7 @@
 //! Talking to chunk servers: the server list, placement, storing and fetching blocks, and the
 //! in-memory cache of decoded blocks (safe without invalidation: blocks never change).
 
-use crate::{Client, ClientConfig, ClientError, Result, placement, unexpected};
+use crate::{Client, ClientConfig, ClientError, Result, unexpected};
 use cairn_net::RpcClient;
 use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
 use cairn_proto::meta::{MetaRequest, MetaResponse};
@@ -162,7 +162,7 @@ impl Client {
             let servers = self.servers(attempt > 0).await?;
             let alive = servers.iter().filter(|s| s.alive).count();
             let want = (self.volume.replication as usize).min(alive).max(1);
-            let chosen = placement::place(&servers, slice, want, len);
+            let chosen = cairn_proto::placement::place(&servers, slice, want, len, &[]);
             if chosen.is_empty() {
                 let code = if alive == 0 { ErrorCode::Io } else { ErrorCode::NoSpace };
                 return Err(ClientError::new(code, "no live chunk server has room for the data"));
@@ -212,14 +212,14 @@ impl Client {
             .cache
             .try_get_with(key, async move {
                 // Live replicas first, spread by slice; those on servers known to be down last.
-                let alive = match servers.len() > 1 {
-                    true => self.servers(false).await.ok(),
-                    false => None,
-                };
-                if let Some(list) = alive {
-                    servers.sort_by_key(|id| !list.iter().any(|s| s.id == *id && s.alive));
-                    let up = servers.iter().filter(|id| list.iter().any(|s| s.id == **id && s.alive)).count();
-                    servers[..up].rotate_left(key.slice as usize % up.max(1));
+                if servers.len() > 1
+                    && let Ok(list) = self.servers(false).await
+                {
+                    let (mut up, down): (Vec<ServerId>, Vec<ServerId>) =
+                        servers.iter().partition(|id| list.iter().any(|s| s.id == **id && s.alive));
+                    let spread = key.slice as usize % up.len().max(1);
+                    up.rotate_left(spread);
+                    servers = up.into_iter().chain(down).collect();
                 }
                 let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
                 for &id in &servers {
@@ -252,19 +252,18 @@ impl Client {
 
     /// Verifies and decodes a fetched block.
     async fn decode(&self, key: BlockKey, bytes: Vec<u8>) -> std::result::Result<Block, cairn_block::BlockError> {
-        let inline = bytes.get(5).is_some_and(|flags| *flags == 0) || bytes.len() as u64 <= INLINE_CODEC_BYTES;
         if let Some(id) = cairn_block::key_id(&bytes)
             && !self.codec().has_key(id)
             && let Err(e) = self.refresh_codec().await
         {
             warn!(?key, "cannot fetch the volume keys again: {}", e.message);
         }
-        let codec = self.codec();
+        let (codec, bytes_len) = (self.codec(), bytes.len() as u64);
         let decode = move || {
             let (bytes, start) = codec.decode_owned(block_id(key.slice, key.index as usize), bytes)?;
             Ok(Block { bytes, start })
         };
-        match inline {
+        match bytes_len <= INLINE_CODEC_BYTES {
             true => decode(),
             false => tokio::task::spawn_blocking(decode).await.unwrap_or_else(|e| {
                 error!(?key, "the block decoder failed: {e}");

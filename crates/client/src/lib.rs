@@ -10,7 +10,6 @@ mod error;
 pub mod layout;
 mod listing;
 mod namespace;
-pub mod placement;
 mod read;
 mod stats;
 mod write;
@@ -121,13 +120,7 @@ impl Client {
         let endpoint = cairn_net::client_endpoint(identity)?;
         let meta = RpcClient::new(endpoint.clone(), &config.meta, cairn_net::META_SERVER_NAME, config.timeout);
         let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: config.volume.clone() };
-        let (volume, codec) = match meta.call::<_, MetaResponse>(&hello, &[]).await?.0 {
-            MetaResponse::Hello { volume, keys } => {
-                let codec = codec(&volume, &keys)?;
-                (volume, codec)
-            }
-            other => return Err(unexpected(other)),
-        };
+        let (volume, codec) = hello_answer(meta.call::<_, MetaResponse>(&hello, &[]).await?.0)?;
         let client = Client {
             blocks: blocks::BlockClient::new(endpoint, &config),
             files: DashMap::new(),
@@ -212,13 +205,9 @@ impl Client {
     /// key-rotate`) after this client connected; from then on it encrypts with that key too.
     pub(crate) async fn refresh_codec(&self) -> Result<()> {
         let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: self.volume.name.clone() };
-        match self.call(hello).await? {
-            MetaResponse::Hello { volume, keys } => {
-                *self.codec.write().expect("codec lock") = Arc::new(codec(&volume, &keys)?);
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        }
+        let (_, codec) = hello_answer(self.call(hello).await?)?;
+        *self.codec.write().expect("codec lock") = Arc::new(codec);
+        Ok(())
     }
 
     /// The requests this client has sent, by kind, as `server.kind count` lines.
@@ -321,9 +310,11 @@ impl Client {
     }
 }
 
-/// The block codec for a volume: its compression, and its keys when it is encrypted (new
-/// blocks are encrypted under the newest key; older ones still decode).
-fn codec(volume: &VolumeInfo, keys: &[(u16, [u8; 32])]) -> Result<cairn_block::Codec> {
+/// The volume and its block codec from the metadata server's answer to `Hello`: the volume's
+/// compression, and its keys when it is encrypted (new blocks are encrypted under the newest
+/// key; older ones still decode).
+fn hello_answer(resp: MetaResponse) -> Result<(VolumeInfo, cairn_block::Codec)> {
+    let MetaResponse::Hello { volume, keys } = resp else { return Err(unexpected(resp)) };
     let encrypt_with = match (volume.encrypted, keys.last()) {
         (false, _) => None,
         (true, Some((id, _))) => Some(*id),
@@ -332,8 +323,9 @@ fn codec(volume: &VolumeInfo, keys: &[(u16, [u8; 32])]) -> Result<cairn_block::C
             return Err(ClientError::new(ErrorCode::Access, msg));
         }
     };
-    cairn_block::Codec::new(volume.compression, keys, encrypt_with)
-        .map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))
+    let codec = cairn_block::Codec::new(volume.compression, &keys, encrypt_with)
+        .map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?;
+    Ok((volume, codec))
 }
 
 pub(crate) fn unexpected(resp: MetaResponse) -> ClientError {

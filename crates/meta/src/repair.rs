@@ -3,10 +3,11 @@
 //! live server that fetches the blocks from a surviving holder. Fewest copies first, one
 //! slice at a time, working at most half the time so clients are not starved.
 
-use crate::service::MetaService;
+use crate::service::{MetaService, chunk_client};
 use crate::store::{Batch, reads};
 use cairn_net::RpcClient;
 use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
+use cairn_proto::placement;
 use cairn_proto::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use tracing::{error, info, warn};
 
 /// Slice rows read per page of a scan.
 const SCAN_PAGE: i64 = 2048;
+/// Deadline of one `Replicate` (a whole slice, up to 16 blocks of 4 MiB).
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Time between scans when the live servers stay the same and the last scan left no work (a
 /// full scan catches slices written while a server was down even without any server dying).
 const IDLE_SCAN: Duration = Duration::from_secs(60);
@@ -113,8 +116,8 @@ impl MetaService {
         Ok(short)
     }
 
-    /// Adds copies of one slice until it has as many as it should; false if no server can
-    /// take one now.
+    /// Adds copies of one slice until it has as many as it should, on the servers placement
+    /// picks around its live holders; false if none could take a copy now.
     async fn repair_slice(
         &self,
         s: &Short,
@@ -122,38 +125,19 @@ impl MetaService {
         endpoint: &quinn::Endpoint,
         clients: &mut HashMap<ServerId, RpcClient>,
     ) -> crate::Result<bool> {
-        if s.live.is_empty() {
-            return Ok(false);
-        }
-        let info = |id: ServerId| servers.iter().find(|x| x.id == id);
-        let mut zones: Vec<&str> = s.live.iter().filter_map(|h| info(*h)).map(|x| x.zone.as_str()).collect();
-        let from = info(s.live[0]).map(|x| x.addr.clone()).unwrap_or_default();
-        let want = s.want;
-        let mut holders = s.live.clone();
-        // Roomiest live servers first, one per zone not yet holding a copy.
-        let mut candidates: Vec<_> =
-            servers.iter().filter(|x| x.alive && x.free > s.len && !s.live.contains(&x.id)).collect();
-        candidates.sort_by_key(|x| std::cmp::Reverse(x.free));
+        let from = servers.iter().find(|x| x.id == s.live[0]).map(|x| x.addr.clone()).unwrap_or_default();
         let keys: Vec<BlockKey> = (0..s.len.div_ceil(self.volume.block_size).max(1) as u32)
             .map(|index| BlockKey { slice: s.slice, index })
             .collect();
-        for target in candidates {
-            if holders.len() >= want {
-                break;
-            }
-            if zones.contains(&target.zone.as_str()) {
-                continue;
-            }
-            let client = clients.entry(target.id).or_insert_with(|| {
-                RpcClient::new(endpoint.clone(), &target.addr, cairn_net::CHUNK_SERVER_NAME, Duration::from_secs(120))
-            });
+        let mut holders = s.live.clone();
+        for id in placement::place(servers, s.slice, s.want, s.len, &s.live) {
+            let Some(target) = servers.iter().find(|x| x.id == id) else { continue };
+            let client = chunk_client(clients, endpoint, target, REPLICATE_TIMEOUT);
             let req = ChunkRequest::Replicate { keys: keys.clone(), from: from.clone() };
-            if let Err(e) = client.call::<_, ChunkResponse>(&req, &[]).await {
-                warn!(slice = s.slice, server = target.id, "repair: copying a slice failed: {e}");
-                continue;
+            match client.call::<_, ChunkResponse>(&req, &[]).await {
+                Ok(_) => holders.push(id),
+                Err(e) => warn!(slice = s.slice, server = id, "repair: copying a slice failed: {e}"),
             }
-            holders.push(target.id);
-            zones.push(&target.zone);
         }
         if holders.len() == s.live.len() {
             return Ok(false);

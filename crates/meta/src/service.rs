@@ -223,9 +223,7 @@ impl MetaService {
                     done = false;
                     continue;
                 };
-                let client = clients.entry(id).or_insert_with(|| {
-                    RpcClient::new(endpoint.clone(), &info.addr, cairn_net::CHUNK_SERVER_NAME, Duration::from_secs(30))
-                });
+                let client = chunk_client(&mut clients, &endpoint, info, Duration::from_secs(30));
                 for part in keys.chunks(4096) {
                     let r: Result<(ChunkResponse, Vec<u8>), _> =
                         client.call(&ChunkRequest::Delete { keys: part.to_vec() }, &[]).await;
@@ -250,6 +248,18 @@ impl MetaService {
             }
         }
     }
+}
+
+/// The connection to a chunk server for a background loop (GC, repair), made on first use.
+pub(crate) fn chunk_client<'a>(
+    clients: &'a mut HashMap<ServerId, RpcClient>,
+    endpoint: &quinn::Endpoint,
+    server: &ChunkServerInfo,
+    timeout: Duration,
+) -> &'a RpcClient {
+    clients
+        .entry(server.id)
+        .or_insert_with(|| RpcClient::new(endpoint.clone(), &server.addr, cairn_net::CHUNK_SERVER_NAME, timeout))
 }
 
 impl Handler<MetaRequest, MetaResponse> for MetaService {

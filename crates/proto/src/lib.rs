@@ -8,6 +8,7 @@ pub mod chunk;
 pub mod error;
 pub mod frame;
 pub mod meta;
+pub mod placement;
 pub mod types;
 
 pub use error::{ErrorCode, WireError};

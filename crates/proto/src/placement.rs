@@ -1,7 +1,8 @@
 //! Where a slice's blocks go: weighted rendezvous hashing over live chunk servers, at most one
-//! copy per failure domain.
+//! copy per failure domain. Clients place new slices with it, and the metadata server places
+//! the copies it adds when it repairs one.
 
-use cairn_proto::{ChunkServerInfo, ServerId, SliceId};
+use crate::{ChunkServerInfo, ServerId, SliceId};
 
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e3779b97f4a7c15);
@@ -18,20 +19,27 @@ fn score(slice: SliceId, server: &ChunkServerInfo) -> f64 {
     -(server.free as f64) / u.ln()
 }
 
-/// Picks up to `replicas` live servers with room for `bytes`, in distinct zones (so in
-/// distinct servers), best score first. Fewer when fewer zones qualify. Every client computes
-/// the same answer from the same server list.
-pub fn place(servers: &[ChunkServerInfo], slice: SliceId, replicas: usize, bytes: u64) -> Vec<ServerId> {
+/// Picks the servers that bring a slice already on `holders` up to `replicas` copies: live
+/// servers with room for `bytes`, in zones no holder or earlier pick is in (so distinct
+/// servers), best score first. Fewer when fewer zones qualify. Every client computes the same
+/// answer from the same server list.
+pub fn place(
+    servers: &[ChunkServerInfo],
+    slice: SliceId,
+    replicas: usize,
+    bytes: u64,
+    holders: &[ServerId],
+) -> Vec<ServerId> {
     let mut candidates: Vec<_> =
         servers.iter().filter(|s| s.alive && s.free > bytes).map(|s| (score(slice, s), s)).collect();
     candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
-    let mut zones: Vec<&str> = Vec::new();
+    let mut zones: Vec<&str> = servers.iter().filter(|s| holders.contains(&s.id)).map(|s| s.zone.as_str()).collect();
     let mut chosen = Vec::new();
     for (_, s) in candidates {
-        if chosen.len() == replicas.max(1) {
+        if chosen.len() + holders.len() >= replicas.max(1) {
             break;
         }
-        if !zones.contains(&s.zone.as_str()) && !chosen.contains(&s.id) {
+        if !zones.contains(&s.zone.as_str()) && !holders.contains(&s.id) {
             zones.push(&s.zone);
             chosen.push(s.id);
         }
@@ -63,7 +71,7 @@ mod tests {
                 .map(|(id, &(zone, alive, room))| server(id as u64, &format!("z{zone}"), alive, room << 30))
                 .collect();
             let bytes = 1 << 30;
-            let chosen = place(&servers, slice, replicas, bytes);
+            let chosen = place(&servers, slice, replicas, bytes, &[]);
             let info = |id: &u64| servers.iter().find(|s| s.id == *id && s.alive && s.free > bytes);
             let mut zones = std::collections::HashSet::new();
             for id in &chosen {
@@ -81,10 +89,10 @@ mod tests {
     #[test]
     fn first_copies_follow_free_space() {
         let servers = vec![server(1, "a", true, 3 << 30), server(2, "b", true, 1 << 30)];
-        let on_big = (0..10_000).filter(|&s| place(&servers, s, 1, 1)[0] == 1).count();
+        let on_big = (0..10_000).filter(|&s| place(&servers, s, 1, 1, &[])[0] == 1).count();
         assert!((7_000..8_000).contains(&on_big), "{on_big} of 10000 slices on the server with 3/4 of the room");
         let many: Vec<_> = (1..=5).map(|i| server(i, &i.to_string(), true, 1 << 30)).collect();
-        let firsts: std::collections::HashSet<_> = (0..100).map(|s| place(&many, s, 1, 1)[0]).collect();
+        let firsts: std::collections::HashSet<_> = (0..100).map(|s| place(&many, s, 1, 1, &[])[0]).collect();
         assert_eq!(firsts.len(), 5, "placement does not spread: {firsts:?}");
     }
 }
