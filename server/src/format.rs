@@ -41,8 +41,10 @@ pub struct VolumeArgs {
     /// Volume name, as used in the mount source HOST:PORT:/NAME.
     #[arg(long, default_value = "cairn")]
     pub volume: String,
-    /// Copies of every block (at most the number of live chunk servers is used).
-    #[arg(long, default_value_t = 1)]
+    /// Copies of every block. Fewer are made while fewer failure domains (zones; by default
+    /// one per chunk server) are live, with a warning in the metadata server's log and in
+    /// `cairn status`.
+    #[arg(long, default_value_t = 3)]
     pub replication: u32,
     /// zstd level file data is compressed with (1 fast … 19 small, negative faster still; 0
     /// stores it uncompressed). Blocks that do not shrink are stored as they are.
@@ -119,6 +121,8 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
         data_dir: format!("chunk-{id}").into(),
         heartbeat_ms: 1000,
         zone: None,
+        scrub_mib_per_sec: 16,
+        scrub_interval_secs: 7 * 24 * 3600,
         tls: tls("chunk"),
     };
     std::fs::create_dir_all(dir.join(format!("chunk-{id}")))?;
@@ -157,6 +161,8 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         database: "meta.db".into(),
         dead_after_secs: 5,
         key_file: "volume.key".into(),
+        orphan_grace_secs: 3600,
+        rebalance_threshold_mib: 1024,
         tls: tls("meta"),
     };
     cairn_config::save(&dir.join("meta.toml"), "Cairn metadata server", &meta_file)?;

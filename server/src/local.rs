@@ -53,13 +53,13 @@ pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
 }
 
 /// Connects to a local cluster's metadata server with its client settings.
-pub async fn connect(data: &Path, cluster: &ClusterFile) -> anyhow::Result<Arc<Client>> {
+pub async fn connect(data: &Path, cluster: &ClusterFile, timeout: Duration) -> anyhow::Result<Arc<Client>> {
     let file: cairn_config::ClientFile = cairn_config::load(&data.join("client.toml"))?;
     let identity = cairn_net::Identity::load(&file.tls.ca, &file.tls.cert, &file.tls.key)?;
     let config = ClientConfig {
         meta: cluster.meta.clone(),
         volume: cluster.volume.clone(),
-        timeout: Duration::from_secs(3),
+        timeout,
         atime: cairn_client::AtimeMode::Never,
         ..ClientConfig::default()
     };
@@ -106,7 +106,9 @@ fn up(
     let exe = std::env::current_exe()?;
     start(&data, "meta", &exe, &["meta", "--config", &data.join("meta.toml").to_string_lossy()])?;
     let rt = crate::runtime()?;
-    let client = rt.block_on(wait_for(START_TIMEOUT, "the metadata server", || connect(&data, &cluster)))?;
+    let client = rt.block_on(wait_for(START_TIMEOUT, "the metadata server", || {
+        connect(&data, &cluster, Duration::from_secs(3))
+    }))?;
     for id in cluster.chunk_servers.iter().take(chunk_servers as usize) {
         let config = data.join(format!("chunk-{id}.toml"));
         start(&data, &format!("chunk-{id}"), &exe, &["chunk", "--config", &config.to_string_lossy()])?;

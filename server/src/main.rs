@@ -1,5 +1,6 @@
 //! `cairn`: runs the servers and administers volumes.
 
+mod admin;
 mod format;
 mod local;
 mod status;
@@ -26,11 +27,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Run a chunk server.
+    /// Run a chunk server (`--config`), or administer one (`cairn chunk drain`).
+    #[command(args_conflicts_with_subcommands = true)]
     Chunk {
         /// Path of a chunk server's TOML file.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<admin::ChunkCommand>,
     },
     /// An all-in-one cluster on this machine (metadata server, chunk servers, mount).
     Local {
@@ -39,6 +43,8 @@ enum Command {
     },
     /// Show servers, capacity and files of a volume.
     Status(status::StatusArgs),
+    /// Check the volume's metadata for inconsistencies (exit status 1 if any).
+    Fsck(admin::FsckArgs),
     /// Add a volume key: new data is encrypted with it (see docs/KEYS.md).
     KeyRotate {
         /// Volume directory holding meta.toml.
@@ -68,7 +74,12 @@ fn main() {
     let result = match cli.command {
         Command::Format(args) => format::run(&args).map(|_| ()),
         Command::Meta { config } => run_meta(&config),
-        Command::Chunk { config } => run_chunk(&config),
+        Command::Chunk { command: Some(command), .. } => admin::chunk(command),
+        Command::Chunk { config: Some(config), .. } => run_chunk(&config),
+        Command::Chunk { config: None, command: None } => {
+            Err(anyhow::anyhow!("`cairn chunk` needs --config FILE (run a server) or a command (drain)"))
+        }
+        Command::Fsck(args) => admin::fsck(&args),
         Command::Local { command } => local::run(command),
         Command::Status(args) => status::run(&args),
         Command::Stats { path } => status::mount_stats(&path),
@@ -102,6 +113,8 @@ fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
         key: f.tls.key,
         dead_after: Duration::from_secs(f.dead_after_secs.max(1)),
         key_file: f.key_file,
+        orphan_grace: Duration::from_secs(f.orphan_grace_secs.max(1)),
+        rebalance_threshold: f.rebalance_threshold_mib << 20,
     };
     // One thread: every SQL statement is a handoff to sqlx's SQLite worker thread, and a single
     // runtime thread on the other side of it wakes faster than a work-stealing pool.
@@ -123,6 +136,10 @@ fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
         key: f.tls.key,
         heartbeat: Duration::from_millis(f.heartbeat_ms.max(50)),
         zone: f.zone.unwrap_or_else(|| format!("server-{}", f.id)),
+        scrub: cairn_chunk::ScrubConfig {
+            bytes_per_sec: f.scrub_mib_per_sec << 20,
+            interval: Duration::from_secs(f.scrub_interval_secs.max(1)),
+        },
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(cairn_chunk::run(config))?;
     Ok(())

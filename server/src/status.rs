@@ -17,24 +17,50 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
     let cluster: ClusterFile = cairn_config::load(&args.data.join("cluster.toml"))?;
     let rt = crate::runtime()?;
     rt.block_on(async {
-        let client = crate::local::connect(&args.data, &cluster).await?;
+        let client = crate::local::connect(&args.data, &cluster, std::time::Duration::from_secs(3)).await?;
         let stats = client.statfs().await?;
         let servers = client.list_servers().await?;
         let v = client.volume();
         println!("volume      {} ({})", v.name, cluster.source());
         println!("uuid        {}", v.uuid);
-        println!("replication {}", v.replication);
+        let zones: std::collections::HashSet<_> =
+            servers.iter().filter(|s| s.alive && !s.draining).map(|s| &s.zone).collect();
+        match zones.len() < v.replication as usize {
+            true => println!(
+                "replication {} (only {} live failure domains: new blocks get {} copies)",
+                v.replication,
+                zones.len(),
+                zones.len().max(1)
+            ),
+            false => println!("replication {}", v.replication),
+        }
         println!("files       {}", stats.files);
         println!("capacity    {:.1} GiB, {:.1} GiB free", gib(stats.capacity), gib(stats.free));
         println!(
             "repair      {} slices short of copies, {} with no live copy, {} re-replicated since start",
             stats.short_slices, stats.lost_slices, stats.repaired_slices
         );
+        println!(
+            "maintenance {} slices moved (drain, rebalance), {} corrupt copies reported, {} orphaned slices deleted",
+            stats.moved_slices, stats.bad_copies, stats.orphans_deleted
+        );
         println!("chunk servers:");
         for s in servers {
-            let state = if s.alive { "alive" } else { "DEAD" };
+            let state = match (s.alive, s.draining) {
+                (false, _) => "DEAD",
+                (true, true) => "draining",
+                (true, false) => "alive",
+            };
             let (free, cap) = (gib(s.free), gib(s.capacity));
-            println!("  {:>4}  {:<22} {:<12} {:<5}  {free:.1}/{cap:.1} GiB free", s.id, s.addr, s.zone, state);
+            println!(
+                "  {:>4}  {:<22} {:<12} {:<8}  {free:.1}/{cap:.1} GiB free  {} slices, {}",
+                s.id,
+                s.addr,
+                s.zone,
+                state,
+                s.slices,
+                human(s.bytes)
+            );
         }
         Ok::<_, anyhow::Error>(())
     })
@@ -43,6 +69,14 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
 
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
+}
+
+/// Bytes in MiB below 1 GiB, in GiB above.
+pub fn human(b: u64) -> String {
+    match b < 1 << 30 {
+        true => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        false => format!("{:.1} GiB", gib(b)),
+    }
 }
 
 /// Prints a mount's request counters (`cairn stats`), read with an ioctl on `path`.

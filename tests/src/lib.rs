@@ -119,6 +119,67 @@ impl Cluster {
     pub fn kill9(&self, name: &str) {
         kill9(self.pid(name));
     }
+
+    /// Runs `cairn ARGS --data <this volume>` and returns its output; panics if it fails.
+    pub fn cairn(&self, args: &[&str]) -> String {
+        run(Command::new(bin("cairn")).args(args).arg("--data").arg(&self.data))
+    }
+
+    /// `cairn status`.
+    pub fn status(&self) -> String {
+        self.cairn(&["status"])
+    }
+
+    /// Polls `cairn status` until `done` holds, for at most `limit`; returns that status.
+    pub fn wait_status(&self, what: &str, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "waited {limit:?} for {what}; status:\n{s}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Sets top-level `key = value` (value in TOML syntax) in one of the volume's config files
+    /// (`meta.toml`, `chunk-1.toml`, …); takes effect when that server next starts.
+    pub fn set_config(&self, file: &str, key: &str, value: &str) {
+        let path = self.data.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut done = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| match l.split_once('=') {
+                Some((k, _)) if k.trim() == key && !done => {
+                    done = true;
+                    format!("{key} = {value}")
+                }
+                _ => l.to_string(),
+            })
+            .collect();
+        assert!(done, "no {key} in {}", path.display());
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    }
+}
+
+/// The number just before `label` on the `cairn status` line starting with `line`.
+pub fn status_count(status: &str, line: &str, label: &str) -> u64 {
+    let l = status.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line:?} line in {status}"));
+    let before = &l[..l.find(label).unwrap_or_else(|| panic!("{label:?} in {l:?}"))];
+    before.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// The string value of `key = "..."` in a TOML file written by `cairn format`.
+pub fn toml_value(file: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| panic!("no {key} in {}", file.display()))
 }
 
 /// SIGKILLs a process and waits for it to disappear.
@@ -205,4 +266,57 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// A small tmpfs mounted on a chunk server's data directory, unmounted on drop.
+pub struct Tmpfs(pub Option<PathBuf>);
+
+impl Tmpfs {
+    pub fn mount(&mut self, dir: &Path, size: &str) {
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")]).arg("tmpfs").arg(dir));
+        self.0 = Some(dir.to_path_buf());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = Command::new("umount").arg("-l").arg(&d).status();
+        }
+    }
+}
+
+/// A cluster with a tmpfs under one of its chunk servers; stops the cluster before the tmpfs
+/// is unmounted.
+pub struct FullDisk {
+    pub tmpfs: Tmpfs,
+    pub c: Cluster,
+}
+
+impl FullDisk {
+    /// Starts a cluster (`cairn local up` arguments `extra`), then restarts it with a tmpfs of
+    /// `size` as chunk server 1's data directory.
+    pub fn start(chunk_servers: u32, extra: &[&str], size: &str) -> FullDisk {
+        let mut t = FullDisk { tmpfs: Tmpfs(None), c: Cluster::start_with(chunk_servers, extra) };
+        t.c.down();
+        let chunk_dir = t.c.data.join(toml_value(&t.c.data.join("chunk-1.toml"), "data_dir"));
+        t.tmpfs.mount(&chunk_dir, size);
+        t.c.up(chunk_servers, &[]);
+        t
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        let _ = Command::new(bin("cairn"))
+            .args(["local", "down"])
+            .arg(&self.c.mnt)
+            .arg("--data")
+            .arg(&self.c.data)
+            .output();
+        umount_lazy(&self.c.mnt);
+        // Now that nothing uses it, unmount the tmpfs (Tmpfs::drop), before the
+        // cluster's temporary directory is removed.
+        drop(Tmpfs(self.tmpfs.0.take()));
+    }
 }

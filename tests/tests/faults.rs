@@ -8,24 +8,13 @@ use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::{ErrorCode, WireError};
 use cairn_tests::*;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Bound for anything that must not hang.
 const NO_HANG: Duration = Duration::from_secs(10);
-
-/// The string value of `key = "..."` in a TOML file written by `cairn format`.
-fn toml_value(file: &Path, key: &str) -> String {
-    let text = std::fs::read_to_string(file).unwrap();
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once('=')?;
-            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
-        })
-        .unwrap_or_else(|| panic!("no {key} in {}", file.display()))
-}
 
 fn meta_addr(c: &Cluster) -> String {
     toml_value(&c.data.join("cluster.toml"), "meta")
@@ -344,52 +333,9 @@ fn lost_metadata_server_gives_bounded_errors_and_the_mount_recovers() {
     assert_eq!(c.pid("mount"), mount_pid);
 }
 
-/// A small tmpfs mounted on a chunk server's data directory, unmounted on drop.
-struct Tmpfs(Option<PathBuf>);
-
-impl Tmpfs {
-    fn mount(&mut self, dir: &Path, size: &str) {
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")]).arg("tmpfs").arg(dir));
-        self.0 = Some(dir.to_path_buf());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = Command::new("umount").arg("-l").arg(&d).status();
-        }
-    }
-}
-
-/// Stops the cluster before the tmpfs under it is unmounted.
-struct FullDisk {
-    tmpfs: Tmpfs,
-    c: Cluster,
-}
-
-impl Drop for FullDisk {
-    fn drop(&mut self) {
-        let _ = Command::new(bin("cairn"))
-            .args(["local", "down"])
-            .arg(&self.c.mnt)
-            .arg("--data")
-            .arg(&self.c.data)
-            .output();
-        umount_lazy(&self.c.mnt);
-        // Now that nothing uses it, unmount the tmpfs (Tmpfs::drop), before the
-        // cluster's temporary directory is removed.
-        drop(Tmpfs(self.tmpfs.0.take()));
-    }
-}
-
 #[test]
 fn full_chunk_server_gives_enospc_and_keeps_earlier_files() {
-    let mut t = FullDisk { tmpfs: Tmpfs(None), c: Cluster::start(1) };
-    t.c.down();
-    let chunk_dir = t.c.data.join(toml_value(&t.c.data.join("chunk-1.toml"), "data_dir"));
-    t.tmpfs.mount(&chunk_dir, "8m");
-    t.c.up(1, &[]);
+    let t = FullDisk::start(1, &[], "8m");
     let c = &t.c;
 
     let early: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();

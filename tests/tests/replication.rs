@@ -4,31 +4,10 @@
 
 use cairn_tests::*;
 use std::io::Write;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn status(c: &Cluster) -> String {
-    run(Command::new(bin("cairn")).arg("status").arg("--data").arg(&c.data))
-}
-
-/// Polls `cairn status` until `done` holds, for at most `limit`.
-fn wait_status(c: &Cluster, what: &str, limit: Duration, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        let s = status(c);
-        if done(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "waited {limit:?} for {what}; status:\n{s}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The number before `label` in the status line starting with `repair`.
 fn repair_count(status: &str, label: &str) -> u64 {
-    let line = status.lines().find(|l| l.starts_with("repair")).expect("repair line");
-    let before = &line[..line.find(label).unwrap_or_else(|| panic!("{label:?} in {line:?}"))];
-    before.split_whitespace().last().unwrap().parse().unwrap()
+    status_count(status, "repair", label)
 }
 
 #[test]
@@ -43,7 +22,7 @@ fn lost_copies_are_rebuilt_so_data_survives_all_but_one_server() {
         f.sync_all().unwrap();
     }
     c.kill9("chunk-1");
-    wait_status(&c, "chunk server 1 declared dead", Duration::from_secs(30), |s| s.contains("DEAD"));
+    c.wait_status("chunk server 1 declared dead", Duration::from_secs(30), |s| s.contains("DEAD"));
 
     // Reads go on meanwhile, from a client with nothing cached.
     let during = c.mount_again("during", "");
@@ -52,7 +31,7 @@ fn lost_copies_are_rebuilt_so_data_survives_all_but_one_server() {
     }
     umount_lazy(&during);
 
-    let s = wait_status(&c, "the repair to finish", Duration::from_secs(120), |s| {
+    let s = c.wait_status("the repair to finish", Duration::from_secs(120), |s| {
         repair_count(s, "re-replicated") > 0 && repair_count(s, "slices short") == 0
     });
     assert_eq!(repair_count(&s, "with no live copy"), 0, "{s}");

@@ -3,8 +3,10 @@
 //! Blocks never change after they are written, so a chunk server needs no locking beyond the
 //! filesystem's own: a block is written to a temporary file and renamed into place.
 
+mod scrub;
 mod service;
 mod store;
 
+pub use scrub::ScrubConfig;
 pub use service::{ChunkConfig, RunError, run};
 pub use store::{BlockStore, StoreError};

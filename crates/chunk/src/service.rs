@@ -1,6 +1,7 @@
 //! The chunk server's request handling, heartbeat and run loop.
 
-use crate::store::{BlockStore, StoreError};
+use crate::scrub::{BadSlices, ScrubConfig};
+use crate::store::{BlockStore, StoreError, off_thread};
 use cairn_net::{Handler, Identity, Peer, RpcClient};
 use cairn_proto::chunk::{ChunkRequest, ChunkResponse};
 use cairn_proto::meta::{MetaRequest, MetaResponse};
@@ -26,10 +27,12 @@ pub struct ChunkConfig {
     pub heartbeat: Duration,
     /// Failure domain reported to the metadata server.
     pub zone: String,
+    pub scrub: ScrubConfig,
 }
 
 struct ChunkService {
     store: BlockStore,
+    bad: BadSlices,
     /// Connections to other chunk servers, for `Replicate`, by address.
     peers: std::sync::Mutex<std::collections::HashMap<String, Arc<RpcClient>>>,
     endpoint: quinn::Endpoint,
@@ -73,7 +76,7 @@ fn wire(e: StoreError) -> WireError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, WireError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| WireError::new(ErrorCode::Io, e.to_string()))?.map_err(wire)
+    off_thread(f).await.map_err(wire)
 }
 
 impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
@@ -90,10 +93,11 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
                 Ok((ChunkResponse::Done, Vec::new()))
             }
             ChunkRequest::Get { key } => {
-                let t0 = std::time::Instant::now();
-                let b = blocking(move || store.get(key)).await?;
-                tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
-                Ok((ChunkResponse::Block, b))
+                let got = off_thread(move || store.get(key)).await;
+                if let Err(StoreError::Corrupt { key, .. }) = &got {
+                    self.bad.add(key.slice);
+                }
+                Ok((ChunkResponse::Block, got.map_err(wire)?))
             }
             ChunkRequest::Sync { keys } => {
                 blocking(move || store.sync(&keys)).await?;
@@ -107,6 +111,9 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
                 self.replicate(keys, &from).await?;
                 Ok((ChunkResponse::Done, Vec::new()))
             }
+            ChunkRequest::List { bucket } => {
+                Ok((ChunkResponse::Blocks(blocking(move || store.bucket_blocks(bucket)).await?), Vec::new()))
+            }
             ChunkRequest::Stat => {
                 let (capacity, free) = blocking(move || Ok(store.usage()?)).await?;
                 Ok((ChunkResponse::Stat { capacity, free }, Vec::new()))
@@ -115,23 +122,27 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
     }
 }
 
-async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, meta: RpcClient) {
+async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, bad: BadSlices, meta: RpcClient) {
     let mut announced = false;
     loop {
         let (capacity, free) = store.usage().unwrap_or((0, 0));
+        let reported = bad.pending();
         let req = MetaRequest::Heartbeat {
             id: config.id,
             addr: config.advertise.clone(),
             zone: config.zone.clone(),
             capacity,
             free,
+            bad: reported.clone(),
         };
         match meta.call::<_, MetaResponse>(&req, &[]).await {
-            Ok(_) if !announced => {
-                info!(meta = %config.meta, "registered with the metadata server");
-                announced = true;
+            Ok(_) => {
+                bad.reported(&reported);
+                if !announced {
+                    info!(meta = %config.meta, "registered with the metadata server");
+                    announced = true;
+                }
             }
-            Ok(_) => {}
             Err(e) => {
                 if announced {
                     warn!("heartbeat to {} failed: {e}", config.meta);
@@ -165,8 +176,11 @@ pub async fn run(config: ChunkConfig) -> Result<(), RunError> {
         config.heartbeat.max(Duration::from_secs(1)) * 3,
     );
     info!(id = config.id, listen = %endpoint.local_addr()?, data = %config.data_dir.display(), "chunk server ready");
-    tokio::spawn(heartbeat_loop(config.clone(), store.clone(), meta));
-    let service = ChunkService { store, peers: Default::default(), endpoint: client_endpoint };
+    let bad = BadSlices::default();
+    tokio::spawn(heartbeat_loop(config.clone(), store.clone(), bad.clone(), meta));
+    let scrub_state = config.data_dir.join("scrub.last");
+    tokio::spawn(crate::scrub::scrub_loop(store.clone(), bad.clone(), config.scrub, scrub_state));
+    let service = ChunkService { store, bad, peers: Default::default(), endpoint: client_endpoint };
     cairn_net::serve(endpoint, Arc::new(service)).await;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
 
-use cairn_proto::ErrorCode;
 use cairn_proto::chunk::BlockKey;
+use cairn_proto::{ErrorCode, SliceId};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +44,13 @@ impl StoreError {
             StoreError::Io(e) => ErrorCode::from_errno(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
+}
+
+/// Runs blocking file work on tokio's blocking pool, off the server's one network thread.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e)))?
 }
 
 /// A directory of block files.
@@ -151,6 +158,25 @@ impl BlockStore {
         Ok(())
     }
 
+    /// The blocks stored in bucket `bucket` (slice id modulo 256), sorted; in-progress (`.tmp-`) files are skipped.
+    pub fn bucket_blocks(&self, bucket: u8) -> Result<Vec<BlockKey>, StoreError> {
+        let entries = match std::fs::read_dir(self.root.join(format!("{bucket:02x}"))) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut keys = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name();
+            let Some((slice, index)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
+            if let (Ok(slice), Ok(index)) = (SliceId::from_str_radix(slice, 16), index.parse()) {
+                keys.push(BlockKey { slice, index });
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
     /// `(capacity, free)` bytes of the filesystem holding the blocks.
     pub fn usage(&self) -> std::io::Result<(u64, u64)> {
         let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
@@ -184,6 +210,9 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&path, bytes).unwrap();
         assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::Corrupt);
+        std::fs::write(store.dir_of(key).join(".tmp-0000000000001234-7-0"), b"partial").unwrap();
+        assert_eq!(store.bucket_blocks(0x34).unwrap(), vec![key]);
+        assert!(store.bucket_blocks(0x35).unwrap().is_empty());
         store.delete(&[key, key]).unwrap();
         assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::NotFound);
     }

@@ -158,50 +158,72 @@ impl Client {
             false => encode(),
         };
         let mut last_err = None;
+        // Servers that failed this slice: the retries place it on the others.
+        let mut failed: Vec<ServerId> = Vec::new();
         for attempt in 0..3 {
-            let servers = self.servers(attempt > 0).await?;
+            let servers: Vec<_> =
+                self.servers(attempt > 0).await?.iter().filter(|s| !failed.contains(&s.id)).cloned().collect();
             let alive = servers.iter().filter(|s| s.alive).count();
             let want = (self.volume.replication as usize).min(alive).max(1);
             let chosen = cairn_proto::placement::place(&servers, slice, want, len, &[]);
             if chosen.is_empty() {
-                let code = if alive == 0 { ErrorCode::Io } else { ErrorCode::NoSpace };
-                return Err(ClientError::new(code, "no live chunk server has room for the data"));
+                let code = if alive == 0 && failed.is_empty() { ErrorCode::Io } else { ErrorCode::NoSpace };
+                let e = ClientError::new(code, "no live chunk server has room for the data");
+                return Err(last_err.unwrap_or(e));
             }
             let puts = chosen.iter().map(|&id| {
                 let encoded = &encoded;
                 async move {
                     for (key, block) in encoded {
-                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block).await?;
+                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block)
+                            .await
+                            .map_err(|e| (id, e))?;
                     }
-                    Ok::<_, ClientError>(())
+                    Ok::<_, (ServerId, ClientError)>(())
                 }
             });
-            let results = futures::future::join_all(puts).await;
-            match results.into_iter().find_map(|r| r.err()) {
-                None => {
-                    // Written blocks are not cached: a big write would only evict data being read.
-                    return Ok(chosen);
-                }
-                Some(e) if e.code == ErrorCode::NoSpace || e.code == ErrorCode::Io || e.code == ErrorCode::TimedOut => {
-                    warn!(slice, "storing a slice failed, retrying elsewhere: {e}");
-                    last_err = Some(e);
-                }
-                Some(e) => return Err(e),
+            let errors: Vec<_> = futures::future::join_all(puts).await.into_iter().filter_map(|r| r.err()).collect();
+            let Some((_, e)) = errors.first() else {
+                // Written blocks are not cached: a big write would only evict data being read.
+                return Ok(chosen);
+            };
+            if ![ErrorCode::NoSpace, ErrorCode::Io, ErrorCode::TimedOut].contains(&e.code) {
+                return Err(e.clone());
             }
+            warn!(slice, "storing a slice failed, retrying on other servers: {e}");
+            last_err = Some(e.clone());
+            failed.extend(errors.iter().map(|(id, _)| *id));
         }
         Err(last_err.unwrap_or_else(|| ClientError::new(ErrorCode::Io, "could not store data")))
     }
 
-    /// Makes blocks written earlier without sync durable on their servers.
+    /// Makes blocks written earlier without sync durable on their servers. A server that
+    /// cannot be reached (timed out, or declared dead since) does not fail the call when
+    /// every block it was to sync is durable on another copy: the repair loop replaces the
+    /// missing copy once the server is declared dead, so one lost server does not make
+    /// every fsync fail.
     pub(crate) async fn sync_blocks(&self, blocks: Vec<(ServerId, BlockKey)>) -> Result<()> {
         let mut per_server: std::collections::HashMap<ServerId, Vec<BlockKey>> = Default::default();
         for (s, k) in blocks {
             per_server.entry(s).or_default().push(k);
         }
-        let calls = per_server
-            .into_iter()
-            .map(|(id, keys)| async move { self.chunk_call(id, &ChunkRequest::Sync { keys }, &[]).await.map(|_| ()) });
-        futures::future::join_all(calls).await.into_iter().collect()
+        let calls = per_server.into_iter().map(|(id, keys)| async move {
+            let r = self.chunk_call(id, &ChunkRequest::Sync { keys: keys.clone() }, &[]).await;
+            (id, keys, r)
+        });
+        let results = futures::future::join_all(calls).await;
+        let synced: std::collections::HashSet<BlockKey> =
+            results.iter().filter(|r| r.2.is_ok()).flat_map(|r| r.1.iter().copied()).collect();
+        for (id, keys, r) in results {
+            let Err(e) = r else { continue };
+            let gone =
+                e.code == ErrorCode::TimedOut || !self.servers(true).await?.iter().any(|s| s.id == id && s.alive);
+            if !(gone && keys.iter().all(|k| synced.contains(k))) {
+                return Err(e);
+            }
+            warn!(server = id, "fsync: a chunk server is unreachable; the data is durable on the other copies: {e}");
+        }
+        Ok(())
     }
 
     /// The decoded bytes of a block, from the cache or from the first replica that has a

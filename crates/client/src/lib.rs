@@ -2,6 +2,7 @@
 //! server and chunk servers. It knows nothing about FUSE, so it can be driven and tested
 //! without a kernel; `mount/` adapts it to `fuser`.
 
+mod admin;
 mod atime;
 mod attrs;
 mod blocks;

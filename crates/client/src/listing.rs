@@ -268,7 +268,9 @@ pub(crate) fn changed_inodes(req: &MetaRequest) -> Vec<Ino> {
         | R::ListXattr { .. }
         | R::StatFs
         | R::ListServers
-        | R::Heartbeat { .. } => Vec::new(),
+        | R::Heartbeat { .. }
+        | R::Drain { .. }
+        | R::Fsck => Vec::new(),
     }
 }
 

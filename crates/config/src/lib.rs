@@ -47,6 +47,15 @@ pub struct MetaFile {
     /// server reads it; clients get the keys from it over mutual TLS.
     #[serde(default = "default_key_file")]
     pub key_file: PathBuf,
+    /// Seconds a slice stored on a chunk server that no file references there (left by a
+    /// write that never committed, moved or repaired elsewhere while the server was away)
+    /// is kept before reconciliation deletes it. Must exceed the time any write takes.
+    #[serde(default = "default_orphan_grace")]
+    pub orphan_grace_secs: u64,
+    /// The rebalancer moves slices between live servers while the bytes they hold, scaled to
+    /// equal capacity, differ by more than this many MiB; 0 turns it off.
+    #[serde(default = "default_rebalance_threshold")]
+    pub rebalance_threshold_mib: u64,
     pub tls: Tls,
 }
 
@@ -72,6 +81,12 @@ pub struct ChunkFile {
     /// Defaults to a zone of its own per server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// MiB per second the background scrub reads to verify stored blocks; 0 turns it off.
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_mib_per_sec: u64,
+    /// Seconds from the start of one scrub pass over every block to the start of the next.
+    #[serde(default = "default_scrub_interval")]
+    pub scrub_interval_secs: u64,
     pub tls: Tls,
 }
 
@@ -96,6 +111,18 @@ fn default_key_file() -> PathBuf {
 }
 fn default_dead_after() -> u64 {
     5
+}
+fn default_orphan_grace() -> u64 {
+    3600
+}
+fn default_rebalance_threshold() -> u64 {
+    1024
+}
+fn default_scrub_rate() -> u64 {
+    16
+}
+fn default_scrub_interval() -> u64 {
+    7 * 24 * 3600
 }
 fn default_heartbeat() -> u64 {
     1000

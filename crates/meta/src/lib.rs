@@ -7,8 +7,11 @@
 mod acl;
 mod data;
 mod error;
+mod fsck;
 mod namespace;
 mod opens;
+mod rebalance;
+mod reconcile;
 mod registry;
 mod repair;
 mod service;

@@ -1,7 +1,8 @@
 //! Re-replication: slices left with fewer live copies than the volume's replication factor
-//! (a chunk server died, or was down when the slice was written) get new copies, made by a
-//! live server that fetches the blocks from a surviving holder. Fewest copies first, one
-//! slice at a time, working at most half the time so clients are not starved.
+//! (a chunk server died, or was down when the slice was written, or a copy was found corrupt)
+//! get new copies, made by a live server that fetches the blocks from a surviving holder.
+//! Fewest copies first, one slice at a time, working at most half the time so clients are
+//! not starved. Copies on a draining server are moved the same way.
 
 use crate::service::{MetaService, chunk_client};
 use crate::store::{Batch, reads};
@@ -9,7 +10,7 @@ use cairn_net::RpcClient;
 use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
 use cairn_proto::placement;
 use cairn_proto::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,18 +24,23 @@ const REPLICATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// full scan catches slices written while a server was down even without any server dying).
 const IDLE_SCAN: Duration = Duration::from_secs(60);
 
-/// A slice short of copies, as a scan found it.
+/// A slice short of copies, or with copies to move off draining servers, as a scan found it.
 struct Short {
     slice: SliceId,
     len: u64,
     /// Live holders; the dead ones are dropped from the slice rows once repaired.
     live: Vec<ServerId>,
+    /// The live holders that are not draining: they keep their copies.
+    kept: Vec<ServerId>,
     /// Copies it should have: the replication factor, or fewer when fewer zones are live.
     want: usize,
 }
 
 impl MetaService {
-    /// Scans for under-replicated slices and repairs them, forever, in the background.
+    /// Keeps the data placed as it should be, forever, in the background: re-replicates
+    /// slices short of copies (and moves those off draining servers); when none is short,
+    /// evens out the servers (rebalance); and now and then drops the copies no file
+    /// references (reconcile). One task does all three, so they never race each other.
     pub(crate) async fn repair_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let started = Instant::now();
         let mut clients: HashMap<ServerId, RpcClient> = HashMap::new();
@@ -42,22 +48,27 @@ impl MetaService {
         // The live servers at the last scan: a scan is due when they change.
         let mut last_alive: Vec<ServerId> = Vec::new();
         let mut work_left = false;
+        let mut reconcile = crate::reconcile::Reconciler::default();
         loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let woken = tokio::select! {
+                _ = self.repair_wakeup.notified() => true,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => false,
+            };
             let servers = self.registry.list();
             // Right after a restart the registry fills as heartbeats arrive: an unknown
             // server is not dead until it has had the time to announce itself.
             if started.elapsed() < self.registry.dead_after() * 2 {
                 continue;
             }
+            reconcile.run_due(&self, &servers, &endpoint, &mut clients).await;
             let alive: Vec<ServerId> = servers.iter().filter(|s| s.alive).map(|s| s.id).collect();
             let changed = alive != last_alive;
-            if !(changed || work_left || last_scan.is_none_or(|t| t.elapsed() > IDLE_SCAN)) {
+            if !(changed || woken || work_left || last_scan.is_none_or(|t| t.elapsed() > IDLE_SCAN)) {
                 continue;
             }
             last_scan = Some(Instant::now());
             last_alive = alive;
-            let short = match self.scan_short(&servers).await {
+            let scan = match self.scan(&servers).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!("repair: scanning slices: {e}");
@@ -65,9 +76,9 @@ impl MetaService {
                 }
             };
             work_left = false;
-            for s in short {
+            for s in &scan.short {
                 let t0 = Instant::now();
-                match self.repair_slice(&s, &servers, &endpoint, &mut clients).await {
+                match self.repair_slice(s, &servers, &endpoint, &mut clients).await {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
@@ -79,18 +90,24 @@ impl MetaService {
                 // Work at most half the time.
                 tokio::time::sleep(t0.elapsed()).await;
             }
+            if scan.short.is_empty() {
+                match self.rebalance(&servers, &scan.held, &endpoint, &mut clients).await {
+                    Ok(moved) => work_left = moved,
+                    Err(e) => warn!("rebalance: {e}"),
+                }
+            }
         }
     }
 
-    /// Every slice with fewer live copies than it should have, fewest first; updates the
-    /// counters `cairn status` shows.
-    async fn scan_short(&self, servers: &[ChunkServerInfo]) -> crate::Result<Vec<Short>> {
+    /// Every slice with fewer live copies than it should have, or with a copy on a draining
+    /// server, fewest copies first; updates the counters `cairn status` shows.
+    async fn scan(&self, servers: &[ChunkServerInfo]) -> crate::Result<Scan> {
         let alive: HashMap<ServerId, &ChunkServerInfo> =
             servers.iter().filter(|s| s.alive).map(|s| (s.id, s)).collect();
-        let zones: std::collections::HashSet<&str> = alive.values().map(|s| s.zone.as_str()).collect();
+        let zones: HashSet<&str> = alive.values().filter(|s| !s.draining).map(|s| s.zone.as_str()).collect();
         let want = (self.volume.replication as usize).min(zones.len()).max(1);
-        let mut seen = std::collections::HashSet::new();
-        let (mut short, mut lost) = (Vec::new(), 0u64);
+        let mut seen = HashSet::new();
+        let (mut short, mut lost, mut held) = (Vec::new(), 0u64, HashMap::new());
         let mut after = 0;
         loop {
             let page = reads::slice_holders(&self.store.readers, after, SCAN_PAGE).await?;
@@ -100,24 +117,40 @@ impl MetaService {
                 if !seen.insert(slice) {
                     continue;
                 }
+                for h in &holders {
+                    let e: &mut (u64, u64) = held.entry(*h).or_default();
+                    *e = (e.0 + 1, e.1 + len);
+                }
                 let live: Vec<_> = holders.iter().copied().filter(|h| alive.contains_key(h)).collect();
+                let kept: Vec<_> = live.iter().copied().filter(|h| !alive[h].draining).collect();
                 if live.is_empty() {
                     lost += 1;
-                } else if live.len() < want {
-                    short.push(Short { slice, len, live, want });
+                } else if kept.len() < want || kept.len() < live.len() {
+                    short.push(Short { slice, len, live, kept, want });
                 }
             }
         }
-        short.sort_by_key(|s| (s.live.len(), s.slice));
+        short.sort_by_key(|s| (s.kept.len(), s.slice));
         self.repair_stats.short.store(short.len() as u64, Ordering::Relaxed);
         if self.repair_stats.lost.swap(lost, Ordering::Relaxed) != lost && lost > 0 {
             error!(slices = lost, "repair: slices with no live copy (their servers are down or gone)");
         }
-        Ok(short)
+        let before = self.repair_stats.copies.swap(want as u64, Ordering::Relaxed);
+        if want < self.volume.replication as usize && before != want as u64 {
+            warn!(
+                replication = self.volume.replication,
+                zones = zones.len(),
+                "fewer live failure domains than the replication factor: blocks get {want} copies"
+            );
+        }
+        self.registry.set_held(held.clone());
+        self.repair_stats.scans.fetch_add(1, Ordering::Relaxed);
+        Ok(Scan { short, held })
     }
 
     /// Adds copies of one slice until it has as many as it should, on the servers placement
-    /// picks around its live holders; false if none could take a copy now.
+    /// picks around the holders it keeps, and drops its draining holders; false if nothing
+    /// could be done now.
     async fn repair_slice(
         &self,
         s: &Short,
@@ -125,30 +158,110 @@ impl MetaService {
         endpoint: &quinn::Endpoint,
         clients: &mut HashMap<ServerId, RpcClient>,
     ) -> crate::Result<bool> {
-        let from = servers.iter().find(|x| x.id == s.live[0]).map(|x| x.addr.clone()).unwrap_or_default();
-        let keys: Vec<BlockKey> = (0..s.len.div_ceil(self.volume.block_size).max(1) as u32)
-            .map(|index| BlockKey { slice: s.slice, index })
-            .collect();
-        let mut holders = s.live.clone();
-        for id in placement::place(servers, s.slice, s.want, s.len, &s.live) {
-            let Some(target) = servers.iter().find(|x| x.id == id) else { continue };
-            let client = chunk_client(clients, endpoint, target, REPLICATE_TIMEOUT);
-            let req = ChunkRequest::Replicate { keys: keys.clone(), from: from.clone() };
-            match client.call::<_, ChunkResponse>(&req, &[]).await {
-                Ok(_) => holders.push(id),
-                Err(e) => warn!(slice = s.slice, server = id, "repair: copying a slice failed: {e}"),
+        let mut holders = s.kept.clone();
+        for id in placement::place(servers, s.slice, s.want, s.len, &s.kept) {
+            // Copy from a live holder, one that stays if there is one.
+            let from = s.kept.first().or(s.live.first()).copied().unwrap_or_default();
+            if self.copy_slice(s.slice, s.len, from, id, servers, endpoint, clients).await {
+                holders.push(id);
             }
         }
-        if holders.len() == s.live.len() {
+        if holders.len() < s.want.min(s.live.len()) || holders == s.live {
+            // Dropping a draining holder must not leave fewer copies than there were.
             return Ok(false);
         }
-        let mut b = Batch::default();
-        b.set_slice_servers(s.slice, &holders);
-        self.store.write().await?.apply(b).await?;
-        self.repair_stats.repaired.fetch_add(1, Ordering::Relaxed);
-        info!(slice = s.slice, from = ?s.live, to = ?holders, "repair: slice re-replicated");
+        self.set_holders(s.slice, &holders).await?;
+        let counter = if s.kept.len() < s.live.len() { &self.repair_stats.moved } else { &self.repair_stats.repaired };
+        counter.fetch_add(1, Ordering::Relaxed);
+        info!(slice = s.slice, from = ?s.live, to = ?holders, "repair: slice copied");
         Ok(true)
     }
+
+    /// Has server `to` fetch every block of a slice from server `from`; false (and a warning)
+    /// if that failed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn copy_slice(
+        &self,
+        slice: SliceId,
+        len: u64,
+        from: ServerId,
+        to: ServerId,
+        servers: &[ChunkServerInfo],
+        endpoint: &quinn::Endpoint,
+        clients: &mut HashMap<ServerId, RpcClient>,
+    ) -> bool {
+        let (Some(source), Some(target)) = (servers.iter().find(|x| x.id == from), servers.iter().find(|x| x.id == to))
+        else {
+            return false;
+        };
+        let keys: Vec<BlockKey> =
+            (0..len.div_ceil(self.volume.block_size).max(1) as u32).map(|index| BlockKey { slice, index }).collect();
+        let client = chunk_client(clients, endpoint, target, REPLICATE_TIMEOUT);
+        let req = ChunkRequest::Replicate { keys, from: source.addr.clone() };
+        match client.call::<_, ChunkResponse>(&req, &[]).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(slice, from, to, "copying a slice failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Records the servers holding a slice.
+    pub(crate) async fn set_holders(&self, slice: SliceId, holders: &[ServerId]) -> crate::Result<()> {
+        let mut b = Batch::default();
+        b.set_slice_servers(slice, holders);
+        self.store.write().await?.apply(b).await?;
+        Ok(())
+    }
+
+    /// A chunk server found corrupt blocks of these slices: its copy stops counting (the
+    /// repair loop makes a new one from a good copy, possibly on the same server) as long as
+    /// another live copy exists; otherwise it stays, and the loss is logged.
+    pub(crate) async fn bad_copies(&self, server: ServerId, slices: &[SliceId]) -> crate::Result<()> {
+        if slices.is_empty() {
+            return Ok(());
+        }
+        let servers = self.registry.list();
+        for &slice in slices {
+            let Some(holders) = reads::slice_servers(&self.store.readers, slice).await? else { continue };
+            if !holders.contains(&server) {
+                continue;
+            }
+            let others: Vec<_> = holders.iter().copied().filter(|h| *h != server).collect();
+            if !others.iter().any(|h| servers.iter().any(|s| s.id == *h && s.alive)) {
+                error!(slice, server, "a copy is corrupt and no other live copy exists: reads of it fail with EIO");
+                continue;
+            }
+            self.set_holders(slice, &others).await?;
+            self.repair_stats.bad.fetch_add(1, Ordering::Relaxed);
+            warn!(slice, server, "a copy is corrupt: making a new one from a good copy");
+        }
+        self.repair_wakeup.notify_one();
+        Ok(())
+    }
+
+    /// `cairn chunk drain`: a draining server gets no new copies and the repair loop moves
+    /// its copies elsewhere; kept in the database so a restart goes on with it.
+    pub(crate) async fn drain(&self, id: ServerId, drain: bool) -> crate::Result<()> {
+        if drain && !self.registry.list().iter().any(|s| s.id == id) {
+            return Err(crate::MetaError::fs(ErrorCode::NotFound, format!("no chunk server {id} is registered")));
+        }
+        let list = self.registry.set_draining(id, drain);
+        let mut b = Batch::default();
+        b.set_volume_setting(crate::service::DRAINING_SETTING, crate::store::servers_to_text(&list));
+        self.store.write().await?.apply(b).await?;
+        info!(id, drain, "chunk server drain changed");
+        self.repair_wakeup.notify_one();
+        Ok(())
+    }
+}
+
+/// What a scan found.
+struct Scan {
+    short: Vec<Short>,
+    /// `(slices, bytes)` recorded on each server.
+    held: HashMap<ServerId, (u64, u64)>,
 }
 
 /// Progress of re-replication, for `cairn status`.
@@ -160,4 +273,14 @@ pub(crate) struct RepairStats {
     pub(crate) lost: std::sync::atomic::AtomicU64,
     /// Slices given new copies since the server started.
     pub(crate) repaired: std::sync::atomic::AtomicU64,
+    /// Slices moved to another server (drain, rebalance).
+    pub(crate) moved: std::sync::atomic::AtomicU64,
+    /// Corrupt copies reported by chunk servers.
+    pub(crate) bad: std::sync::atomic::AtomicU64,
+    /// Orphaned slices deleted by reconciliation.
+    pub(crate) orphans: std::sync::atomic::AtomicU64,
+    /// Scans finished.
+    pub(crate) scans: std::sync::atomic::AtomicU64,
+    /// Copies per slice at the last scan (for logging a change only).
+    copies: std::sync::atomic::AtomicU64,
 }

@@ -29,6 +29,10 @@ pub struct MetaConfig {
     /// The volume key file (see `cairn_config::load_keys`), read again at every client's
     /// hello so a rotated key reaches clients that connect afterwards.
     pub key_file: PathBuf,
+    /// How long a slice stored where no file references it is kept (reconciliation).
+    pub orphan_grace: Duration,
+    /// Imbalance in bytes that starts the rebalancer; 0 turns it off.
+    pub rebalance_threshold: u64,
 }
 
 /// The metadata service state shared by all connections.
@@ -36,9 +40,13 @@ pub struct MetaService {
     pub(crate) store: Store,
     pub(crate) volume: VolumeInfo,
     key_file: PathBuf,
+    pub(crate) orphan_grace: Duration,
+    pub(crate) rebalance_threshold: u64,
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
     pub(crate) repair_stats: crate::repair::RepairStats,
+    /// Wakes the repair loop for a scan now (a corrupt copy was reported, a drain started).
+    pub(crate) repair_wakeup: Notify,
     pub(crate) gc_wakeup: Notify,
     /// Inodes that lost their last link while nothing had them open, with when to free them.
     pub(crate) removed: std::sync::Mutex<std::collections::VecDeque<(Ino, tokio::time::Instant)>>,
@@ -47,15 +55,20 @@ pub struct MetaService {
 
 impl MetaService {
     /// Opens the service on an already formatted store.
-    pub async fn new(store: Store, dead_after: Duration, key_file: PathBuf) -> crate::Result<MetaService> {
+    pub async fn new(store: Store, config: &MetaConfig) -> crate::Result<MetaService> {
         let volume = store.volume().await?;
+        let draining = crate::store::reads::volume_setting(&store.readers, DRAINING_SETTING).await?;
+        let draining = draining.map(|d| crate::store::servers_from_text(&d)).unwrap_or_default();
         let svc = MetaService {
             store,
             volume,
-            key_file,
+            key_file: config.key_file.clone(),
+            orphan_grace: config.orphan_grace,
+            rebalance_threshold: config.rebalance_threshold,
             opens: Opens::default(),
-            registry: Registry::new(dead_after),
+            registry: Registry::new(config.dead_after, draining),
             repair_stats: Default::default(),
+            repair_wakeup: Notify::new(),
             gc_wakeup: Notify::new(),
             removed: Default::default(),
             removed_wakeup: Notify::new(),
@@ -151,12 +164,18 @@ impl MetaService {
             }
             MetaRequest::StatFs => R::StatFs(self.statfs().await?),
             MetaRequest::ListServers => R::Servers(self.registry.list()),
-            MetaRequest::Heartbeat { id, addr, zone, capacity, free } => {
+            MetaRequest::Heartbeat { id, addr, zone, capacity, free, bad } => {
                 if self.registry.heartbeat(id, addr.clone(), zone.clone(), capacity, free) {
                     info!(id, %addr, %zone, "chunk server joined");
                 }
+                self.bad_copies(id, &bad).await?;
                 R::Empty
             }
+            MetaRequest::Drain { id, drain } => {
+                self.drain(id, drain).await?;
+                R::Empty
+            }
+            MetaRequest::Fsck => R::Fsck(self.fsck().await?),
         })
     }
 
@@ -172,9 +191,21 @@ impl MetaService {
         let files = crate::store::reads::inode_count(&self.store.readers).await?;
         let (capacity, free) = self.space();
         let r = &self.repair_stats;
-        let [short_slices, lost_slices, repaired_slices] =
-            [&r.short, &r.lost, &r.repaired].map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
-        Ok(FsStats { capacity, free, files, short_slices, lost_slices, repaired_slices })
+        let [short_slices, lost_slices, repaired_slices, moved_slices, bad_copies, orphans_deleted, scans] =
+            [&r.short, &r.lost, &r.repaired, &r.moved, &r.bad, &r.orphans, &r.scans]
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+        Ok(FsStats {
+            capacity,
+            free,
+            files,
+            short_slices,
+            lost_slices,
+            repaired_slices,
+            moved_slices,
+            bad_copies,
+            orphans_deleted,
+            scans,
+        })
     }
 
     /// Capacity and free bytes of the volume: the live chunk servers' space divided by the
@@ -219,10 +250,9 @@ impl MetaService {
             }
             let mut done = true;
             for (id, keys) in per_server {
-                let Some(info) = servers.iter().find(|s| s.id == id && s.alive) else {
-                    done = false;
-                    continue;
-                };
+                // A server that is down keeps its copies until reconciliation, when it is back,
+                // finds that nothing references them.
+                let Some(info) = servers.iter().find(|s| s.id == id && s.alive) else { continue };
                 let client = chunk_client(&mut clients, &endpoint, info, Duration::from_secs(30));
                 for part in keys.chunks(4096) {
                     let r: Result<(ChunkResponse, Vec<u8>), _> =
@@ -243,12 +273,15 @@ impl MetaService {
                 tokio::time::sleep(started.elapsed()).await;
                 self.gc_wakeup.notify_one();
             } else {
-                // Retry later: a holder is down. Blocks of dead servers are dealt with on rejoin.
+                // Retry later: a live holder failed.
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
     }
 }
+
+/// The volume setting listing the servers being drained.
+pub(crate) const DRAINING_SETTING: &str = "draining";
 
 /// The connection to a chunk server for a background loop (GC, repair), made on first use.
 pub(crate) fn chunk_client<'a>(
@@ -281,7 +314,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
 pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     let identity = Identity::load(&config.ca, &config.cert, &config.key)?;
     let store = Store::open(&config.db).await?;
-    let svc = Arc::new(MetaService::new(store, config.dead_after, config.key_file).await?);
+    let svc = Arc::new(MetaService::new(store, &config).await?);
     if svc.volume.encrypted {
         // Refuse to start rather than fail every client's hello.
         svc.keys()?;

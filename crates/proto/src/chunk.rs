@@ -26,6 +26,9 @@ pub enum ChunkRequest {
     /// Copies blocks from the chunk server at `from` (`host:port`) and stores them durably:
     /// how the metadata server re-replicates a lost server's blocks.
     Replicate { keys: Vec<BlockKey>, from: String },
+    /// The blocks stored here of the slices whose id modulo 256 is `bucket`, so the metadata
+    /// server can find orphans (reconciliation) a bucket at a time.
+    List { bucket: u8 },
 }
 
 /// A successful answer from a chunk server.
@@ -38,4 +41,6 @@ pub enum ChunkResponse {
         capacity: u64,
         free: u64,
     },
+    /// Sorted.
+    Blocks(Vec<BlockKey>),
 }

@@ -205,7 +205,18 @@ pub enum MetaRequest {
         zone: String,
         capacity: u64,
         free: u64,
+        /// Slices of which this server found a corrupt block (scrub or a read) since the
+        /// last heartbeat that got through, for the metadata server to repair.
+        bad: Vec<SliceId>,
     },
+    /// Starts (or with `drain: false` stops) emptying chunk server `id`: it gets no new
+    /// copies and its copies are moved elsewhere (`cairn chunk drain`).
+    Drain {
+        id: ServerId,
+        drain: bool,
+    },
+    /// Checks the namespace and the slice tables for inconsistencies (`cairn fsck`).
+    Fsck,
     /// Records read accesses: the kernel leaves atime to FUSE filesystems, and the client
     /// applies the mount's atime rule before sending this, gathering many in one request.
     /// Never changes ctime.
@@ -264,4 +275,5 @@ pub enum MetaResponse {
     XattrNames(Vec<Vec<u8>>),
     StatFs(FsStats),
     Servers(Vec<ChunkServerInfo>),
+    Fsck(FsckReport),
 }

@@ -31,7 +31,7 @@ pub fn place(
     holders: &[ServerId],
 ) -> Vec<ServerId> {
     let mut candidates: Vec<_> =
-        servers.iter().filter(|s| s.alive && s.free > bytes).map(|s| (score(slice, s), s)).collect();
+        servers.iter().filter(|s| s.alive && !s.draining && s.free > bytes).map(|s| (score(slice, s), s)).collect();
     candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
     let mut zones: Vec<&str> = servers.iter().filter(|s| holders.contains(&s.id)).map(|s| s.zone.as_str()).collect();
     let mut chosen = Vec::new();
@@ -53,35 +53,49 @@ mod tests {
     use proptest::prelude::*;
 
     fn server(id: u64, zone: &str, alive: bool, free: u64) -> ChunkServerInfo {
-        ChunkServerInfo { id, addr: String::new(), zone: zone.into(), capacity: 1 << 40, free, alive }
+        let (draining, slices, bytes) = (false, 0, 0);
+        ChunkServerInfo {
+            id,
+            addr: String::new(),
+            zone: zone.into(),
+            capacity: 1 << 40,
+            free,
+            alive,
+            draining,
+            slices,
+            bytes,
+        }
     }
 
     proptest! {
-        /// Never two copies on one server or in one zone; only live servers with room; as many
-        /// copies as asked when enough zones qualify.
+        /// Never two copies on one server or in one zone; only live, non-draining servers with
+        /// room; as many copies as asked when enough zones qualify.
         #[test]
         fn copies_go_to_distinct_zones_of_live_servers_with_room(
-            spec in proptest::collection::vec((0u8..4, any::<bool>(), 0u64..3), 0..12),
+            spec in proptest::collection::vec((0u8..4, any::<bool>(), 0u64..3, any::<bool>()), 0..12),
             slice in any::<u64>(),
             replicas in 1usize..5,
         ) {
             let servers: Vec<_> = spec
                 .iter()
                 .enumerate()
-                .map(|(id, &(zone, alive, room))| server(id as u64, &format!("z{zone}"), alive, room << 30))
+                .map(|(id, &(zone, alive, room, draining))| ChunkServerInfo {
+                    draining,
+                    ..server(id as u64, &format!("z{zone}"), alive, room << 30)
+                })
                 .collect();
             let bytes = 1 << 30;
             let chosen = place(&servers, slice, replicas, bytes, &[]);
-            let info = |id: &u64| servers.iter().find(|s| s.id == *id && s.alive && s.free > bytes);
+            let info = |id: &u64| servers.iter().find(|s| s.id == *id && s.alive && !s.draining && s.free > bytes);
             let mut zones = std::collections::HashSet::new();
             for id in &chosen {
                 let s = info(id);
-                prop_assert!(s.is_some(), "server {} is dead, full or unknown", id);
+                prop_assert!(s.is_some(), "server {} is dead, draining, full or unknown", id);
                 prop_assert!(zones.insert(s.unwrap().zone.clone()), "two copies in one zone: {:?}", chosen);
             }
             prop_assert!(chosen.iter().collect::<std::collections::HashSet<_>>().len() == chosen.len());
             let eligible_zones: std::collections::HashSet<_> =
-                servers.iter().filter(|s| s.alive && s.free > bytes).map(|s| s.zone.clone()).collect();
+                servers.iter().filter(|s| s.alive && !s.draining && s.free > bytes).map(|s| s.zone.clone()).collect();
             prop_assert_eq!(chosen.len(), replicas.min(eligible_zones.len()));
         }
     }

@@ -228,6 +228,11 @@ pub struct ChunkServerInfo {
     pub free: u64,
     /// Whether it has heartbeated recently.
     pub alive: bool,
+    /// Being emptied (`cairn chunk drain`): gets no new copies, and its copies are moved.
+    pub draining: bool,
+    /// Slices the metadata records on it, and their bytes, at the last repair scan.
+    pub slices: u64,
+    pub bytes: u64,
 }
 
 /// Volume-wide constants a client needs, sent at session start.
@@ -259,4 +264,23 @@ pub struct FsStats {
     pub lost_slices: u64,
     /// Slices re-replicated since the metadata server started.
     pub repaired_slices: u64,
+    /// Slices moved to even out servers (rebalancing and draining) since it started.
+    pub moved_slices: u64,
+    /// Corrupt copies reported by chunk servers (scrub or reads) since it started.
+    pub bad_copies: u64,
+    /// Orphaned slices (no file references them on that server) deleted since it started.
+    pub orphans_deleted: u64,
+    /// Repair scans finished since it started: the per-server counts in `ChunkServerInfo`
+    /// are as of the last one.
+    pub scans: u64,
+}
+
+/// What `cairn fsck` found.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FsckReport {
+    pub inodes: u64,
+    pub dentries: u64,
+    pub slices: u64,
+    /// One line per inconsistency; empty when the namespace is consistent.
+    pub problems: Vec<String>,
 }

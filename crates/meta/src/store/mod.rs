@@ -12,7 +12,7 @@ pub(crate) mod reads;
 mod rows;
 mod writes;
 
-pub(crate) use rows::{Child, Returned};
+pub(crate) use rows::{Child, Returned, servers_from_text, servers_to_text};
 
 use crate::error::{MetaError, Result};
 use cairn_proto::*;

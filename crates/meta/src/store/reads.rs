@@ -307,3 +307,89 @@ pub(crate) async fn inode_count<'e>(ex: impl SqliteExecutor<'e>) -> Result<u64> 
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inodes").fetch_one(ex).await?;
     Ok(n as u64)
 }
+
+/// The chunk servers recorded for `slice` (all rows together), or None if no file
+/// references it.
+pub(crate) async fn slice_servers<'e>(ex: impl SqliteExecutor<'e>, slice: SliceId) -> Result<Option<Vec<ServerId>>> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT servers FROM slices WHERE slice = ?").bind(slice as i64).fetch_all(ex).await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut servers: Vec<ServerId> = rows.iter().flat_map(|(t,)| servers_from_text(t)).collect();
+    servers.sort();
+    servers.dedup();
+    Ok(Some(servers))
+}
+
+/// Which of `slices` some file references with a copy on `server` (reconciliation keeps
+/// those and drops the rest).
+pub(crate) async fn held_on<'e>(
+    ex: impl SqliteExecutor<'e>,
+    server: ServerId,
+    slices: &[SliceId],
+) -> Result<std::collections::HashSet<SliceId>> {
+    let list = slices.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT DISTINCT slice, servers FROM slices WHERE slice IN (SELECT value FROM json_each(?))")
+            .bind(format!("[{list}]"))
+            .fetch_all(ex)
+            .await?;
+    Ok(rows.into_iter().filter(|(_, t)| servers_from_text(t).contains(&server)).map(|(s, _)| s as u64).collect())
+}
+
+/// The consistency checks of `cairn fsck`: each returns one row of text per problem. Kinds
+/// are `FileKind` as integers (0 file, 1 directory).
+const FSCK_CHECKS: &[&str] = &[
+    "SELECT printf('entry %s in directory %d points to missing inode %d', quote(d.name), d.parent, d.ino)
+     FROM dentries d LEFT JOIN inodes i ON i.ino = d.ino WHERE i.ino IS NULL",
+    "SELECT printf('entry %s (inode %d) is in %d, which is not a directory', quote(d.name), d.ino, d.parent)
+     FROM dentries d LEFT JOIN inodes p ON p.ino = d.parent WHERE p.ino IS NULL OR p.kind != 1",
+    "SELECT printf('entry %s in directory %d has kind %d, but inode %d has kind %d', quote(d.name), d.parent,
+                   d.kind, i.ino, i.kind)
+     FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.kind != i.kind",
+    "SELECT printf('inode %d has nlink %d, but %d entries name it', ino, nlink, links) FROM
+       (SELECT i.ino, i.nlink, (SELECT COUNT(*) FROM dentries d WHERE d.ino = i.ino) AS links
+        FROM inodes i WHERE i.kind != 1)
+     WHERE nlink != links",
+    "SELECT printf('directory %d has nlink %d, but %d subdirectories', ino, nlink, subdirs) FROM
+       (SELECT i.ino, i.nlink, (SELECT COUNT(*) FROM dentries d WHERE d.parent = i.ino AND d.kind = 1) AS subdirs
+        FROM inodes i WHERE i.kind = 1 AND i.nlink > 0)
+     WHERE nlink != 2 + subdirs",
+    "SELECT printf('directory %d has %d entries naming it', ino, links) FROM
+       (SELECT i.ino, (SELECT COUNT(*) FROM dentries d WHERE d.ino = i.ino) AS links
+        FROM inodes i WHERE i.kind = 1 AND i.nlink > 0)
+     WHERE links != (CASE WHEN ino = 1 THEN 0 ELSE 1 END)",
+    "SELECT printf('directory %d records parent %d, but its entry is in %d', i.ino, i.parent, d.parent)
+     FROM inodes i JOIN dentries d ON d.ino = i.ino WHERE i.kind = 1 AND i.parent != d.parent",
+    "WITH RECURSIVE reach(ino) AS
+       (SELECT 1 UNION SELECT d.ino FROM dentries d JOIN reach r ON d.parent = r.ino WHERE d.kind = 1)
+     SELECT printf('directory %d is not reachable from the root', i.ino)
+     FROM inodes i WHERE i.kind = 1 AND i.nlink > 0 AND i.ino NOT IN (SELECT ino FROM reach)",
+    "SELECT printf('slices of inode %d, which is missing or not a file', s.ino)
+     FROM (SELECT DISTINCT ino FROM slices) s LEFT JOIN inodes i ON i.ino = s.ino
+     WHERE i.ino IS NULL OR i.kind != 0",
+    "SELECT printf('slice %d of inode %d has no recorded copy', slice, ino)
+     FROM slices WHERE slice != 0 AND servers = ''",
+    "SELECT printf('the slice counter (%d) is not above slice %d: ids (nonces) could be reused', c.value, m.s)
+     FROM counters c, (SELECT MAX(s) AS s FROM (SELECT MAX(slice) AS s FROM slices
+                                                UNION ALL SELECT MAX(slice) FROM gc_slices)) m
+     WHERE c.name = 'next_slice' AND m.s IS NOT NULL AND c.value <= m.s",
+];
+
+/// Every inconsistency the `cairn fsck` checks find, one line each, and the table sizes
+/// `(inodes, dentries, slice rows)`, all from one snapshot of a live database.
+pub(crate) async fn fsck(pool: &sqlx::SqlitePool) -> Result<(Vec<String>, (u64, u64, u64))> {
+    let mut tx = pool.begin().await?;
+    let (i, d, s): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM inodes), (SELECT COUNT(*) FROM dentries), (SELECT COUNT(*) FROM slices)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut problems = Vec::new();
+    for check in FSCK_CHECKS {
+        let rows: Vec<(String,)> = sqlx::query_as(check).fetch_all(&mut *tx).await?;
+        problems.extend(rows.into_iter().map(|(p,)| p));
+    }
+    Ok((problems, (i as u64, d as u64, s as u64)))
+}

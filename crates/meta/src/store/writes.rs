@@ -9,7 +9,11 @@ const SLICES_PER_INSERT: usize = 1000;
 
 impl Batch {
     pub(crate) fn set_volume_setting(&mut self, key: &str, value: String) {
-        self.push("INSERT INTO volume (key, value) VALUES (?, ?)").bind(key.to_string()).bind(value);
+        self.push(
+            "INSERT INTO volume (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key.to_string())
+        .bind(value);
     }
 
     /// Adds an inode; its number comes back through [`super::Returned::ino`] and is what a
