@@ -128,6 +128,21 @@ fn forget_attrs(notifier: &OnceLock<Notifier>, ino: INodeNo) {
     }
 }
 
+/// Makes the kernel forget what another client changed (a recall): each inode's attributes
+/// and cached pages, each name's dentry, and the attributes of the directories holding them.
+/// Errors (the kernel never saw the inode or name) mean there was nothing to forget.
+pub fn kernel_invalidator(n: Notifier) -> cairn_client::KernelInvalidator {
+    Arc::new(move |inodes: &[u64], entries: &[(u64, Vec<u8>)]| {
+        for ino in inodes {
+            let _ = n.inval_inode(INodeNo(*ino), 0, 0);
+        }
+        for (dir, name) in entries {
+            let _ = n.inval_entry(INodeNo(*dir), OsStr::from_bytes(name));
+            let _ = n.inval_inode(INodeNo(*dir), -1, 0);
+        }
+    })
+}
+
 fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid(), groups: Vec::new() }
 }

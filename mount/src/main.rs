@@ -143,10 +143,11 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
     }
     fuse_config.n_threads = Some(args.opts.threads.max(1));
     fuse_config.clone_fd = true;
-    let (fs, notifier) = fs::CairnFs::new(client, handle.clone());
+    let (fs, notifier) = fs::CairnFs::new(client.clone(), handle.clone());
     let session = fuser::spawn_mount(fs, &args.mountpoint, &fuse_config)
         .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
+    client.set_kernel_invalidator(fs::kernel_invalidator(session.notifier()));
     // Confirm the mount answers before reporting success.
     std::fs::metadata(&args.mountpoint).with_context(|| format!("checking {}", args.mountpoint.display()))?;
     if let Some(p) = &args.opts.pidfile {

@@ -32,6 +32,10 @@ pub struct FormatArgs {
     /// Host the chunk servers listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub chunk_host: String,
+    /// Failure domain of every chunk server configured here (default: each its own, as when
+    /// each runs on its own machine).
+    #[arg(long)]
+    pub chunk_zone: Option<String>,
 }
 
 /// The settings a volume is formatted with (`cairn format`, and `cairn local up` on first
@@ -68,6 +72,9 @@ pub struct ClusterFile {
     pub chunk_servers: Vec<u64>,
     /// Host new chunk servers listen on.
     pub chunk_host: String,
+    /// Zone written into new chunk server configurations (none: each server its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_zone: Option<String>,
 }
 
 impl ClusterFile {
@@ -120,7 +127,7 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
         meta: cluster.meta.clone(),
         data_dir: format!("chunk-{id}").into(),
         heartbeat_ms: 1000,
-        zone: None,
+        zone: cluster.chunk_zone.clone(),
         scrub_mib_per_sec: 16,
         scrub_interval_secs: 7 * 24 * 3600,
         tls: tls("chunk"),
@@ -188,6 +195,7 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         meta,
         chunk_servers: Vec::new(),
         chunk_host: args.chunk_host.clone(),
+        chunk_zone: args.chunk_zone.clone(),
     };
     cairn_config::save(&dir.join("cluster.toml"), "Cairn volume directory", &cluster)?;
     for id in 1..=u64::from(args.chunk_servers) {

@@ -27,6 +27,12 @@ pub enum LocalCommand {
         /// Number of chunk servers to run.
         #[arg(long, default_value_t = 3)]
         chunk_servers: u32,
+        /// Give each chunk server its own failure domain, as if each ran on its own machine,
+        /// so blocks get as many copies as the replication factor asks (to try replication
+        /// on one machine). By default they share the zone `local`, as they share one disk,
+        /// and blocks get one copy. Used when formatting, ignored afterwards.
+        #[arg(long)]
+        separate_zones: bool,
         /// Used when formatting, ignored afterwards.
         #[command(flatten)]
         volume: VolumeArgs,
@@ -43,10 +49,13 @@ pub enum LocalCommand {
     },
 }
 
+/// The one failure domain of a local cluster's chunk servers (they share a disk).
+const LOCAL_ZONE: &str = "local";
+
 pub fn run(cmd: LocalCommand) -> anyhow::Result<()> {
     match cmd {
-        LocalCommand::Up { mountpoint, data, chunk_servers, volume, options } => {
-            up(&mountpoint, &data, chunk_servers, &volume, options.as_deref())
+        LocalCommand::Up { mountpoint, data, chunk_servers, separate_zones, volume, options } => {
+            up(&mountpoint, &data, chunk_servers, separate_zones, &volume, options.as_deref())
         }
         LocalCommand::Down { mountpoint, data } => down(&mountpoint, data),
     }
@@ -74,6 +83,7 @@ fn up(
     mountpoint: &Path,
     data: &Path,
     chunk_servers: u32,
+    separate_zones: bool,
     volume: &VolumeArgs,
     options: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -94,6 +104,7 @@ fn up(
             meta_listen: "127.0.0.1:0".into(),
             chunk_servers,
             chunk_host: "127.0.0.1".into(),
+            chunk_zone: (!separate_zones).then(|| LOCAL_ZONE.to_string()),
         })?;
     }
     let mut cluster: ClusterFile = cairn_config::load(&data.join("cluster.toml"))?;

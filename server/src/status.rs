@@ -27,10 +27,11 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
             servers.iter().filter(|s| s.alive && !s.draining).map(|s| &s.zone).collect();
         match zones.len() < v.replication as usize {
             true => println!(
-                "replication {} (only {} live failure domains: new blocks get {} copies)",
+                "replication {} (warning: {} live failure domain(s), so blocks get {} cop{})",
                 v.replication,
                 zones.len(),
-                zones.len().max(1)
+                zones.len().max(1),
+                if zones.len() > 1 { "ies" } else { "y" }
             ),
             false => println!("replication {}", v.replication),
         }

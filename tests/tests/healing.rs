@@ -76,7 +76,7 @@ fn assert_same(path: &Path, want: &[u8]) {
 
 #[test]
 fn chunk_server_killed_mid_write_loses_no_fsynced_byte() {
-    let c = Cluster::start_with(4, &["--replication", "3", "-o", "timeout=2"]);
+    let c = Cluster::start_with(4, &["--replication", "3", "--separate-zones", "-o", "timeout=2"]);
     let pieces = 24u64;
     let synced = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -121,7 +121,7 @@ fn chunk_server_killed_mid_write_loses_no_fsynced_byte() {
 
 #[test]
 fn corrupt_copy_is_read_around_and_scrub_replaces_it() {
-    let c = Cluster::start_with(4, &["--replication", "3"]);
+    let c = Cluster::start_with(4, &["--replication", "3", "--separate-zones"]);
     c.down();
     for id in 1..=4 {
         c.set_config(&format!("chunk-{id}.toml"), "scrub_interval_secs", "2");
@@ -211,7 +211,7 @@ fn rebalance_and_drain_move_copies_without_losing_data() {
 
 #[test]
 fn metadata_server_killed_mid_workload_leaves_a_consistent_namespace() {
-    let c = Cluster::start_with(4, &["-o", "timeout=2"]);
+    let c = Cluster::start_with(4, &["--separate-zones", "-o", "timeout=2"]);
     for d in ["keep", "churn"] {
         std::fs::create_dir(c.path(d)).unwrap();
     }
@@ -279,6 +279,10 @@ fn fsck_reports_a_damaged_namespace() {
         std::fs::write(c.path(name), name).unwrap();
     }
     fsck_clean(&c);
+    // A local cluster's servers share one disk, hence one failure domain, and status says
+    // what that means for the default of three copies.
+    let s = c.status();
+    assert!(s.contains("replication 3 (warning: 1 live failure domain(s), so blocks get 1 copy)"), "{s}");
     // Damage the database behind the servers' back, as a bug or a bad restore would.
     c.down();
     let db = c.data.join(toml_value(&c.data.join("meta.toml"), "database"));
@@ -304,7 +308,7 @@ fn fsck_reports_a_damaged_namespace() {
 #[test]
 fn full_chunk_server_leaves_the_copies_to_the_others() {
     // Three copies on three servers: every slice wants the small one until it is full.
-    let t = FullDisk::start(3, &["--replication", "3"], "8m");
+    let t = FullDisk::start(3, &["--replication", "3", "--separate-zones"], "8m");
     let c = &t.c;
     let data = pattern(3, 40 * MIB);
     {

@@ -12,7 +12,7 @@ fn repair_count(status: &str, label: &str) -> u64 {
 
 #[test]
 fn lost_copies_are_rebuilt_so_data_survives_all_but_one_server() {
-    let c = Cluster::start_with(4, &["--replication", "3"]);
+    let c = Cluster::start_with(4, &["--replication", "3", "--separate-zones"]);
     // Several slices of two blocks each; incompressible, so sizes are real.
     let files: Vec<(String, Vec<u8>)> =
         (0..6).map(|i| (format!("f{i}"), pattern(i as u64, (5 << 20) + i * 4099))).collect();

@@ -4,7 +4,6 @@
 //! once per file. Kept only for the rest of the attribute TTL, as the kernel keeps its own,
 //! and dropped whenever this client changes the inode.
 
-use crate::listing::changed_inodes;
 use cairn_proto::meta::MetaRequest;
 use cairn_proto::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +29,7 @@ impl FileAttrs {
     /// Forgets what `req` may change; called when it is sent and again when it is answered,
     /// with a fresh epoch each time.
     pub(crate) fn forget(&self, req: &MetaRequest, epoch: u64) {
-        for ino in changed_inodes(req) {
+        for ino in req.changed_inodes() {
             self.cache.invalidate(&ino);
         }
         if matches!(req, MetaRequest::Unlink { .. } | MetaRequest::Rename { .. }) {
@@ -46,6 +45,16 @@ impl FileAttrs {
         if a.kind == FileKind::File && self.unnamed_change.load(Ordering::Acquire) <= sent {
             self.cache.insert(a.ino, (sent_at, a.clone()));
         }
+    }
+
+    /// Forgets `ino` (another client changed it).
+    pub(crate) fn drop(&self, ino: Ino) {
+        self.cache.invalidate(&ino);
+    }
+
+    /// Forgets everything.
+    pub(crate) fn drop_all(&self) {
+        self.cache.invalidate_all();
     }
 
     /// The kept attributes of `ino` and how much of their TTL is left.

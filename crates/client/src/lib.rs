@@ -12,12 +12,14 @@ pub mod layout;
 mod listing;
 mod namespace;
 mod read;
+mod recall;
 mod stats;
 mod write;
 
 pub use atime::AtimeMode;
 pub use error::{ClientError, Result};
 pub use listing::Entry;
+pub use recall::KernelInvalidator;
 
 use cairn_net::{Identity, RpcClient};
 use cairn_proto::meta::{MetaRequest, MetaResponse};
@@ -113,6 +115,8 @@ pub struct Client {
     pub(crate) stats: stats::Stats,
     /// Set by [`Client::shut_down`]: every call fails from then on.
     shut_down: std::sync::atomic::AtomicBool,
+    /// Makes the kernel forget what a recall names (see `recall`).
+    kernel_invalidator: std::sync::OnceLock<recall::KernelInvalidator>,
 }
 
 impl Client {
@@ -146,8 +150,11 @@ impl Client {
             meta,
             volume,
             codec: std::sync::RwLock::new(Arc::new(codec)),
+            kernel_invalidator: Default::default(),
         };
-        Ok(Arc::new(client))
+        let client = Arc::new(client);
+        client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));
+        Ok(client)
     }
 
     /// The volume's constants as the metadata server reported them.

@@ -95,6 +95,18 @@ impl Listings {
         self.changed.entry(ino).and_upsert_with(|old| old.map_or(epoch, |o| o.into_value().max(epoch)));
     }
 
+    /// Another client changed `ino`: listings of it, entries naming it, and answers about it
+    /// to requests sent before now are no longer current.
+    pub(crate) fn changed_elsewhere(&self, ino: Ino) {
+        let epoch = self.next_epoch();
+        self.mark(ino, epoch);
+    }
+
+    /// Nothing cached is current any more (the connection to the server was lost).
+    pub(crate) fn changed_everywhere(&self) {
+        self.listings.invalidate_all();
+    }
+
     /// Whether this client changed `ino` after `epoch`.
     pub(crate) fn changed_since(&self, ino: Ino, epoch: u64) -> bool {
         self.changed.get(&ino).is_some_and(|c| c > epoch)
@@ -145,12 +157,12 @@ impl Listings {
     /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
     pub(crate) fn before(&self, req: &MetaRequest) -> u64 {
         let epoch = self.next_epoch();
-        for ino in changed_inodes(req) {
+        for ino in req.changed_inodes() {
             self.mark(ino, epoch);
         }
         // A name's state is unknown until the answer says what became of it. Its inode
         // changes too (nlink, ctime), but appears in no other listing: see `slot`.
-        for (dir, name) in changed_names(req) {
+        for (dir, name) in req.changed_names() {
             self.edit(dir, |e| {
                 e.insert(name.to_vec(), Slot::Unknown);
             });
@@ -164,7 +176,7 @@ impl Listings {
         // First the marks: whatever the answer, an inode the request may have changed may
         // have changed after any listing read meanwhile.
         let epoch = self.next_epoch();
-        for ino in changed_inodes(req) {
+        for ino in req.changed_inodes() {
             self.mark(ino, epoch);
         }
         // A change that failed for want of an answer may still have happened: retire the
@@ -172,7 +184,7 @@ impl Listings {
         if let Err(e) = resp
             && matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut)
         {
-            changed_names(req).into_iter().for_each(|(dir, _)| self.mark(dir, epoch));
+            req.changed_names().into_iter().for_each(|(dir, _)| self.mark(dir, epoch));
         }
         // Then what the answer tells about names; entries it adds are read now.
         let fresh = || self.next_epoch();
@@ -234,56 +246,6 @@ fn slot(a: &Attr, epoch: u64) -> Slot {
     match a.kind == FileKind::Dir || a.nlink <= 1 {
         true => Slot::Known(a.clone(), epoch),
         false => Slot::Unknown,
-    }
-}
-
-/// The inodes whose attributes `req` may change. Every request is named, so a new one
-/// cannot be forgotten here.
-pub(crate) fn changed_inodes(req: &MetaRequest) -> Vec<Ino> {
-    use MetaRequest as R;
-    match req {
-        R::SetAttr { ino, .. }
-        | R::Commit { ino, .. }
-        | R::Fallocate { ino, .. }
-        | R::SetXattr { ino, .. }
-        | R::RemoveXattr { ino, .. }
-        | R::Compact { ino, .. }
-        | R::Link { ino, .. } => vec![*ino],
-        R::Touch { times } => times.iter().map(|(ino, _)| *ino).collect(),
-        R::Hello { .. }
-        | R::Lookup { .. }
-        | R::GetAttr { .. }
-        | R::MakeNode { .. }
-        | R::Unlink { .. }
-        | R::Rmdir { .. }
-        | R::Rename { .. }
-        | R::ReadLink { .. }
-        | R::ReadDir { .. }
-        | R::Open { .. }
-        | R::Close { .. }
-        | R::ReadMap { .. }
-        | R::AllocSlices { .. }
-        | R::Sync
-        | R::GetXattr { .. }
-        | R::ListXattr { .. }
-        | R::StatFs
-        | R::ListServers
-        | R::Heartbeat { .. }
-        | R::Drain { .. }
-        | R::Fsck => Vec::new(),
-    }
-}
-
-/// The (directory, name) pairs whose entries `req` may change.
-fn changed_names(req: &MetaRequest) -> Vec<(Ino, &[u8])> {
-    use MetaRequest as R;
-    match req {
-        R::MakeNode { parent, name, .. } | R::Unlink { parent, name } | R::Rmdir { parent, name } => {
-            vec![(*parent, name)]
-        }
-        R::Link { new_parent, new_name, .. } => vec![(*new_parent, new_name)],
-        R::Rename { parent, name, new_parent, new_name, .. } => vec![(*parent, name), (*new_parent, new_name)],
-        _ => Vec::new(),
     }
 }
 

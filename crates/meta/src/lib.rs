@@ -8,6 +8,7 @@ mod acl;
 mod data;
 mod error;
 mod fsck;
+mod leases;
 mod namespace;
 mod opens;
 mod rebalance;

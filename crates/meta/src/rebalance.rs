@@ -36,8 +36,8 @@ impl MetaService {
             let Some(last) = page.last() else { break };
             after = last.0;
             for (_, slice, len, holders) in page {
-                // One copy per zone: the target's zone must not hold this slice already.
-                if !holders.contains(&from) || holders.iter().any(|h| zone_of(h) == Some(to_zone)) {
+                // One copy per zone: no other holder may be in the target's zone.
+                if !holders.contains(&from) || holders.iter().any(|h| *h != from && zone_of(h) == Some(to_zone)) {
                     continue;
                 }
                 let t0 = Instant::now();

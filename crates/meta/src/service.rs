@@ -44,6 +44,7 @@ pub struct MetaService {
     pub(crate) rebalance_threshold: u64,
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
+    pub(crate) leases: crate::leases::Leases,
     pub(crate) repair_stats: crate::repair::RepairStats,
     /// Wakes the repair loop for a scan now (a corrupt copy was reported, a drain started).
     pub(crate) repair_wakeup: Notify,
@@ -67,6 +68,7 @@ impl MetaService {
             rebalance_threshold: config.rebalance_threshold,
             opens: Opens::default(),
             registry: Registry::new(config.dead_after, draining),
+            leases: Default::default(),
             repair_stats: Default::default(),
             repair_wakeup: Notify::new(),
             gc_wakeup: Notify::new(),
@@ -302,11 +304,22 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         req: MetaRequest,
         _payload: Vec<u8>,
     ) -> Result<(MetaResponse, Vec<u8>), WireError> {
-        Ok((self.dispatch(peer, req).await?, Vec::new()))
+        // Leases on what the request reads are granted before it runs (see `leases`), and
+        // the other holders of what it changed are recalled before it is answered.
+        self.leases.grant(peer, &req.read_inodes());
+        let changed = req.changed_inodes();
+        let names: Vec<(Ino, Vec<u8>)> = req.changed_names().into_iter().map(|(d, n)| (d, n.to_vec())).collect();
+        let resp = self.dispatch(peer, req).await?;
+        self.leases.grant(peer, &resp.described_inodes());
+        if !changed.is_empty() || !names.is_empty() {
+            self.leases.recall(peer.conn_id, changed, names).await;
+        }
+        Ok((resp, Vec::new()))
     }
 
     async fn disconnected(&self, peer: &Peer) {
         self.connection_lost(peer.conn_id);
+        self.leases.disconnected(peer.conn_id);
     }
 }
 
@@ -325,6 +338,13 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     tokio::spawn(svc.clone().repair_loop(gc_endpoint.clone()));
     tokio::spawn(svc.clone().gc_loop(gc_endpoint));
     tokio::spawn(svc.clone().removed_loop());
+    let leases = svc.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(crate::leases::LEASE).await;
+            leases.leases.expire();
+        }
+    });
     cairn_net::serve(endpoint, svc).await;
     Ok(())
 }

@@ -22,7 +22,36 @@ pub struct Peer {
     /// The peer's certificate is a client's (valid for [`crate::CLIENT_NAME`]), not a
     /// server's: only clients may be given the volume keys.
     pub is_client: bool,
+    conn: quinn::Connection,
 }
+
+impl Peer {
+    /// Calls the peer back over its own connection (the metadata server recalling a lease);
+    /// the peer answers with the handler it gave [`RpcClient::set_callbacks`]. At most
+    /// `timeout`.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, NetError> {
+        let addr = self.remote.to_string();
+        let head = frame::encode_head(req, 0).map_err(|source| NetError::Frame { addr: addr.clone(), source })?;
+        match tokio::time::timeout(timeout, exchange(&self.conn, &addr, &head, &[])).await {
+            Ok(Ok((resp, _))) => Ok(resp),
+            Ok(Err(Attempt::Unsent(e) | Attempt::Failed(e))) => Err(e),
+            Err(_) => Err(NetError::Timeout { addr, secs: timeout.as_secs_f64() }),
+        }
+    }
+
+    /// Ends the peer's connection: everything it was granted on it is void, and it must
+    /// connect again (how a client that does not answer a recall is fenced off).
+    pub fn close(&self, reason: &str) {
+        self.conn.close(1u32.into(), reason.as_bytes());
+    }
+}
+
+/// Starts answering the calls a server makes back over a new connection.
+type OnConnect = Arc<dyn Fn(quinn::Connection) + Send + Sync>;
 
 /// A connection to one server that reconnects when the server comes back.
 pub struct RpcClient {
@@ -32,6 +61,7 @@ pub struct RpcClient {
     timeout: Duration,
     conn: Mutex<Option<quinn::Connection>>,
     connecting: tokio::sync::Mutex<()>,
+    on_connect: std::sync::OnceLock<OnConnect>,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -51,6 +81,26 @@ impl RpcClient {
             timeout,
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            on_connect: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Answers the calls the server makes back over this client's connections with
+    /// `handler` (its `disconnected` runs when a connection ends: what the server granted on
+    /// it is void then). Applies to the current connection and every later one; set once.
+    pub fn set_callbacks<Req, Resp, H>(&self, handler: Arc<H>)
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        H: Handler<Req, Resp>,
+    {
+        let on_connect: OnConnect = Arc::new(move |conn| {
+            tokio::spawn(serve_connection(conn, handler.clone()));
+        });
+        if self.on_connect.set(on_connect.clone()).is_ok()
+            && let Some(conn) = self.live_connection()
+        {
+            on_connect(conn);
         }
     }
 
@@ -73,7 +123,7 @@ impl RpcClient {
             let mut attempt = 0;
             loop {
                 let conn = self.connection().await?;
-                match self.exchange(&conn, &head, payload).await {
+                match exchange(&conn, &self.addr, &head, payload).await {
                     Err(Attempt::Unsent(e)) if attempt == 0 => {
                         debug!(addr = %self.addr, "retrying on a new connection: {e}");
                         self.forget(&conn);
@@ -134,6 +184,9 @@ impl RpcClient {
             .await
             .map_err(|e| connect_err(e.to_string()))?;
         *self.conn.lock().expect("conn lock") = Some(conn.clone());
+        if let Some(on_connect) = self.on_connect.get() {
+            on_connect(conn.clone());
+        }
         Ok(conn)
     }
 
@@ -141,42 +194,43 @@ impl RpcClient {
         let guard = self.conn.lock().expect("conn lock");
         guard.as_ref().filter(|c| c.close_reason().is_none()).cloned()
     }
+}
 
-    async fn exchange<Resp: DeserializeOwned>(
-        &self,
-        conn: &quinn::Connection,
-        head: &[u8],
-        payload: &[u8],
-    ) -> Result<(Resp, Vec<u8>), Attempt> {
-        // quinn says only "connection lost" on a stream; add why (e.g. a refused certificate).
-        let conn_err = |e: &dyn std::fmt::Display| {
-            let mut reason = e.to_string();
-            if let Some(why) = conn.close_reason().map(|w| w.to_string())
-                && why != reason
-            {
-                reason = format!("{reason}: {why}");
-            }
-            NetError::Connection { addr: self.addr.clone(), reason }
-        };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Attempt::Unsent(conn_err(&e)))?;
-        if let Err(e) = send_frame(&mut send, head, payload).await {
-            return Err(match e {
-                quinn::WriteError::ConnectionLost(_) => Attempt::Unsent(conn_err(&e)),
-                _ => Attempt::Failed(conn_err(&e)),
-            });
+/// Sends one request on a new stream of `conn` and reads the answer.
+async fn exchange<Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    addr: &str,
+    head: &[u8],
+    payload: &[u8],
+) -> Result<(Resp, Vec<u8>), Attempt> {
+    // quinn says only "connection lost" on a stream; add why (e.g. a refused certificate).
+    let conn_err = |e: &dyn std::fmt::Display| {
+        let mut reason = e.to_string();
+        if let Some(why) = conn.close_reason().map(|w| w.to_string())
+            && why != reason
+        {
+            reason = format!("{reason}: {why}");
         }
-        let (header, payload) = read_frame(&mut recv).await.map_err(|e| {
-            Attempt::Failed(match e {
-                ReadError::Frame(source) => NetError::Frame { addr: self.addr.clone(), source },
-                ReadError::Stream(e) => conn_err(&e),
-            })
-        })?;
-        let answer: Result<Resp, WireError> = frame::decode_header(&header)
-            .map_err(|source| Attempt::Failed(NetError::Frame { addr: self.addr.clone(), source }))?;
-        match answer {
-            Ok(resp) => Ok((resp, payload)),
-            Err(e) => Err(Attempt::Failed(NetError::Remote(e))),
-        }
+        NetError::Connection { addr: addr.to_string(), reason }
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Attempt::Unsent(conn_err(&e)))?;
+    if let Err(e) = send_frame(&mut send, head, payload).await {
+        return Err(match e {
+            quinn::WriteError::ConnectionLost(_) => Attempt::Unsent(conn_err(&e)),
+            _ => Attempt::Failed(conn_err(&e)),
+        });
+    }
+    let (header, payload) = read_frame(&mut recv).await.map_err(|e| {
+        Attempt::Failed(match e {
+            ReadError::Frame(source) => NetError::Frame { addr: addr.to_string(), source },
+            ReadError::Stream(e) => conn_err(&e),
+        })
+    })?;
+    let answer: Result<Resp, WireError> = frame::decode_header(&header)
+        .map_err(|source| Attempt::Failed(NetError::Frame { addr: addr.to_string(), source }))?;
+    match answer {
+        Ok(resp) => Ok((resp, payload)),
+        Err(e) => Err(Attempt::Failed(NetError::Remote(e))),
     }
 }
 
@@ -252,32 +306,38 @@ where
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
         tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("refused a connection: {e}");
-                    return;
-                }
-            };
-            let is_client = crate::tls::peer_is_named(&conn, crate::CLIENT_NAME);
-            let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address(), is_client };
-            debug!(?peer, "peer connected");
-            loop {
-                match conn.accept_bi().await {
-                    Ok((send, recv)) => {
-                        let handler = handler.clone();
-                        let peer = peer.clone();
-                        tokio::spawn(async move { answer(&*handler, &peer, send, recv).await });
-                    }
-                    Err(e) => {
-                        debug!(?peer, "peer disconnected: {e}");
-                        break;
-                    }
-                }
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, handler).await,
+                Err(e) => warn!("refused a connection: {e}"),
             }
-            handler.disconnected(&peer).await;
         });
     }
+}
+
+/// Answers each stream the peer opens on `conn` with `handler`, until the connection ends.
+async fn serve_connection<Req, Resp, H>(conn: quinn::Connection, handler: Arc<H>)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
+    let is_client = crate::tls::peer_is_named(&conn, crate::CLIENT_NAME);
+    let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address(), is_client, conn: conn.clone() };
+    debug!(?peer.remote, "peer connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let handler = handler.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move { answer(&*handler, &peer, send, recv).await });
+            }
+            Err(e) => {
+                debug!(?peer.remote, "peer disconnected: {e}");
+                break;
+            }
+        }
+    }
+    handler.disconnected(&peer).await;
 }
 
 async fn answer<Req, Resp, H>(handler: &H, peer: &Peer, mut send: quinn::SendStream, mut recv: quinn::RecvStream)

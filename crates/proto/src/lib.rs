@@ -4,6 +4,7 @@
 //! share one definition of what crosses the network. Anything serializable lives here and only
 //! here: a serializable type is a compatibility promise.
 
+pub mod callback;
 pub mod chunk;
 pub mod error;
 pub mod frame;

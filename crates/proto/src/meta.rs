@@ -236,6 +236,86 @@ pub enum MetaRequest {
     },
 }
 
+impl MetaRequest {
+    /// The inodes whose attributes (or data) this request may change. Every request is
+    /// named, so a new one cannot be forgotten here.
+    pub fn changed_inodes(&self) -> Vec<Ino> {
+        use MetaRequest as R;
+        match self {
+            R::SetAttr { ino, .. }
+            | R::Commit { ino, .. }
+            | R::Fallocate { ino, .. }
+            | R::SetXattr { ino, .. }
+            | R::RemoveXattr { ino, .. }
+            | R::Compact { ino, .. }
+            | R::Link { ino, .. } => vec![*ino],
+            R::Touch { times } => times.iter().map(|(ino, _)| *ino).collect(),
+            R::Hello { .. }
+            | R::Lookup { .. }
+            | R::GetAttr { .. }
+            | R::MakeNode { .. }
+            | R::Unlink { .. }
+            | R::Rmdir { .. }
+            | R::Rename { .. }
+            | R::ReadLink { .. }
+            | R::ReadDir { .. }
+            | R::Open { .. }
+            | R::Close { .. }
+            | R::ReadMap { .. }
+            | R::AllocSlices { .. }
+            | R::Sync
+            | R::GetXattr { .. }
+            | R::ListXattr { .. }
+            | R::StatFs
+            | R::ListServers
+            | R::Heartbeat { .. }
+            | R::Drain { .. }
+            | R::Fsck => Vec::new(),
+        }
+    }
+
+    /// The (directory, name) pairs whose entries this request may change (the directories'
+    /// attributes change with them).
+    pub fn changed_names(&self) -> Vec<(Ino, &[u8])> {
+        use MetaRequest as R;
+        match self {
+            R::MakeNode { parent, name, .. } | R::Unlink { parent, name } | R::Rmdir { parent, name } => {
+                vec![(*parent, name)]
+            }
+            R::Link { new_parent, new_name, .. } => vec![(*new_parent, new_name)],
+            R::Rename { parent, name, new_parent, new_name, .. } => vec![(*parent, name), (*new_parent, new_name)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The inodes whose attributes, data map or (for a directory) entries the answer tells
+    /// about, so the asker may cache them: it holds a read lease on each, which another
+    /// client's change recalls. (Answers name more: see `MetaResponse::described_inodes`.)
+    pub fn read_inodes(&self) -> Vec<Ino> {
+        use MetaRequest as R;
+        match self {
+            R::Lookup { parent, .. }
+            | R::MakeNode { parent, .. }
+            | R::Unlink { parent, .. }
+            | R::Rmdir { parent, .. } => vec![*parent],
+            R::Rename { parent, new_parent, .. } => vec![*parent, *new_parent],
+            R::Link { ino, new_parent, .. } => vec![*ino, *new_parent],
+            R::GetAttr { ino }
+            | R::SetAttr { ino, .. }
+            | R::ReadDir { ino, .. }
+            | R::Open { ino }
+            | R::ReadMap { ino, .. }
+            | R::Commit { ino, .. }
+            | R::Fallocate { ino, .. }
+            | R::GetXattr { ino, .. }
+            | R::ListXattr { ino }
+            | R::SetXattr { ino, .. }
+            | R::RemoveXattr { ino, .. } => vec![*ino],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// A successful answer from the metadata server.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum MetaResponse {
@@ -276,4 +356,16 @@ pub enum MetaResponse {
     StatFs(FsStats),
     Servers(Vec<ChunkServerInfo>),
     Fsck(FsckReport),
+}
+
+impl MetaResponse {
+    /// The inodes whose attributes this answer carries (which the asker then caches).
+    pub fn described_inodes(&self) -> Vec<Ino> {
+        match self {
+            MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. } => vec![a.ino],
+            MetaResponse::Changed { attr, dirs } => attr.iter().chain(dirs).map(|a| a.ino).collect(),
+            MetaResponse::Dir(entries) => entries.iter().filter_map(|e| e.attr.as_ref().map(|a| a.ino)).collect(),
+            _ => Vec::new(),
+        }
+    }
 }

@@ -1,0 +1,91 @@
+//! Recalls: the metadata server tells this client that another client changed inodes it
+//! may have cached (see `cairn-meta`'s `leases`). The client forgets them, in its own caches
+//! and in the kernel's, before answering, so the other client's change returns only once
+//! nothing here can show the old state.
+
+use crate::Client;
+use cairn_net::{Handler, Peer};
+use cairn_proto::callback::{Callback, CallbackResponse};
+use cairn_proto::{Ino, WireError};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// How the mount makes the kernel forget inodes (attributes and pages) and names.
+pub type KernelInvalidator = Arc<dyn Fn(&[Ino], &[(Ino, Vec<u8>)]) + Send + Sync>;
+
+/// How long a recall waits for the kernel to drop what it cached. Usually immediate; but a
+/// name cannot be dropped while a request in that directory holds it, and that request may
+/// itself wait for the change that sent this recall, so the answer does not wait forever
+/// (the kernel caches for 1 s at most).
+const KERNEL_WAIT: Duration = Duration::from_millis(200);
+
+/// Answers the metadata server's callbacks on behalf of a client.
+pub(crate) struct Callbacks(pub(crate) Weak<Client>);
+
+impl Handler<Callback, CallbackResponse> for Callbacks {
+    async fn handle(
+        &self,
+        _peer: &Peer,
+        req: Callback,
+        _payload: Vec<u8>,
+    ) -> Result<(CallbackResponse, Vec<u8>), WireError> {
+        if let Some(client) = self.0.upgrade() {
+            let Callback::Recall { inodes, entries } = req;
+            client.recalled(inodes, entries).await;
+        }
+        Ok((CallbackResponse::Done, Vec::new()))
+    }
+
+    /// Leases end with the connection, and recalls sent meanwhile were missed: forget all.
+    async fn disconnected(&self, _peer: &Peer) {
+        if let Some(client) = self.0.upgrade() {
+            client.forget_all();
+        }
+    }
+}
+
+impl Client {
+    /// Has the kernel told about recalls too (the mount sets this once mounted).
+    pub fn set_kernel_invalidator(&self, f: KernelInvalidator) {
+        let _ = self.kernel_invalidator.set(f);
+    }
+
+    async fn recalled(&self, inodes: Vec<Ino>, entries: Vec<(Ino, Vec<u8>)>) {
+        self.stats.count("callback", "Recall");
+        let dirs = entries.iter().map(|(d, _)| *d);
+        for ino in inodes.iter().copied().chain(dirs) {
+            self.forget_inode(ino);
+        }
+        if let Some(kernel) = self.kernel_invalidator.get().cloned() {
+            let work = tokio::task::spawn_blocking(move || kernel(&inodes, &entries));
+            let _ = tokio::time::timeout(KERNEL_WAIT, work).await;
+        }
+    }
+
+    /// Forgets everything cached about `ino`, as if this client had just changed it.
+    fn forget_inode(&self, ino: Ino) {
+        self.listings.changed_elsewhere(ino);
+        self.file_attrs.drop(ino);
+        self.dir_attrs.invalidate(&ino);
+        self.invalidate_data(ino);
+        self.sizes.invalidate(&ino);
+        self.no_xattrs.invalidate(&ino);
+        self.xattr_misses.invalidate_all();
+        self.map_hints.invalidate(&ino);
+        self.inode_flags.invalidate(&ino);
+        self.atimes.forget(ino);
+    }
+
+    /// Forgets every cached attribute, entry and map (the connection, and with it every
+    /// lease, was lost).
+    fn forget_all(&self) {
+        self.listings.changed_everywhere();
+        self.file_attrs.drop_all();
+        self.dir_attrs.invalidate_all();
+        self.maps.invalidate_all();
+        self.sizes.invalidate_all();
+        self.no_xattrs.invalidate_all();
+        self.xattr_misses.invalidate_all();
+        self.map_hints.invalidate_all();
+    }
+}

@@ -1,0 +1,124 @@
+//! Read leases and recalls: what keeps clients' caches coherent.
+//!
+//! Every answer that tells a client about an inode (its attributes, data map, or for a
+//! directory its entries) grants that client's connection a read lease on the inode for
+//! [`LEASE`]; the lease is recorded *before* the request runs, so a change that commits
+//! meanwhile finds it. A change made by one client is answered only after every other
+//! client holding a lease on what it changed has been told to forget it
+//! ([`Callback::Recall`]) and has answered, or its lease has run out. Clients keep nothing
+//! longer than their cache lifetimes (1 s), well inside a lease, so a holder that does not
+//! answer (stopped, partitioned) cannot use what it cached after the lease ends, and
+//! nobody has to wait longer than that for it.
+
+use cairn_net::Peer;
+use cairn_proto::Ino;
+use cairn_proto::callback::{Callback, CallbackResponse};
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// How long a read lease lasts: longer than any client cache lifetime.
+pub(crate) const LEASE: Duration = Duration::from_secs(5);
+
+/// Read leases by inode, and the sessions that can be called back.
+#[derive(Default)]
+pub(crate) struct Leases {
+    /// Client connections, by connection id.
+    sessions: DashMap<usize, Peer>,
+    /// Per inode, the connections holding a read lease on it and when it was granted.
+    readers: DashMap<Ino, Vec<(usize, Instant)>>,
+}
+
+impl Leases {
+    /// Grants `peer` read leases on `inos` (clients only: servers cache nothing).
+    pub(crate) fn grant(&self, peer: &Peer, inos: &[Ino]) {
+        if !peer.is_client || inos.is_empty() {
+            return;
+        }
+        if !self.sessions.contains_key(&peer.conn_id) {
+            self.sessions.insert(peer.conn_id, peer.clone());
+        }
+        let now = Instant::now();
+        for ino in inos {
+            let mut holders = self.readers.entry(*ino).or_default();
+            holders.retain(|(c, at)| *c != peer.conn_id && at.elapsed() < LEASE);
+            holders.push((peer.conn_id, now));
+        }
+    }
+
+    /// Forgets a connection that ended: it can no longer be called back, and its leases are
+    /// void (its client drops its caches when it notices).
+    pub(crate) fn disconnected(&self, conn: usize) {
+        self.sessions.remove(&conn);
+    }
+
+    /// Drops expired leases (run now and then, so the table holds only recent readers).
+    pub(crate) fn expire(&self) {
+        self.readers.retain(|_, holders| {
+            holders.retain(|(_, at)| at.elapsed() < LEASE);
+            !holders.is_empty()
+        });
+    }
+
+    /// Takes every other live client's lease on `inodes` and on the directories of
+    /// `entries`, tells each holder what to forget, and returns once all have answered or
+    /// their leases have run out.
+    pub(crate) async fn recall(&self, from: usize, inodes: Vec<Ino>, entries: Vec<(Ino, Vec<u8>)>) {
+        if self.readers.is_empty() {
+            return;
+        }
+        let mut calls: HashMap<usize, Recall> = HashMap::new();
+        let take = |ino: Ino| -> Vec<(usize, Instant)> {
+            let Some(mut holders) = self.readers.get_mut(&ino) else { return Vec::new() };
+            let (theirs, mine): (Vec<_>, Vec<_>) = holders.drain(..).partition(|(c, _)| *c != from);
+            *holders = mine;
+            theirs.into_iter().filter(|(_, at)| at.elapsed() < LEASE).map(|(c, at)| (c, at + LEASE)).collect()
+        };
+        let mut names: HashMap<Ino, Vec<Vec<u8>>> = HashMap::new();
+        for (dir, name) in entries {
+            names.entry(dir).or_default().push(name);
+        }
+        // Directories whose names changed first: their holders forget them whole anyway.
+        for (dir, names) in names {
+            for (conn, until) in take(dir) {
+                let call = calls.entry(conn).or_insert_with(|| Recall::new(until));
+                call.entries.extend(names.iter().map(|n| (dir, n.clone())));
+                call.until = call.until.max(until);
+            }
+        }
+        for ino in inodes {
+            for (conn, until) in take(ino) {
+                let call = calls.entry(conn).or_insert_with(|| Recall::new(until));
+                call.inodes.push(ino);
+                call.until = call.until.max(until);
+            }
+        }
+        let recalls = calls.into_iter().filter_map(|(conn, call)| {
+            let peer = self.sessions.get(&conn)?.clone();
+            Some(async move {
+                let wait = call.until.saturating_duration_since(Instant::now());
+                let req = Callback::Recall { inodes: call.inodes, entries: call.entries };
+                match peer.call::<_, CallbackResponse>(&req, wait).await {
+                    Ok(_) => debug!(conn, "recall answered"),
+                    // Its lease has run out meanwhile: it can no longer use what it had.
+                    Err(e) => warn!(conn, remote = %peer.remote, "a client did not answer a recall: {e}"),
+                }
+            })
+        });
+        futures::future::join_all(recalls).await;
+    }
+}
+
+/// What one holder is told to forget, and until when its lease could still be used.
+struct Recall {
+    inodes: Vec<Ino>,
+    entries: Vec<(Ino, Vec<u8>)>,
+    until: Instant,
+}
+
+impl Recall {
+    fn new(until: Instant) -> Recall {
+        Recall { inodes: Vec::new(), entries: Vec::new(), until }
+    }
+}

@@ -1,0 +1,91 @@
+//! Two clients (separate mount processes) on one volume: a change made through one is seen
+//! by the other at once, with no sleep in between, although both cache attributes, names
+//! (also negative ones) and listings; the metadata server recalls what the other cached
+//! before it answers the change.
+
+use cairn_tests::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn changes_through_one_client_are_seen_at_once_through_another() {
+    let c = Cluster::start(1);
+    let (a, b) = (c.mnt.clone(), c.mount_again("b", ""));
+    std::fs::create_dir(a.join("d")).unwrap();
+    std::fs::write(a.join("d/f"), b"one").unwrap();
+    for round in 0..10u32 {
+        // B caches the file's attributes, the listing, and a miss; then A changes all three.
+        let new_mode = if round % 2 == 0 { 0o600 } else { 0o644 };
+        let _ = mode(&b.join("d/f"));
+        let before = names(&b.join("d"));
+        let fresh = format!("new{round}");
+        assert!(std::fs::metadata(b.join("d").join(&fresh)).is_err());
+
+        std::fs::set_permissions(a.join("d/f"), std::fs::Permissions::from_mode(new_mode)).unwrap();
+        assert_eq!(mode(&b.join("d/f")), new_mode, "round {round}: chmod on A, stat on B");
+
+        std::fs::write(a.join("d").join(&fresh), b"x").unwrap();
+        assert!(std::fs::metadata(b.join("d").join(&fresh)).is_ok(), "round {round}: create on A, stat on B");
+        let mut want = before.clone();
+        want.push(fresh.clone());
+        want.sort();
+        assert_eq!(names(&b.join("d")), want, "round {round}: create on A, ls on B");
+
+        std::fs::rename(a.join("d").join(&fresh), a.join(format!("moved{round}"))).unwrap();
+        assert!(std::fs::metadata(b.join("d").join(&fresh)).is_err(), "round {round}: rename on A, old name on B");
+        assert!(
+            std::fs::metadata(b.join(format!("moved{round}"))).is_ok(),
+            "round {round}: rename on A, new name on B"
+        );
+        assert_eq!(names(&b.join("d")), before, "round {round}: rename on A, ls on B");
+
+        std::fs::remove_file(a.join(format!("moved{round}"))).unwrap();
+        assert!(std::fs::metadata(b.join(format!("moved{round}"))).is_err(), "round {round}: unlink on A, stat on B");
+
+        // Data written and closed on A is read by B at once, also after B read the old data.
+        let text = format!("round {round} from A");
+        assert!(!std::fs::read(b.join("d/f")).unwrap().is_empty());
+        std::fs::write(a.join("d/f"), &text).unwrap();
+        assert_eq!(std::fs::read_to_string(b.join("d/f")).unwrap(), text, "round {round}: write on A, read on B");
+    }
+    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(&b));
+    assert!(stats.lines().any(|l| l.starts_with("callback.Recall")), "B was never recalled:\n{stats}");
+    umount_lazy(&b);
+}
+
+#[test]
+fn a_stopped_client_delays_changes_only_until_its_leases_end() {
+    let c = Cluster::start(1);
+    let pidfile = c.tmp.path().join("b.pid");
+    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
+    std::fs::write(c.path("f"), b"x").unwrap();
+    let _ = mode(&b.join("f"));
+    let b_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // SAFETY: stopping and continuing a process this test started.
+    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let p = c.path("f");
+    let changed = std::thread::spawn(move || std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o640)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !changed.is_finished() {
+        assert!(Instant::now() < deadline, "a stopped client blocked a change for a minute");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    changed.join().unwrap().unwrap();
+    eprintln!("chmod with the other client stopped took {:?}", started.elapsed());
+    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    assert_eq!(mode(&b.join("f")), 0o640, "the stopped client shows the old mode");
+    umount_lazy(&b);
+}
