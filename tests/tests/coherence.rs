@@ -89,3 +89,37 @@ fn a_stopped_client_delays_changes_only_until_its_leases_end() {
     assert_eq!(mode(&b.join("f")), 0o640, "the stopped client shows the old mode");
     umount_lazy(&b);
 }
+
+/// Requests this mount sent to the metadata server, but for `Renew` (a sign of life, sent
+/// when the client is otherwise idle).
+fn meta_requests(mnt: &Path) -> u64 {
+    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(mnt));
+    stats
+        .lines()
+        .filter(|l| l.starts_with("meta.") && !l.starts_with("meta.Renew "))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn warm_stats_need_no_round_trip_while_leases_hold() {
+    let c = Cluster::start(1);
+    std::fs::create_dir(c.path("d")).unwrap();
+    let files: Vec<_> = (0..300).map(|i| c.path(&format!("d/f{i}"))).collect();
+    for f in &files {
+        std::fs::write(f, b"x").unwrap();
+    }
+    let stat_all = || files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum::<u64>();
+    // Each pass waits out the kernel's 1 s lifetime, so every stat reaches the client. The
+    // first one after the writes asks the server (a file written since its entry was
+    // cached is looked up once); the next one must not.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(stat_all(), 300);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = meta_requests(&c.mnt);
+    assert_eq!(stat_all(), 300);
+    let after = meta_requests(&c.mnt);
+    assert_eq!(after, before, "warm stats of 300 files went to the metadata server");
+}

@@ -52,8 +52,9 @@ impl FileAttrs {
         self.cache.invalidate(&ino);
     }
 
-    /// Forgets everything.
-    pub(crate) fn drop_all(&self) {
+    /// Forgets everything, and answers to requests sent before `epoch`.
+    pub(crate) fn drop_all(&self, epoch: u64) {
+        self.unnamed_change.fetch_max(epoch, Ordering::AcqRel);
         self.cache.invalidate_all();
     }
 

@@ -13,6 +13,7 @@ mod listing;
 mod namespace;
 mod read;
 mod recall;
+mod session;
 mod stats;
 mod write;
 
@@ -40,7 +41,9 @@ pub struct ClientConfig {
     pub cache_bytes: u64,
     /// Bytes of written data that may be buffered or in flight before writers wait.
     pub write_buffer_bytes: u64,
-    /// How long cached file maps and sizes are trusted (no leases yet).
+    /// How long cached attributes, names, listings, maps and sizes are kept. Another client's
+    /// change recalls them sooner (read leases), so this bounds memory more than staleness;
+    /// it must stay below the metadata server's lease (60 s).
     pub map_ttl: Duration,
     /// When reads update atime (`noatime`, `relatime`, `strictatime`; read-only mounts never).
     pub atime: AtimeMode,
@@ -56,12 +59,17 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(10),
             cache_bytes: 64 << 20,
             write_buffer_bytes: 64 << 20,
-            map_ttl: Duration::from_secs(1),
+            map_ttl: Duration::from_secs(30),
             atime: AtimeMode::default(),
             diratime: true,
         }
     }
 }
+
+/// The longest the kernel may keep attributes and names this client gives it. The client's
+/// own caches live longer, but a recall reaches the kernel only while the client runs: a
+/// stopped client's kernel must not show old state for long.
+pub(crate) const KERNEL_TTL: Duration = Duration::from_secs(1);
 
 /// A mounted volume's client state, shared by every FUSE worker thread.
 pub struct Client {
@@ -117,6 +125,10 @@ pub struct Client {
     shut_down: std::sync::atomic::AtomicBool,
     /// Makes the kernel forget what a recall names (see `recall`).
     kernel_invalidator: std::sync::OnceLock<recall::KernelInvalidator>,
+    /// Whether cached state may be used (see `session`).
+    session: session::Session,
+    /// Bumped when every cached map must go (see `Client::data_generation`).
+    map_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Client {
@@ -151,9 +163,12 @@ impl Client {
             volume,
             codec: std::sync::RwLock::new(Arc::new(codec)),
             kernel_invalidator: Default::default(),
+            session: session::Session::new(),
+            map_epoch: Default::default(),
         };
         let client = Arc::new(client);
         client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));
+        tokio::spawn(session::renew_loop(Arc::downgrade(&client)));
         Ok(client)
     }
 
@@ -162,8 +177,11 @@ impl Client {
         &self.volume
     }
 
+    /// The key under which `ino`'s chunk maps are cached now: its own generation (bumped
+    /// when its data changes) and, in the high bits, the epoch bumped when all maps go.
     pub(crate) fn data_generation(&self, ino: Ino) -> u64 {
-        self.generations.get(&ino).unwrap_or(0)
+        let all = self.map_epoch.load(std::sync::atomic::Ordering::Acquire);
+        (all << 32) | self.generations.get(&ino).unwrap_or(0)
     }
 
     /// Forgets cached maps of a file whose data changed.
@@ -178,7 +196,16 @@ impl Client {
         let sent = self.listings.before(&req);
         self.file_attrs.forget(&req, sent);
         self.stats.count("meta", (&req).into());
+        let session_sent = self.session.now();
         let resp = self.meta.call::<_, MetaResponse>(&req, &[]).await.map(|r| r.0).map_err(ClientError::from);
+        // Any answer from the server (not a transport failure) shows the session alive.
+        let answered = match &resp {
+            Ok(_) => true,
+            Err(e) => !matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut),
+        };
+        if answered {
+            self.session.answered(session_sent);
+        }
         // Attributes in the answer are this client's latest word on their inode unless
         // another of its requests changed it since this one was sent.
         let latest = match &resp {

@@ -59,7 +59,10 @@ pub struct Entry {
 pub(crate) struct Listings {
     pub(crate) ttl: Duration,
     epoch: AtomicU64,
-    /// Epoch of this client's last change of each inode's attributes or entries.
+    /// Answers to requests sent before this epoch are not current (see `changed_everywhere`).
+    floor: AtomicU64,
+    /// Epoch of the last known change of each inode's attributes or entries (by this client,
+    /// or by another, learnt from a recall).
     changed: moka::sync::Cache<Ino, u64>,
     lookups: moka::sync::Cache<Ino, u32>,
     listings: moka::sync::Cache<Ino, Arc<Listing>>,
@@ -72,6 +75,7 @@ impl Listings {
         Listings {
             ttl,
             epoch: AtomicU64::new(1),
+            floor: AtomicU64::new(0),
             // Marks outlive every listing that could predate them.
             changed: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(ttl * 2).build(),
             lookups: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(ttl).build(),
@@ -102,14 +106,19 @@ impl Listings {
         self.mark(ino, epoch);
     }
 
-    /// Nothing cached is current any more (the connection to the server was lost).
-    pub(crate) fn changed_everywhere(&self) {
+    /// Nothing cached is current any more, nor any answer to a request sent before now (the
+    /// connection to the server was lost); returns the epoch from which answers count again.
+    pub(crate) fn changed_everywhere(&self) -> u64 {
+        let epoch = self.next_epoch();
+        self.floor.fetch_max(epoch, Ordering::AcqRel);
         self.listings.invalidate_all();
+        epoch
     }
 
-    /// Whether this client changed `ino` after `epoch`.
+    /// Whether `ino` changed after `epoch`: through this client, through another (a recall),
+    /// or possibly (the connection was lost since).
     pub(crate) fn changed_since(&self, ino: Ino, epoch: u64) -> bool {
-        self.changed.get(&ino).is_some_and(|c| c > epoch)
+        self.floor.load(Ordering::Acquire) > epoch || self.changed.get(&ino).is_some_and(|c| c > epoch)
     }
 
     /// The listing of `dir`, if it is present and still describes this client's view.

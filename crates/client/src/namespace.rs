@@ -1,6 +1,6 @@
 //! Namespace calls: thin wrappers over metadata requests, plus name checks done locally.
 
-use crate::{Client, ClientError, Entry, Result, unexpected};
+use crate::{Client, ClientError, Entry, KERNEL_TTL, Result, unexpected};
 use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
@@ -22,11 +22,13 @@ impl Client {
     /// remember as long as a found one; "." and ".." are never missing.
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Entry> {
         check_name(name)?;
+        self.check_session();
         let dots = name == b"." || name == b"..";
-        if !dots && let Some(hit) = self.listed(parent, name).await {
+        if !dots && let Some(mut hit) = self.listed(parent, name).await {
+            hit.ttl = hit.ttl.min(KERNEL_TTL);
             return Ok(hit);
         }
-        let ttl = self.listings.ttl;
+        let ttl = KERNEL_TTL;
         match self.call_attr(MetaRequest::Lookup { parent, name: name.to_vec() }).await {
             Ok(a) => Ok(Entry { attr: Some(a), ttl }),
             Err(e) if e.code == ErrorCode::NotFound && !dots => Ok(Entry { attr: None, ttl }),
@@ -41,13 +43,14 @@ impl Client {
     /// The attributes of `ino` and how long the kernel may keep them: from this client's
     /// recent answers when it has them (see `attrs`), else from the server.
     pub async fn stat(&self, ino: Ino) -> Result<(Attr, Duration)> {
-        let ttl = self.listings.ttl;
+        self.check_session();
+        let ttl = KERNEL_TTL;
         if let Some(mut a) = self.dir_attrs.get(&ino) {
             self.atimes.note(&mut a);
             return Ok((a, ttl));
         }
         if let Some((a, left)) = self.file_attrs.get(ino) {
-            return Ok((self.note_attr(a), left));
+            return Ok((self.note_attr(a), left.min(ttl)));
         }
         Ok((self.call_attr(MetaRequest::GetAttr { ino }).await?, ttl))
     }

@@ -11,6 +11,7 @@ const READAHEAD_BLOCKS: u64 = 4;
 
 impl Client {
     async fn chunk_map(self: &Arc<Self>, ino: Ino, chunk: u64) -> Result<Arc<Vec<SliceRef>>> {
+        self.check_session();
         let key = (ino, self.data_generation(ino), chunk);
         self.maps
             .try_get_with(key, async move {
@@ -23,6 +24,7 @@ impl Client {
     }
 
     async fn file_size(&self, ino: Ino) -> Result<u64> {
+        self.check_session();
         match self.sizes.get(&ino) {
             Some(s) => Ok(s),
             None => Ok(self.getattr(ino).await?.size),

@@ -76,11 +76,13 @@ impl Client {
         self.atimes.forget(ino);
     }
 
-    /// Forgets every cached attribute, entry and map (the connection, and with it every
-    /// lease, was lost).
-    fn forget_all(&self) {
-        self.listings.changed_everywhere();
-        self.file_attrs.drop_all();
+    /// Forgets every cached attribute, entry and map, and keeps answers to requests sent
+    /// before now out of the caches (the connection, and with it every lease, was lost, or
+    /// the session lapsed).
+    pub(crate) fn forget_all(&self) {
+        let epoch = self.listings.changed_everywhere();
+        self.file_attrs.drop_all(epoch);
+        self.map_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.dir_attrs.invalidate_all();
         self.maps.invalidate_all();
         self.sizes.invalidate_all();

@@ -5,10 +5,12 @@
 //! [`LEASE`]; the lease is recorded *before* the request runs, so a change that commits
 //! meanwhile finds it. A change made by one client is answered only after every other
 //! client holding a lease on what it changed has been told to forget it
-//! ([`Callback::Recall`]) and has answered, or its lease has run out. Clients keep nothing
-//! longer than their cache lifetimes (1 s), well inside a lease, so a holder that does not
-//! answer (stopped, partitioned) cannot use what it cached after the lease ends, and
-//! nobody has to wait longer than that for it.
+//! ([`Callback::Recall`]) and has answered, or can no longer use its lease.
+//!
+//! A client keeps cached state for at most its cache lifetime (30 s, inside a lease), and
+//! only while its last answered request was sent less than [`LIVENESS`] ago (it sends
+//! `Renew` when otherwise idle). So a holder that does not answer a recall (stopped,
+//! partitioned) is waited for only until [`LIVENESS`] after the server last heard from it.
 
 use cairn_net::Peer;
 use cairn_proto::Ino;
@@ -18,26 +20,36 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
-/// How long a read lease lasts: longer than any client cache lifetime.
-pub(crate) const LEASE: Duration = Duration::from_secs(5);
+/// How long a read lease lasts: longer than any client cache lifetime (30 s).
+pub(crate) const LEASE: Duration = Duration::from_secs(60);
+/// A client stops using its caches once its last answered request was sent this long ago
+/// (the client uses a shorter limit: see `cairn-client`'s `SESSION_FRESH`).
+pub(crate) const LIVENESS: Duration = Duration::from_secs(5);
 
 /// Read leases by inode, and the sessions that can be called back.
 #[derive(Default)]
 pub(crate) struct Leases {
-    /// Client connections, by connection id.
-    sessions: DashMap<usize, Peer>,
+    /// Client connections, by connection id, and when each last sent a request.
+    sessions: DashMap<usize, (Peer, Instant)>,
     /// Per inode, the connections holding a read lease on it and when it was granted.
     readers: DashMap<Ino, Vec<(usize, Instant)>>,
 }
 
 impl Leases {
+    /// Notes that a client is alive (it sent a request).
+    pub(crate) fn seen(&self, peer: &Peer) {
+        if peer.is_client {
+            self.sessions
+                .entry(peer.conn_id)
+                .and_modify(|s| s.1 = Instant::now())
+                .or_insert((peer.clone(), Instant::now()));
+        }
+    }
+
     /// Grants `peer` read leases on `inos` (clients only: servers cache nothing).
     pub(crate) fn grant(&self, peer: &Peer, inos: &[Ino]) {
         if !peer.is_client || inos.is_empty() {
             return;
-        }
-        if !self.sessions.contains_key(&peer.conn_id) {
-            self.sessions.insert(peer.conn_id, peer.clone());
         }
         let now = Instant::now();
         for ino in inos {
@@ -95,9 +107,10 @@ impl Leases {
             }
         }
         let recalls = calls.into_iter().filter_map(|(conn, call)| {
-            let peer = self.sessions.get(&conn)?.clone();
+            let (peer, seen) = self.sessions.get(&conn)?.clone();
             Some(async move {
-                let wait = call.until.saturating_duration_since(Instant::now());
+                let until = call.until.min(seen + LIVENESS);
+                let wait = until.saturating_duration_since(Instant::now());
                 let req = Callback::Recall { inodes: call.inodes, entries: call.entries };
                 match peer.call::<_, CallbackResponse>(&req, wait).await {
                     Ok(_) => debug!(conn, "recall answered"),

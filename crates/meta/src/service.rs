@@ -165,6 +165,7 @@ impl MetaService {
                 R::Empty
             }
             MetaRequest::StatFs => R::StatFs(self.statfs().await?),
+            MetaRequest::Renew => R::Empty,
             MetaRequest::ListServers => R::Servers(self.registry.list()),
             MetaRequest::Heartbeat { id, addr, zone, capacity, free, bad } => {
                 if self.registry.heartbeat(id, addr.clone(), zone.clone(), capacity, free) {
@@ -306,6 +307,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
     ) -> Result<(MetaResponse, Vec<u8>), WireError> {
         // Leases on what the request reads are granted before it runs (see `leases`), and
         // the other holders of what it changed are recalled before it is answered.
+        self.leases.seen(peer);
         self.leases.grant(peer, &req.read_inodes());
         let changed = req.changed_inodes();
         let names: Vec<(Ino, Vec<u8>)> = req.changed_names().into_iter().map(|(d, n)| (d, n.to_vec())).collect();

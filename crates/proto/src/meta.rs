@@ -195,6 +195,9 @@ pub enum MetaRequest {
         name: Vec<u8>,
     },
     StatFs,
+    /// Nothing but a sign of life: a client whose other requests pause sends it about every
+    /// second, so the server knows its leases are still in use (see `cairn-meta` `leases`).
+    Renew,
     /// Chunk servers known to the cluster.
     ListServers,
     /// A chunk server announces itself (on start and on every heartbeat).
@@ -267,6 +270,7 @@ impl MetaRequest {
             | R::GetXattr { .. }
             | R::ListXattr { .. }
             | R::StatFs
+            | R::Renew
             | R::ListServers
             | R::Heartbeat { .. }
             | R::Drain { .. }
