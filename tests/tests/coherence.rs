@@ -60,6 +60,12 @@ fn changes_through_one_client_are_seen_at_once_through_another() {
         std::fs::write(a.join("d/f"), &text).unwrap();
         assert_eq!(std::fs::read_to_string(b.join("d/f")).unwrap(), text, "round {round}: write on A, read on B");
     }
+    // Unlinking one of two names changes the link count seen through the other.
+    std::fs::hard_link(a.join("d/f"), a.join("d/h")).unwrap();
+    let nlink = |p: &Path| std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(p).unwrap());
+    assert_eq!(nlink(&b.join("d/h")), 2);
+    std::fs::remove_file(a.join("d/f")).unwrap();
+    assert_eq!(nlink(&b.join("d/h")), 1, "unlink on A, link count through the other name on B");
     let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(&b));
     assert!(stats.lines().any(|l| l.starts_with("callback.Recall")), "B was never recalled:\n{stats}");
     umount_lazy(&b);

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
+/// Corrupt slices reported per heartbeat at most, so a heartbeat stays small.
+const REPORT_MAX: usize = 1000;
+
 /// Slices with a corrupt block here, not yet reported to the metadata server.
 #[derive(Default, Clone)]
 pub(crate) struct BadSlices(Arc<Mutex<BTreeSet<SliceId>>>);
@@ -19,9 +22,10 @@ impl BadSlices {
         self.0.lock().expect("bad slices lock").insert(slice);
     }
 
-    /// What to report now; call [`BadSlices::reported`] once the metadata server has it.
+    /// What to report now (at most [`REPORT_MAX`]: the rest goes with later heartbeats);
+    /// call [`BadSlices::reported`] once the metadata server has it.
     pub(crate) fn pending(&self) -> Vec<SliceId> {
-        self.0.lock().expect("bad slices lock").iter().copied().collect()
+        self.0.lock().expect("bad slices lock").iter().take(REPORT_MAX).copied().collect()
     }
 
     pub(crate) fn reported(&self, slices: &[SliceId]) {

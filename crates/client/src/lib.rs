@@ -169,6 +169,7 @@ impl Client {
         let client = Arc::new(client);
         client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));
         tokio::spawn(session::renew_loop(Arc::downgrade(&client)));
+        tokio::spawn(write::commit_loop(Arc::downgrade(&client)));
         Ok(client)
     }
 
@@ -190,21 +191,38 @@ impl Client {
     }
 
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
-        self.check_up()?;
-        self.forget_dir_attrs(&req);
+        let (resp, sent) = self.call_once(&req).await;
+        // A plain read whose answer raced with a change of what it describes (a recall, or
+        // this client's own) is asked again: the answer may predate the change, and callers
+        // cache what they get.
+        let raced = |r: &MetaResponse| r.described_inodes().iter().any(|i| self.listings.changed_since(*i, sent));
+        if matches!(req, MetaRequest::GetAttr { .. } | MetaRequest::Lookup { .. }) && resp.as_ref().is_ok_and(raced) {
+            return self.call_once(&req).await.0;
+        }
+        resp
+    }
+
+    /// Sends one request and updates the caches it concerns; returns the answer and the
+    /// epoch it was sent at.
+    async fn call_once(&self, req: &MetaRequest) -> (Result<MetaResponse>, u64) {
+        if let Err(e) = self.check_up() {
+            return (Err(e), 0);
+        }
+        self.forget_dir_attrs(req);
         let sent_at = std::time::Instant::now();
-        let sent = self.listings.before(&req);
-        self.file_attrs.forget(&req, sent);
-        self.stats.count("meta", (&req).into());
+        let sent = self.listings.before(req);
+        self.file_attrs.forget(req, sent);
+        self.stats.count("meta", req.into());
         let session_sent = self.session.now();
-        let resp = self.meta.call::<_, MetaResponse>(&req, &[]).await.map(|r| r.0).map_err(ClientError::from);
-        // Any answer from the server (not a transport failure) shows the session alive.
+        let resp = self.meta.call::<_, MetaResponse>(req, &[]).await.map(|r| r.0).map_err(ClientError::from);
+        // Any answer from the server (not a transport failure) shows the session alive; if
+        // it had lapsed meanwhile, recalls may have been missed.
         let answered = match &resp {
             Ok(_) => true,
             Err(e) => !matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut),
         };
-        if answered {
-            self.session.answered(session_sent);
+        if answered && self.session.answered(session_sent) {
+            self.forget_all();
         }
         // Attributes in the answer are this client's latest word on their inode unless
         // another of its requests changed it since this one was sent.
@@ -214,12 +232,12 @@ impl Client {
             _ => None,
         }
         .filter(|a| !self.listings.changed_since(a.ino, sent));
-        self.listings.after(&req, sent, &resp);
-        self.file_attrs.forget(&req, self.listings.next_epoch());
+        self.listings.after(req, sent, &resp);
+        self.file_attrs.forget(req, self.listings.next_epoch());
         if let Some(a) = latest {
             self.file_attrs.keep(&a, sent, sent_at);
         }
-        resp
+        (resp, sent)
     }
 
     /// Shuts this client down, as a local filesystem does on a fatal error or an
@@ -252,6 +270,7 @@ impl Client {
 
     /// The `chattr` flags last seen on `ino`.
     pub(crate) fn flags_of(&self, ino: Ino) -> u32 {
+        self.check_session();
         self.inode_flags.get(&ino).unwrap_or(0)
     }
 

@@ -246,6 +246,7 @@ impl Client {
     }
 
     pub async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        self.check_session();
         if let Some(e) = self.known_xattr_miss(ino, name) {
             return Err(e);
         }
@@ -262,6 +263,7 @@ impl Client {
     }
 
     pub async fn list_xattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        self.check_session();
         if self.no_xattrs.contains_key(&ino) {
             return Ok(Vec::new());
         }

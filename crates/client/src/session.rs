@@ -35,10 +35,13 @@ impl Session {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// A request sent at `sent` (from [`Session::now`]) got an answer.
-    pub(crate) fn answered(&self, sent: u64) {
-        self.answered_ms.fetch_max(sent, Ordering::AcqRel);
-        self.lapsed.store(false, Ordering::Release);
+    /// A request sent at `sent` (from [`Session::now`]) got an answer; true if the session
+    /// had lapsed before it (nothing answered for [`SESSION_FRESH`]), whether or not a
+    /// cache read noticed: then recalls may have been missed, and the caches must go.
+    pub(crate) fn answered(&self, sent: u64) -> bool {
+        let before = self.answered_ms.fetch_max(sent, Ordering::AcqRel);
+        let was_lapsed = self.lapsed.swap(false, Ordering::AcqRel);
+        !was_lapsed && sent.saturating_sub(before) >= SESSION_FRESH.as_millis() as u64
     }
 
     fn idle(&self) -> Duration {

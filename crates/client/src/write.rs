@@ -13,6 +13,11 @@ use tokio::task::JoinHandle;
 /// Slices per commit request (well inside the frame header limit).
 const COMMIT_BATCH: usize = 4096;
 
+/// Buffered data is committed at least this often, also while the file stays open:
+/// reconciliation deletes stored blocks that no file references for `orphan_grace_secs`
+/// (an hour by default), so a long write must not keep stored slices uncommitted that long.
+const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 type Stored = Result<(NewSlice, Vec<(ServerId, BlockKey)>)>;
 
 /// Per-file write state, shared by every handle of the file on this client.
@@ -34,6 +39,8 @@ struct WriteState {
     /// Slices stored but not committed yet (kept for a retry if the commit fails).
     stored: Vec<NewSlice>,
     dirty: bool,
+    /// The error of a background commit (see [`commit_loop`]), for the next flush to report.
+    deferred: Option<crate::ClientError>,
 }
 
 impl FileState {
@@ -188,6 +195,9 @@ impl Client {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         };
         let mut st = f.inner.lock().await;
+        if let Some(e) = st.deferred.take() {
+            return Err(e);
+        }
         if !st.dirty && st.stored.is_empty() {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
@@ -253,10 +263,18 @@ impl Client {
         let mut result = self.sync_blocks(keys.clone()).await;
         if result.as_ref().is_err_and(|e| e.code == ErrorCode::NotFound) {
             // Blocks of slices since replaced (truncation, compaction) may be deleted already;
-            // their bytes are no longer part of the file. Only the others must be synced.
+            // their bytes are no longer part of the file. Copies may also have moved (repair,
+            // rebalance, drain): the others are synced where the file's maps now put them.
             match self.referenced_slices(ino).await {
                 Ok(live) => {
-                    keys.retain(|(_, k)| live.contains(&k.slice));
+                    let mut now: Vec<(ServerId, BlockKey)> = keys
+                        .iter()
+                        .filter_map(|(_, k)| live.get(&k.slice).map(|holders| (holders, *k)))
+                        .flat_map(|(holders, k)| holders.iter().map(move |h| (*h, k)))
+                        .collect();
+                    now.sort();
+                    now.dedup();
+                    keys = now;
                     result = self.sync_blocks(keys.clone()).await;
                 }
                 Err(e) => result = Err(e),
@@ -269,17 +287,36 @@ impl Client {
         Ok(())
     }
 
-    /// Every slice the file's maps reference now (none if the file is gone).
-    async fn referenced_slices(&self, ino: Ino) -> Result<std::collections::HashSet<SliceId>> {
+    /// Every slice the file's maps reference now, with the servers holding it (none if the
+    /// file is gone).
+    async fn referenced_slices(&self, ino: Ino) -> Result<std::collections::HashMap<SliceId, Vec<ServerId>>> {
         let size = match self.server_attr(ino).await {
             Ok(a) => a.size,
             Err(e) if e.code == ErrorCode::NotFound => return Ok(Default::default()),
             Err(e) => return Err(e),
         };
-        let mut live = std::collections::HashSet::new();
+        let mut live = std::collections::HashMap::new();
         for chunk in 0..=size / self.volume.chunk_size {
-            live.extend(self.read_map(ino, chunk).await?.0.into_iter().map(|s| s.id));
+            live.extend(self.read_map(ino, chunk).await?.0.into_iter().map(|s| (s.id, s.servers)));
         }
         Ok(live)
+    }
+}
+
+/// Commits every file's buffered data every [`COMMIT_EVERY`] until the client is dropped. A
+/// failure is kept for the file's next flush (close, fsync) to report, as a failed writeback.
+pub(crate) async fn commit_loop(client: std::sync::Weak<Client>) {
+    loop {
+        tokio::time::sleep(COMMIT_EVERY).await;
+        let Some(c) = client.upgrade() else { return };
+        let dirty: Vec<Ino> = c.files.iter().filter(|f| f.size.load(Ordering::Acquire) > 0).map(|f| *f.key()).collect();
+        for ino in dirty {
+            if let Err(e) = c.flush(ino, false).await
+                && let Some(f) = c.files.get(&ino).map(|f| f.clone())
+            {
+                tracing::warn!(ino, "background commit failed: {e}");
+                f.inner.lock().await.deferred = Some(e);
+            }
+        }
     }
 }

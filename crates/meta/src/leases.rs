@@ -33,6 +33,8 @@ pub(crate) struct Leases {
     sessions: DashMap<usize, (Peer, Instant)>,
     /// Per inode, the connections holding a read lease on it and when it was granted.
     readers: DashMap<Ino, Vec<(usize, Instant)>>,
+    /// Recalls started so far (see [`Leases::recalls`]).
+    recalls: std::sync::atomic::AtomicU64,
 }
 
 impl Leases {
@@ -73,10 +75,23 @@ impl Leases {
         });
     }
 
+    /// Whether more than one client is connected (only then can a change need a recall).
+    pub(crate) fn shared(&self) -> bool {
+        self.sessions.len() > 1
+    }
+
+    /// How many recalls have started: a read whose leases are granted only after it ran (the
+    /// inodes a lookup or listing finds) is run again if this moved meanwhile, since a change
+    /// may have committed between its read and its grant without recalling it.
+    pub(crate) fn recalls(&self) -> u64 {
+        self.recalls.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Takes every other live client's lease on `inodes` and on the directories of
     /// `entries`, tells each holder what to forget, and returns once all have answered or
     /// their leases have run out.
     pub(crate) async fn recall(&self, from: usize, inodes: Vec<Ino>, entries: Vec<(Ino, Vec<u8>)>) {
+        self.recalls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if self.readers.is_empty() {
             return;
         }

@@ -20,6 +20,8 @@ use tracing::{error, info, warn};
 const SCAN_PAGE: i64 = 2048;
 /// Deadline of one `Replicate` (a whole slice, up to 16 blocks of 4 MiB).
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Reports of corrupt copies kept between two rounds of the repair loop at most.
+const MAX_BAD_QUEUE: usize = 100_000;
 /// Time between scans when the live servers stay the same and the last scan left no work (a
 /// full scan catches slices written while a server was down even without any server dying).
 const IDLE_SCAN: Duration = Duration::from_secs(60);
@@ -59,6 +61,9 @@ impl MetaService {
             // server is not dead until it has had the time to announce itself.
             if started.elapsed() < self.registry.dead_after() * 2 {
                 continue;
+            }
+            if let Err(e) = self.bad_copies().await {
+                warn!("repair: handling reports of corrupt copies: {e}");
             }
             reconcile.run_due(&self, &servers, &endpoint, &mut clients).await;
             let alive: Vec<ServerId> = servers.iter().filter(|s| s.alive).map(|s| s.id).collect();
@@ -166,8 +171,10 @@ impl MetaService {
                 holders.push(id);
             }
         }
-        if holders.len() < s.want.min(s.live.len()) || holders == s.live {
-            // Dropping a draining holder must not leave fewer copies than there were.
+        // Dropping a draining holder must not leave fewer copies than there were, unless
+        // there were more than the replication factor.
+        let floor = s.live.len().min(self.volume.replication as usize);
+        if holders.len() < floor || holders == s.live {
             return Ok(false);
         }
         self.set_holders(s.slice, &holders).await?;
@@ -215,15 +222,26 @@ impl MetaService {
         Ok(())
     }
 
-    /// A chunk server found corrupt blocks of these slices: its copy stops counting (the
-    /// repair loop makes a new one from a good copy, possibly on the same server) as long as
-    /// another live copy exists; otherwise it stays, and the loss is logged.
-    pub(crate) async fn bad_copies(&self, server: ServerId, slices: &[SliceId]) -> crate::Result<()> {
+    /// A chunk server found corrupt blocks of these slices: queued for the repair loop, the
+    /// one task that changes slices' holders.
+    pub(crate) fn report_bad_copies(&self, server: ServerId, slices: &[SliceId]) {
         if slices.is_empty() {
-            return Ok(());
+            return;
         }
+        let mut q = self.bad_reports.lock().expect("bad reports lock");
+        let room = MAX_BAD_QUEUE.saturating_sub(q.len());
+        q.extend(slices.iter().take(room).map(|s| (server, *s)));
+        drop(q);
+        self.repair_wakeup.notify_one();
+    }
+
+    /// Handles the queued reports of corrupt copies: a reported copy stops counting (the scan
+    /// that follows makes a new one from a good copy, possibly on the same server) as long as
+    /// another live copy exists; otherwise it stays, and the loss is logged.
+    async fn bad_copies(&self) -> crate::Result<()> {
+        let reports = std::mem::take(&mut *self.bad_reports.lock().expect("bad reports lock"));
         let servers = self.registry.list();
-        for &slice in slices {
+        for (server, slice) in reports {
             let Some(holders) = reads::slice_servers(&self.store.readers, slice).await? else { continue };
             if !holders.contains(&server) {
                 continue;
@@ -237,7 +255,6 @@ impl MetaService {
             self.repair_stats.bad.fetch_add(1, Ordering::Relaxed);
             warn!(slice, server, "a copy is corrupt: making a new one from a good copy");
         }
-        self.repair_wakeup.notify_one();
         Ok(())
     }
 

@@ -48,6 +48,8 @@ pub struct MetaService {
     pub(crate) repair_stats: crate::repair::RepairStats,
     /// Wakes the repair loop for a scan now (a corrupt copy was reported, a drain started).
     pub(crate) repair_wakeup: Notify,
+    /// Corrupt copies reported by chunk servers, `(server, slice)`, for the repair loop.
+    pub(crate) bad_reports: std::sync::Mutex<Vec<(ServerId, SliceId)>>,
     pub(crate) gc_wakeup: Notify,
     /// Inodes that lost their last link while nothing had them open, with when to free them.
     pub(crate) removed: std::sync::Mutex<std::collections::VecDeque<(Ino, tokio::time::Instant)>>,
@@ -71,6 +73,7 @@ impl MetaService {
             leases: Default::default(),
             repair_stats: Default::default(),
             repair_wakeup: Notify::new(),
+            bad_reports: Default::default(),
             gc_wakeup: Notify::new(),
             removed: Default::default(),
             removed_wakeup: Notify::new(),
@@ -171,7 +174,7 @@ impl MetaService {
                 if self.registry.heartbeat(id, addr.clone(), zone.clone(), capacity, free) {
                     info!(id, %addr, %zone, "chunk server joined");
                 }
-                self.bad_copies(id, &bad).await?;
+                self.report_bad_copies(id, &bad);
                 R::Empty
             }
             MetaRequest::Drain { id, drain } => {
@@ -180,6 +183,22 @@ impl MetaService {
             }
             MetaRequest::Fsck => R::Fsck(self.fsck().await?),
         })
+    }
+
+    /// The inodes an unlink, rmdir or rename changes without naming them (their link count
+    /// and ctime): the ones its names resolve to now, before it runs.
+    async fn unlinked_by(&self, req: &MetaRequest) -> Vec<Ino> {
+        let names: Vec<(Ino, &[u8])> = match req {
+            MetaRequest::Unlink { .. } | MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. } => req.changed_names(),
+            _ => return Vec::new(),
+        };
+        let mut inos = Vec::new();
+        for (dir, name) in names {
+            if let Ok(Some(a)) = crate::store::reads::lookup(&self.store.readers, dir, name).await {
+                inos.push(a.ino);
+            }
+        }
+        inos
     }
 
     /// The volume keys, for an encrypted volume's clients.
@@ -309,10 +328,23 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         // the other holders of what it changed are recalled before it is answered.
         self.leases.seen(peer);
         self.leases.grant(peer, &req.read_inodes());
-        let changed = req.changed_inodes();
+        let mut changed = req.changed_inodes();
+        if self.leases.shared() {
+            changed.extend(self.unlinked_by(&req).await);
+        }
         let names: Vec<(Ino, Vec<u8>)> = req.changed_names().into_iter().map(|(d, n)| (d, n.to_vec())).collect();
-        let resp = self.dispatch(peer, req).await?;
+        let again =
+            matches!(req, MetaRequest::Lookup { .. } | MetaRequest::GetAttr { .. } | MetaRequest::ReadDir { .. })
+                .then(|| req.clone());
+        let recalls = self.leases.recalls();
+        let mut resp = self.dispatch(peer, req).await?;
         self.leases.grant(peer, &resp.described_inodes());
+        if let Some(req) = again
+            && self.leases.recalls() != recalls
+        {
+            resp = self.dispatch(peer, req).await?;
+            self.leases.grant(peer, &resp.described_inodes());
+        }
         if !changed.is_empty() || !names.is_empty() {
             self.leases.recall(peer.conn_id, changed, names).await;
         }

@@ -42,12 +42,6 @@ impl Peer {
             Err(_) => Err(NetError::Timeout { addr, secs: timeout.as_secs_f64() }),
         }
     }
-
-    /// Ends the peer's connection: everything it was granted on it is void, and it must
-    /// connect again (how a client that does not answer a recall is fenced off).
-    pub fn close(&self, reason: &str) {
-        self.conn.close(1u32.into(), reason.as_bytes());
-    }
 }
 
 /// Starts answering the calls a server makes back over a new connection.
