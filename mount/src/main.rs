@@ -13,6 +13,7 @@ use cairn_client::{AtimeMode, Client, ClientConfig};
 use cairn_config::ClientFile;
 use options::MountArgs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info};
 
@@ -84,10 +85,10 @@ fn find_client_file(args: &MountArgs) -> anyhow::Result<PathBuf> {
 fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
     let mut pipe = pipe;
     let mounted = mount(&args);
-    let mut session = match mounted {
-        Ok(s) => {
+    let (mut session, client, rt) = match mounted {
+        Ok(m) => {
             daemon::report(pipe.take(), &Ok(()));
-            s
+            m
         }
         Err(e) => {
             daemon::report(pipe.take(), &Err(anyhow::anyhow!("{e:#}")));
@@ -108,10 +109,13 @@ fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
     // is umount followed at once by mount): keep it from doing so.
     std::mem::forget(session);
     info!(mountpoint = %args.mountpoint.display(), "unmounted");
+    // Tell the metadata server now, so it stops counting this client among lease holders.
+    rt.block_on(client.disconnect());
     Ok(())
 }
 
-fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
+/// Mounts; returns the FUSE session, the client and a handle on the runtime that drives it.
+fn mount(args: &MountArgs) -> anyhow::Result<(fuser::BackgroundSession, Arc<Client>, tokio::runtime::Handle)> {
     let file_path = find_client_file(args)?;
     let file: ClientFile = cairn_config::load(&file_path)?;
     let identity = cairn_net::Identity::load(&file.tls.ca, &file.tls.cert, &file.tls.key)?;
@@ -154,7 +158,7 @@ fn mount(args: &MountArgs) -> anyhow::Result<fuser::BackgroundSession> {
         std::fs::write(p, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", p.display()))?;
     }
     install_signal_handlers(&handle, args.mountpoint.clone());
-    Ok(session)
+    Ok((session, client, handle))
 }
 
 /// `mount -o remount,…` of a Cairn mount: the kernel changes the flags of the live mount

@@ -59,7 +59,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(10),
             cache_bytes: 64 << 20,
             write_buffer_bytes: 64 << 20,
-            map_ttl: Duration::from_secs(30),
+            map_ttl: Duration::from_secs(10),
             atime: AtimeMode::default(),
             diratime: true,
         }
@@ -238,6 +238,12 @@ impl Client {
             self.file_attrs.keep(&a, sent, sent_at);
         }
         (resp, sent)
+    }
+
+    /// Ends the session with the metadata server (at unmount), so that it drops this
+    /// client's leases at once instead of when the connection times out.
+    pub async fn disconnect(&self) {
+        self.meta.close().await;
     }
 
     /// Shuts this client down, as a local filesystem does on a fatal error or an

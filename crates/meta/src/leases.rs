@@ -7,7 +7,7 @@
 //! client holding a lease on what it changed has been told to forget it
 //! ([`Callback::Recall`]) and has answered, or can no longer use its lease.
 //!
-//! A client keeps cached state for at most its cache lifetime (30 s, inside a lease), and
+//! A client keeps cached state for at most its cache lifetime (10 s, inside a lease), and
 //! only while its last answered request was sent less than [`LIVENESS`] ago (it sends
 //! `Renew` when otherwise idle). So a holder that does not answer a recall (stopped,
 //! partitioned) is waited for only until [`LIVENESS`] after the server last heard from it.
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
-/// How long a read lease lasts: longer than any client cache lifetime (30 s).
+/// How long a read lease lasts: longer than any client cache lifetime (10 s).
 pub(crate) const LEASE: Duration = Duration::from_secs(60);
 /// A client stops using its caches once its last answered request was sent this long ago
 /// (the client uses a shorter limit: see `cairn-client`'s `SESSION_FRESH`).
