@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-/// How long the kernel may trust attributes and entries (no leases yet: keep it short).
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust attributes and entries: the client's limit (see there).
+const TTL: Duration = cairn_client::KERNEL_TTL;
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 /// Entries fetched from the metadata server per readdir round trip.

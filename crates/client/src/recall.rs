@@ -56,6 +56,8 @@ impl Client {
         for ino in inodes.iter().copied().chain(dirs) {
             self.forget_inode(ino);
         }
+        // Kept by (inode, name): dropped whole, once.
+        self.xattr_misses.invalidate_all();
         if let Some(kernel) = self.kernel_invalidator.get().cloned() {
             let work = tokio::task::spawn_blocking(move || kernel(&inodes, &entries));
             let _ = tokio::time::timeout(KERNEL_WAIT, work).await;
@@ -70,7 +72,6 @@ impl Client {
         self.invalidate_data(ino);
         self.sizes.invalidate(&ino);
         self.no_xattrs.invalidate(&ino);
-        self.xattr_misses.invalidate_all();
         self.map_hints.invalidate(&ino);
         self.inode_flags.invalidate(&ino);
         self.atimes.forget(ino);

@@ -96,11 +96,16 @@ impl Leases {
             return;
         }
         let mut calls: HashMap<usize, Recall> = HashMap::new();
-        let take = |ino: Ino| -> Vec<(usize, Instant)> {
-            let Some(mut holders) = self.readers.get_mut(&ino) else { return Vec::new() };
+        // Takes the other holders' live leases on `ino` and has `add` note it in their calls.
+        let mut take = |ino: Ino, add: &dyn Fn(&mut Recall)| {
+            let Some(mut holders) = self.readers.get_mut(&ino) else { return };
             let (theirs, mine): (Vec<_>, Vec<_>) = holders.drain(..).partition(|(c, _)| *c != from);
             *holders = mine;
-            theirs.into_iter().filter(|(_, at)| at.elapsed() < LEASE).map(|(c, at)| (c, at + LEASE)).collect()
+            for (conn, at) in theirs.into_iter().filter(|(_, at)| at.elapsed() < LEASE) {
+                let call = calls.entry(conn).or_insert_with(|| Recall::new(at + LEASE));
+                call.until = call.until.max(at + LEASE);
+                add(call);
+            }
         };
         let mut names: HashMap<Ino, Vec<Vec<u8>>> = HashMap::new();
         for (dir, name) in entries {
@@ -108,18 +113,10 @@ impl Leases {
         }
         // Directories whose names changed first: their holders forget them whole anyway.
         for (dir, names) in names {
-            for (conn, until) in take(dir) {
-                let call = calls.entry(conn).or_insert_with(|| Recall::new(until));
-                call.entries.extend(names.iter().map(|n| (dir, n.clone())));
-                call.until = call.until.max(until);
-            }
+            take(dir, &|call| call.entries.extend(names.iter().map(|n| (dir, n.clone()))));
         }
         for ino in inodes {
-            for (conn, until) in take(ino) {
-                let call = calls.entry(conn).or_insert_with(|| Recall::new(until));
-                call.inodes.push(ino);
-                call.until = call.until.max(until);
-            }
+            take(ino, &|call| call.inodes.push(ino));
         }
         let recalls = calls.into_iter().filter_map(|(conn, call)| {
             let (peer, seen) = self.sessions.get(&conn)?.clone();

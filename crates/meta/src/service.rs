@@ -327,7 +327,8 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         // Leases on what the request reads are granted before it runs (see `leases`), and
         // the other holders of what it changed are recalled before it is answered.
         self.leases.seen(peer);
-        self.leases.grant(peer, &req.read_inodes());
+        let read = req.read_inodes();
+        self.leases.grant(peer, &read);
         let mut changed = req.changed_inodes();
         if self.leases.shared() {
             changed.extend(self.unlinked_by(&req).await);
@@ -337,15 +338,20 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
             matches!(req, MetaRequest::Lookup { .. } | MetaRequest::GetAttr { .. } | MetaRequest::ReadDir { .. })
                 .then(|| req.clone());
         let recalls = self.leases.recalls();
+        // The answer's inodes not granted already (a lookup's result, a listing's entries).
+        let found = |resp: &MetaResponse| -> Vec<Ino> {
+            resp.described_inodes().into_iter().filter(|i| !read.contains(i)).collect()
+        };
         let mut resp = self.dispatch(peer, req).await?;
-        self.leases.grant(peer, &resp.described_inodes());
+        self.leases.grant(peer, &found(&resp));
         if let Some(req) = again
             && self.leases.recalls() != recalls
         {
             resp = self.dispatch(peer, req).await?;
-            self.leases.grant(peer, &resp.described_inodes());
+            self.leases.grant(peer, &found(&resp));
         }
-        if !changed.is_empty() || !names.is_empty() {
+        // Alone, a client has nobody to recall from: skip the lease table on the write path.
+        if (!changed.is_empty() || !names.is_empty()) && self.leases.shared() {
             self.leases.recall(peer.conn_id, changed, names).await;
         }
         Ok((resp, Vec::new()))
