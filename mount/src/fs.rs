@@ -357,7 +357,13 @@ impl Filesystem for CairnFs {
         let append = flags.0 & libc::O_APPEND != 0;
         self.spawn(async move {
             match c.open(ino.0, write, append).await {
-                Ok(_) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                // Appends go where the file ends on the server, which may be past where this
+                // kernel thinks it ends: keep them out of the page cache.
+                Ok(_) if append => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                // Recalls invalidate the kernel's pages of a file another client changes, and
+                // the client tells when they may be stale for another reason.
+                Ok((_, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Ok((_, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno_looked_up(&e)),
             }
         });
@@ -385,12 +391,13 @@ impl Filesystem for CairnFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        run!(self, reply, |c| c.write(ino.0, offset, &data), |n| reply.written(n))
+        let append = flags.0 & libc::O_APPEND != 0;
+        run!(self, reply, |c| c.write(ino.0, offset, &data, append), |w| reply.written(w.1))
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

@@ -129,3 +129,36 @@ fn warm_stats_need_no_round_trip_while_leases_hold() {
     let after = meta_requests(&c.mnt);
     assert_eq!(after, before, "warm stats of 300 files went to the metadata server");
 }
+
+/// Requests this mount sent to chunk servers.
+fn chunk_requests(mnt: &Path) -> u64 {
+    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(mnt));
+    stats
+        .lines()
+        .filter(|l| l.starts_with("chunk."))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn warm_rereads_of_an_unchanged_file_come_from_the_kernel_page_cache() {
+    let c = Cluster::start(1);
+    // Larger than the client's own block cache (64 MiB), so only the kernel can hold it all.
+    let data = pattern(3, 96 << 20);
+    std::fs::write(c.path("big"), &data).unwrap();
+    let b = c.mount_again("b", "");
+    // The first read after the write reads through the client; the next keeps the pages.
+    assert!(std::fs::read(c.path("big")).unwrap() == data);
+    assert!(std::fs::read(c.path("big")).unwrap() == data);
+    let before = chunk_requests(&c.mnt);
+    assert!(std::fs::read(c.path("big")).unwrap() == data);
+    assert_eq!(chunk_requests(&c.mnt), before, "a warm re-read of an unchanged file fetched blocks");
+    // A change through another client drops the kept pages.
+    let mut f = std::fs::OpenOptions::new().write(true).open(b.join("big")).unwrap();
+    std::io::Write::write_all(&mut f, b"changed through B").unwrap();
+    drop(f);
+    let seen = std::fs::read(c.path("big")).unwrap();
+    assert_eq!(&seen[..17], b"changed through B");
+    assert!(seen[17..] == data[17..]);
+    umount_lazy(&b);
+}

@@ -129,6 +129,9 @@ pub struct Client {
     session: session::Session,
     /// Bumped when every cached map must go (see `Client::data_generation`).
     map_epoch: std::sync::atomic::AtomicU64,
+    /// The data generation of each file when it was last opened: the kernel keeps the pages it
+    /// cached (`keep_cache`) only when a new open finds the same one (see `Client::open`).
+    pub(crate) page_generations: moka::sync::Cache<Ino, u64>,
 }
 
 impl Client {
@@ -165,6 +168,7 @@ impl Client {
             kernel_invalidator: Default::default(),
             session: session::Session::new(),
             map_epoch: Default::default(),
+            page_generations: moka::sync::Cache::builder().max_capacity(100_000).build(),
         };
         let client = Arc::new(client);
         client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));

@@ -89,8 +89,10 @@ impl Client {
         check_name(name)?;
         let req = MetaRequest::MakeNode { parent, name: name.to_vec(), kind, perm, rdev, target, caller, umask, open };
         let attr = self.call_changed(req).await?.ok_or_else(|| unexpected(MetaResponse::Empty))?;
-        if open {
-            self.opened(attr.ino);
+        match (open, kind) {
+            (true, FileKind::File) => self.created(attr.ino),
+            (true, _) => self.opened(attr.ino),
+            (false, _) => {}
         }
         Ok(attr)
     }
@@ -154,7 +156,10 @@ impl Client {
     /// Opens a file: registers the handle with the metadata server.
     /// Opens a handle. Opening an immutable file for writing, or an append-only one for
     /// writing without `O_APPEND`, is EPERM (the kernel leaves these checks to FUSE).
-    pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<Attr> {
+    /// Registers an open handle. Returns the attributes, and whether the kernel may keep the
+    /// pages it cached at earlier opens: only if nothing changed the file's data since (no
+    /// recall, no commit of this client, no lapsed session).
+    pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<(Attr, bool)> {
         let generation = self.data_generation(ino);
         if !write {
             self.prefetch_hinted(ino);
@@ -187,7 +192,10 @@ impl Client {
             self.release(ino).await?;
             return Err(ClientError::new(ErrorCode::Perm, "the file is immutable or append-only"));
         }
-        Ok(attr)
+        let now = self.data_generation(ino);
+        let keep = now == generation && self.page_generations.get(&ino) == Some(now);
+        self.page_generations.insert(ino, now);
+        Ok((attr, keep))
     }
 
     /// Closes a handle: flushes buffered writes, then drops the registration.

@@ -23,7 +23,7 @@ impl Client {
             .map_err(|e: Arc<ClientError>| (*e).clone())
     }
 
-    async fn file_size(&self, ino: Ino) -> Result<u64> {
+    pub(crate) async fn file_size(&self, ino: Ino) -> Result<u64> {
         self.check_session();
         match self.sizes.get(&ino) {
             Some(s) => Ok(s),

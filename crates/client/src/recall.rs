@@ -1,7 +1,8 @@
-//! Recalls: the metadata server tells this client that another client changed inodes it
-//! may have cached (see `cairn-meta`'s `leases`). The client forgets them, in its own caches
-//! and in the kernel's, before answering, so the other client's change returns only once
-//! nothing here can show the old state.
+//! Recalls: the metadata server tells this client that another client changed (or is about
+//! to read or write) inodes it may have cached or be writing (see `cairn-meta`'s `leases`).
+//! The client commits what it buffered for them and gives up their write leases, then forgets
+//! them, in its own caches and in the kernel's, before answering, so the other client's
+//! request goes on only once nothing here can show the old state or hide newer data.
 
 use crate::Client;
 use cairn_net::{Handler, Peer};
@@ -31,6 +32,10 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
     ) -> Result<(CallbackResponse, Vec<u8>), WireError> {
         if let Some(client) = self.0.upgrade() {
             let Callback::Recall { inodes, entries } = req;
+            // Buffered writes are committed before the caches go (a write lease recall).
+            for ino in &inodes {
+                client.give_up_lease(*ino).await;
+            }
             client.recalled(inodes, entries).await;
         }
         Ok((CallbackResponse::Done, Vec::new()))
@@ -61,6 +66,14 @@ impl Client {
         if let Some(kernel) = self.kernel_invalidator.get().cloned() {
             let work = tokio::task::spawn_blocking(move || kernel(&inodes, &entries));
             let _ = tokio::time::timeout(KERNEL_WAIT, work).await;
+        }
+    }
+
+    /// Has the kernel forget `ino`'s attributes, without waiting (a request on it may be
+    /// running).
+    pub(crate) fn invalidate_kernel(&self, ino: Ino) {
+        if let Some(kernel) = self.kernel_invalidator.get().cloned() {
+            tokio::task::spawn_blocking(move || kernel(&[ino], &[]));
         }
     }
 

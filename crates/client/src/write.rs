@@ -1,9 +1,11 @@
 //! Write buffering: writes gather into slice-sized buffers per file, which are stored on chunk
-//! servers in the background and committed to the metadata server on flush, fsync and close.
+//! servers in the background and committed to the metadata server on flush, fsync, close and
+//! recall. A client buffers writes to a file only while it holds the file's write lease
+//! (see `cairn-meta`'s `leases`), and every commit carries the lease's epoch.
 
 use crate::{Client, Result};
 use cairn_proto::chunk::BlockKey;
-use cairn_proto::meta::MetaRequest;
+use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -27,6 +29,12 @@ pub(crate) struct FileState {
     size: AtomicU64,
     /// Time of the last buffered write, in nanoseconds since the epoch.
     written_at: AtomicU64,
+    /// Epoch of the write lease held on the file (0: none). Set and cleared under `inner`.
+    lease: AtomicU64,
+    /// Recalls of the file so far: a lease granted while one arrived may be void already.
+    recalls: AtomicU64,
+    /// Held while asking for the lease, so concurrent writers ask once.
+    asking: Mutex<()>,
     inner: Mutex<WriteState>,
 }
 
@@ -57,6 +65,17 @@ impl FileState {
     }
 }
 
+/// Why buffered writes are flushed (see [`Client::flush_and`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// A flush, fsync or close, which reports the outcome itself.
+    Caller,
+    /// Another client's request recalled the write lease.
+    Recall,
+    /// The periodic commit ([`commit_loop`]).
+    Background,
+}
+
 /// Bytes that may be buffered or in flight across all files (back-pressure for writers).
 pub(crate) struct WriteBudget {
     sem: Arc<Semaphore>,
@@ -84,6 +103,9 @@ impl Client {
                     handles: AtomicU32::new(0),
                     size: AtomicU64::new(0),
                     written_at: AtomicU64::new(0),
+                    lease: AtomicU64::new(0),
+                    recalls: AtomicU64::new(0),
+                    asking: Mutex::default(),
                     inner: Mutex::default(),
                 })
             })
@@ -92,6 +114,45 @@ impl Client {
 
     pub(crate) fn opened(&self, ino: Ino) {
         self.file_state(ino).handles.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Notes the write lease a file created open comes with ([`FIRST_LEASE`]).
+    pub(crate) fn created(&self, ino: Ino) {
+        let f = self.file_state(ino);
+        f.handles.fetch_add(1, Ordering::AcqRel);
+        f.lease.store(FIRST_LEASE, Ordering::Release);
+    }
+
+    /// Asks for the file's write lease unless it is held. A recall that arrives while the
+    /// request is out may be meant for the lease it brings, so then it is asked again.
+    async fn acquire_lease(&self, f: &FileState, ino: Ino) -> Result<()> {
+        let _asking = f.asking.lock().await;
+        while f.lease.load(Ordering::Acquire) == 0 {
+            let recalls = f.recalls.load(Ordering::Acquire);
+            let (epoch, attr) = match self.call(MetaRequest::WriteLease { ino }).await? {
+                MetaResponse::Lease { epoch, attr } => (epoch, attr),
+                other => return Err(crate::unexpected(other)),
+            };
+            self.note_attr(attr);
+            let _st = f.inner.lock().await;
+            if f.recalls.load(Ordering::Acquire) == recalls {
+                f.lease.store(epoch, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a recall does to a file this client writes: its buffered writes are committed
+    /// and its write lease is given up. A commit error is kept for the next flush to report.
+    pub(crate) async fn give_up_lease(self: &Arc<Self>, ino: Ino) {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else { return };
+        f.recalls.fetch_add(1, Ordering::AcqRel);
+        if f.lease.load(Ordering::Acquire) == 0 && !f.inner.lock().await.dirty {
+            return;
+        }
+        if let Err(e) = self.flush_and(ino, false, Flush::Recall).await {
+            tracing::warn!(ino, "writes flushed for a recall failed: {e}");
+        }
     }
 
     /// Forgets the write state of a file with no open handle left (it was flushed before).
@@ -106,12 +167,26 @@ impl Client {
         self.files.get(&ino).is_some_and(|f| f.size.load(Ordering::Acquire) > 0)
     }
 
-    /// Buffers `data` at `offset`. Returns once the bytes are buffered (not yet stored).
-    pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
+    /// Buffers `data` at `offset`, or with `append` at the end of the file (which another
+    /// client may have moved since the kernel last heard). Returns the offset written and the
+    /// bytes taken, once they are buffered (not yet stored).
+    pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8], append: bool) -> Result<(u64, u32)> {
         self.check_up()?;
         if self.flags_of(ino) & inode_flags::IMMUTABLE != 0 {
             return Err(crate::ClientError::new(ErrorCode::Perm, "the file is immutable"));
         }
+        let f = self.file_state(ino);
+        let mut st = loop {
+            self.acquire_lease(&f, ino).await?;
+            let st = f.inner.lock().await;
+            if f.lease.load(Ordering::Acquire) != 0 {
+                break st;
+            }
+        };
+        let offset = match append {
+            true => f.size.load(Ordering::Acquire).max(self.file_size(ino).await?),
+            false => offset,
+        };
         if offset >= MAX_FILE_SIZE {
             return Err(crate::ClientError::new(ErrorCode::FileTooBig, "write past the maximum file size"));
         }
@@ -120,8 +195,6 @@ impl Client {
         let end = offset + data.len() as u64;
         let cs = self.volume.chunk_size;
         let bs = self.volume.block_size;
-        let f = self.file_state(ino);
-        let mut st = f.inner.lock().await;
         let (mut off, mut rest) = (offset, data);
         while !rest.is_empty() {
             let chunk_end = (off / cs + 1) * cs;
@@ -155,7 +228,11 @@ impl Client {
         let now = Timestamp::now();
         f.written_at.store(now.secs as u64 * 1_000_000_000 + now.nanos as u64, Ordering::Release);
         f.size.fetch_max(end, Ordering::AcqRel);
-        Ok(data.len() as u32)
+        if append {
+            // The kernel sized the file by what it knew; it must ask again.
+            self.invalidate_kernel(ino);
+        }
+        Ok((offset, data.len() as u32))
     }
 
     /// Starts storing the current buffer in the background (waits if the budget is spent).
@@ -191,17 +268,37 @@ impl Client {
     /// Stores and commits everything written so far; with `durable`, also makes it survive
     /// a crash of every server (fsync).
     pub async fn flush(self: &Arc<Self>, ino: Ino, durable: bool) -> Result<()> {
+        self.flush_and(ino, durable, Flush::Caller).await
+    }
+
+    /// [`Client::flush`] for `why`: after a recall, gives up the write lease; for a recall or
+    /// in the background, also keeps an error for the next flush (close, fsync) to report,
+    /// as a failed writeback is reported.
+    async fn flush_and(self: &Arc<Self>, ino: Ino, durable: bool, why: Flush) -> Result<()> {
         let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         };
         let mut st = f.inner.lock().await;
+        let result = self.flush_locked(ino, &f, &mut st, durable).await;
+        if why == Flush::Recall {
+            f.lease.store(0, Ordering::Release);
+        }
+        if why != Flush::Caller
+            && let Err(e) = &result
+        {
+            st.deferred = Some(e.clone());
+        }
+        result
+    }
+
+    async fn flush_locked(self: &Arc<Self>, ino: Ino, f: &FileState, st: &mut WriteState, durable: bool) -> Result<()> {
         if let Some(e) = st.deferred.take() {
             return Err(e);
         }
         if !st.dirty && st.stored.is_empty() {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
-        self.seal(&mut st, durable).await;
+        self.seal(st, durable).await;
         let mut first_err = None;
         for handle in std::mem::take(&mut st.pending) {
             match handle.await {
@@ -239,8 +336,21 @@ impl Client {
                 slices,
                 min_size: if last { min_size } else { 0 },
                 durable: durable && last,
+                lease: f.lease.load(Ordering::Acquire),
             };
-            attr = Some(self.call_attr(req).await?);
+            match self.call_attr(req).await {
+                Ok(a) => attr = Some(a),
+                Err(e) if e.code == ErrorCode::LeaseLost => {
+                    // Another client may have written since: these writes are refused for good.
+                    tracing::warn!(ino, "buffered writes refused: {e}");
+                    f.lease.store(0, Ordering::Release);
+                    st.stored.clear();
+                    st.dirty = false;
+                    f.size.store(0, Ordering::Release);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
             st.stored.drain(..n);
         }
         let attr = attr.expect("committed at least once");
@@ -311,11 +421,8 @@ pub(crate) async fn commit_loop(client: std::sync::Weak<Client>) {
         let Some(c) = client.upgrade() else { return };
         let dirty: Vec<Ino> = c.files.iter().filter(|f| f.size.load(Ordering::Acquire) > 0).map(|f| *f.key()).collect();
         for ino in dirty {
-            if let Err(e) = c.flush(ino, false).await
-                && let Some(f) = c.files.get(&ino).map(|f| f.clone())
-            {
+            if let Err(e) = c.flush_and(ino, false, Flush::Background).await {
                 tracing::warn!(ino, "background commit failed: {e}");
-                f.inner.lock().await.deferred = Some(e);
             }
         }
     }

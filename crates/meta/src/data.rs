@@ -45,7 +45,15 @@ impl MetaService {
         Ok(self.store.write().await?.apply(b).await?.value()? as u64)
     }
 
-    pub(crate) async fn commit(&self, ino: Ino, slices: &[NewSlice], min_size: u64, durable: bool) -> Result<Attr> {
+    pub(crate) async fn commit(
+        &self,
+        conn: usize,
+        ino: Ino,
+        slices: &[NewSlice],
+        min_size: u64,
+        durable: bool,
+        lease: u64,
+    ) -> Result<Attr> {
         let cs = self.volume.chunk_size;
         for s in slices {
             if s.slice.len == 0 || s.slice.pos as u64 + s.slice.len as u64 > cs || s.slice.id == HOLE_SLICE {
@@ -58,16 +66,91 @@ impl MetaService {
         let mut w = self.store.write().await?;
         // One batch validates, updates and inserts: it changes nothing unless `ino` is a file.
         let mut b = Batch::durable(durable);
-        b.commit_slices(ino, slices, min_size, Timestamp::now());
+        b.commit_slices(ino, slices, min_size, lease, Timestamp::now());
         match w.apply(b).await?.attr()? {
-            Some(a) => Ok(a),
+            Some(a) => {
+                // The lease is still this writer's (a restarted server, or a reconnection,
+                // forgot who held it): note the holder again, so readers recall it.
+                self.leases.reclaim_writer(ino, conn, lease);
+                Ok(a)
+            }
             None => match reads::get_attr(w.conn(), ino).await? {
                 a if a.flags & inode_flags::IMMUTABLE != 0 => {
                     Err(MetaError::fs(ErrorCode::Perm, "the file is immutable"))
                 }
-                _ => Err(MetaError::fs(ErrorCode::Invalid, "not a regular file")),
+                a if a.kind != FileKind::File => Err(MetaError::fs(ErrorCode::Invalid, "not a regular file")),
+                _ => Err(MetaError::fs(
+                    ErrorCode::LeaseLost,
+                    format!(
+                        "write lease {lease} on inode {ino} was lost (now {}): another client may have \
+                         written since, so these writes are refused",
+                        reads::lease_epoch(w.conn(), ino).await?
+                    ),
+                )),
             },
         }
+    }
+
+    /// `MetaRequest::WriteLease`: grants `conn` the write lease on file `ino`. Another
+    /// holder is recalled first and the lease reserved for `conn` meanwhile, so that busy
+    /// writers on two clients take turns instead of one starving the other.
+    pub(crate) async fn write_lease(&self, conn: usize, ino: Ino) -> Result<(u64, Attr)> {
+        loop {
+            match self.leases.writer(ino, conn).await {
+                Some((c, epoch)) if c == conn && epoch != 0 => {
+                    return Ok((epoch, reads::get_attr(&self.store.readers, ino).await?));
+                }
+                Some((c, _)) if c == conn => break,
+                Some(_) => {
+                    self.recall_writers(conn, &[ino], Some(conn)).await;
+                }
+                None if self.leases.reserve(ino, conn) => break,
+                None => {}
+            }
+        }
+        let granted = async {
+            let mut w = self.store.write().await?;
+            let mut b = Batch::default();
+            b.new_lease_epoch(ino);
+            let done = w.apply(b).await?;
+            let Some(attr) = done.attr()? else {
+                reads::get_attr(w.conn(), ino).await?;
+                return Err(MetaError::fs(ErrorCode::Invalid, "write leases are for regular files"));
+            };
+            Ok((done.value()? as u64, attr))
+        };
+        match granted.await {
+            Ok((epoch, attr)) => {
+                self.leases.set_writer(ino, conn, epoch);
+                Ok((epoch, attr))
+            }
+            Err(e) => {
+                self.leases.unreserve(ino, conn);
+                Err(e)
+            }
+        }
+    }
+
+    /// Has other clients' write leases on `inos` flushed and released, or with `next` passed
+    /// to that connection (see [`crate::leases::Leases::recall_writers`]); ends in the database those whose holder did
+    /// not answer, so its later commits are refused. True if any lease was recalled.
+    pub(crate) async fn recall_writers(&self, from: usize, inos: &[Ino], next: Option<usize>) -> bool {
+        let (recalled, lost) = self.leases.recall_writers(from, inos, next).await;
+        if !lost.is_empty() {
+            let mut b = Batch::default();
+            for (ino, epoch) in &lost {
+                b.revoke_lease(*ino, *epoch);
+            }
+            let done = match self.store.write().await {
+                Ok(mut w) => w.apply(b).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => tracing::warn!(?lost, "revoked write leases whose holders did not answer a recall"),
+                Err(e) => tracing::error!(?lost, "cannot revoke write leases: {e}"),
+            }
+        }
+        recalled
     }
 
     /// Adds to `b` the hole slices that make `[offset, offset + len)` read as zeros.

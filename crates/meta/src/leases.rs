@@ -1,4 +1,4 @@
-//! Read leases and recalls: what keeps clients' caches coherent.
+//! Leases and recalls: what keeps clients' caches and buffered writes coherent.
 //!
 //! Every answer that tells a client about an inode (its attributes, data map, or for a
 //! directory its entries) grants that client's connection a read lease on the inode for
@@ -6,6 +6,13 @@
 //! meanwhile finds it. A change made by one client is answered only after every other
 //! client holding a lease on what it changed has been told to forget it
 //! ([`Callback::Recall`]) and has answered, or can no longer use its lease.
+//!
+//! A client buffers writes to a file only under its exclusive write lease (`WriteLease`,
+//! or creating the file open). Any other client's request that reads or changes that file
+//! first recalls the write lease ([`Leases::recall_writers`]): the holder commits what it
+//! buffered and releases the lease before the request runs. A holder that does not answer
+//! while the server still hears from it loses the lease: its epoch is ended in the database
+//! (`MetaService::recall_writers`), so its later commits are refused.
 //!
 //! A client keeps cached state for at most its cache lifetime (10 s, inside a lease), and
 //! only while its last answered request was sent less than [`LIVENESS`] ago (it sends
@@ -33,6 +40,10 @@ pub(crate) struct Leases {
     sessions: DashMap<usize, (Peer, Instant)>,
     /// Per inode, the connections holding a read lease on it and when it was granted.
     readers: DashMap<Ino, Vec<(usize, Instant)>>,
+    /// Per file, the write lease and its state.
+    writers: DashMap<Ino, Writer>,
+    /// Woken when a write lease stops being busy (recalled, granted or dropped).
+    settled: tokio::sync::Notify,
     /// Recalls started so far (see [`Leases::recalls`]).
     recalls: std::sync::atomic::AtomicU64,
 }
@@ -65,6 +76,138 @@ impl Leases {
     /// void (its client drops its caches when it notices).
     pub(crate) fn disconnected(&self, conn: usize) {
         self.sessions.remove(&conn);
+        // Its write leases are forgotten, not ended: if nobody writes the files meanwhile,
+        // the client may still commit under them once reconnected (see `reclaim_writer`).
+        self.writers.retain(|_, w| w.conn != conn);
+        self.settled.notify_waiters();
+    }
+
+    /// Who holds the write lease on `ino`, as seen by `asker`, and its epoch (0: being
+    /// granted). A lease being recalled or granted to another is waited for first: the holder
+    /// may ask again while it answers the recall, and must then get a new lease.
+    pub(crate) async fn writer(&self, ino: Ino, asker: usize) -> Option<(usize, u64)> {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            match self.writers.get(&ino).map(|w| *w) {
+                Some(w) if w.busy && w.conn != asker => settled.await,
+                Some(w) if w.busy && w.epoch != GRANTING => settled.await,
+                other => return other.map(|w| (w.conn, w.epoch)),
+            }
+        }
+    }
+
+    /// Reserves the write lease on `ino` for `conn` if nobody holds it; then only `conn` may
+    /// be granted it ([`Leases::set_writer`]) or give it up ([`Leases::unreserve`]).
+    pub(crate) fn reserve(&self, ino: Ino, conn: usize) -> bool {
+        let w = *self.writers.entry(ino).or_insert(Writer { conn, epoch: GRANTING, busy: true });
+        w.conn == conn && w.epoch == GRANTING
+    }
+
+    /// Gives up a reservation that could not be granted.
+    pub(crate) fn unreserve(&self, ino: Ino, conn: usize) {
+        self.writers.remove_if(&ino, |_, w| w.conn == conn && w.epoch == GRANTING);
+        self.settled.notify_waiters();
+    }
+
+    /// Records a write lease granted to `conn`.
+    pub(crate) fn set_writer(&self, ino: Ino, conn: usize, epoch: u64) {
+        self.writers.insert(ino, Writer { conn, epoch, busy: false });
+        self.settled.notify_waiters();
+    }
+
+    /// Records again a write lease that a commit just proved current, if nobody holds one.
+    pub(crate) fn reclaim_writer(&self, ino: Ino, conn: usize, epoch: u64) {
+        self.writers.entry(ino).or_insert(Writer { conn, epoch, busy: false });
+    }
+
+    /// Forgets `conn`'s write lease on `ino` (its last handle was closed).
+    pub(crate) fn drop_writer(&self, ino: Ino, conn: usize) {
+        if self.writers.remove_if(&ino, |_, w| w.conn == conn && !w.busy).is_some() {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Has every other connection holding a write lease on one of `inos` commit its buffered
+    /// writes and release the lease. Waits for each holder as long as it stays alive (a large
+    /// buffer takes a while to store), and no longer than [`LIVENESS`] after it was last
+    /// heard from. With `next`, a recalled lease is reserved for that connection, which asked
+    /// for it: otherwise a busy writer would ask again first, every time. Returns whether any
+    /// lease was recalled, and the leases whose holders did not answer, which the caller must
+    /// end so their later commits are refused.
+    pub(crate) async fn recall_writers(
+        &self,
+        from: usize,
+        inos: &[Ino],
+        next: Option<usize>,
+    ) -> (bool, Vec<(Ino, u64)>) {
+        if self.writers.is_empty() {
+            return (false, Vec::new());
+        }
+        let mut calls: HashMap<usize, Vec<(Ino, u64)>> = HashMap::new();
+        for ino in inos {
+            // Not waiting for a recall under way when it is the holder asking: that may be the
+            // commit the recall waits for.
+            if self.writers.get(ino).is_none_or(|w| w.conn == from) {
+                continue;
+            }
+            let Some((conn, epoch)) = self.writer(*ino, from).await else { continue };
+            if conn != from
+                && let Some(mut w) = self.writers.get_mut(ino)
+                && (w.conn, w.epoch, w.busy) == (conn, epoch, false)
+            {
+                w.busy = true;
+                calls.entry(conn).or_default().push((*ino, epoch));
+            }
+        }
+        if calls.is_empty() {
+            return (false, Vec::new());
+        }
+        self.recalls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let recalls = calls.into_iter().map(|(conn, leases)| async move {
+            let inodes = leases.iter().map(|(i, _)| *i).collect();
+            let answered = self.call_back(conn, Callback::Recall { inodes, entries: Vec::new() }).await;
+            let mut lost = Vec::new();
+            for (ino, epoch) in leases {
+                let reserved = Writer { conn: next.unwrap_or(conn), epoch: GRANTING, busy: true };
+                match next {
+                    Some(_) => {
+                        self.writers.alter(&ino, |_, w| if (w.conn, w.epoch) == (conn, epoch) { reserved } else { w })
+                    }
+                    None => drop(self.writers.remove_if(&ino, |_, w| (w.conn, w.epoch) == (conn, epoch))),
+                }
+                if let Err(e) = &answered {
+                    warn!(conn, ino, "a write lease holder did not answer a recall: {e}");
+                    lost.push((ino, epoch));
+                }
+            }
+            lost
+        });
+        let lost = futures::future::join_all(recalls).await.into_iter().flatten().collect();
+        self.settled.notify_waiters();
+        (true, lost)
+    }
+
+    /// Sends `req` to client `conn` and waits for its answer while the client stays alive
+    /// (it is heard from at least every [`LIVENESS`]).
+    async fn call_back(&self, conn: usize, req: Callback) -> Result<(), String> {
+        let Some(peer) = self.sessions.get(&conn).map(|s| s.0.clone()) else {
+            return Err("the client is gone".to_string());
+        };
+        let call = peer.call::<_, CallbackResponse>(&req, Duration::from_secs(3600));
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => return r.map(|_| ()).map_err(|e| e.to_string()),
+                _ = tokio::time::sleep(LIVENESS / 5) => {
+                    let seen = self.sessions.get(&conn).map(|s| s.1);
+                    if seen.is_none_or(|at| at.elapsed() >= LIVENESS) {
+                        return Err("the client stopped answering".to_string());
+                    }
+                }
+            }
+        }
     }
 
     /// Drops expired leases (run now and then, so the table holds only recent readers).
@@ -133,6 +276,18 @@ impl Leases {
         });
         futures::future::join_all(recalls).await;
     }
+}
+
+/// The epoch of a write lease reserved for a connection and not granted yet.
+const GRANTING: u64 = 0;
+
+/// A file's write lease: who holds it (or has it reserved), its epoch, and whether it is
+/// busy: being recalled, or reserved and being granted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Writer {
+    conn: usize,
+    epoch: u64,
+    busy: bool,
 }
 
 /// What one holder is told to forget, and until when its lease could still be used.

@@ -174,6 +174,10 @@ impl MetaService {
         let ino = w.apply(b).await?.ino()?;
         if open {
             self.opens.open(conn, ino);
+            if kind == FileKind::File {
+                // Nobody else knows the file yet: its creator holds the first write lease.
+                self.leases.set_writer(ino, conn, FIRST_LEASE);
+            }
         }
         let attr = Attr {
             ino,
@@ -437,6 +441,10 @@ impl MetaService {
     pub(crate) fn close(&self, conn: usize, ino: Ino) {
         if self.opens.close(conn, ino) {
             self.defer_purge(ino);
+        }
+        // A client's last close of a file ends its write lease (it flushed before closing).
+        if !self.opens.holds(conn, ino) {
+            self.leases.drop_writer(ino, conn);
         }
     }
 

@@ -26,6 +26,12 @@ impl Opens {
         *g.by_conn.entry(conn).or_default().entry(ino).or_default() += 1;
     }
 
+    /// Whether connection `conn` has `ino` open.
+    pub(crate) fn holds(&self, conn: usize, ino: Ino) -> bool {
+        let g = self.inner.lock().expect("opens lock");
+        g.by_conn.get(&conn).is_some_and(|per_conn| per_conn.contains_key(&ino))
+    }
+
     /// Notes that `ino` lost its last link; returns true if nothing has it open, so it can be
     /// freed now. Otherwise its last close frees it ([`Opens::close`]).
     pub(crate) fn unlinked(&self, ino: Ino) -> bool {

@@ -139,8 +139,12 @@ impl MetaService {
                 R::Map { slices, seq }
             }
             MetaRequest::AllocSlices { count } => R::SliceIds { first: self.alloc_slices(count).await? },
-            MetaRequest::Commit { ino, slices, min_size, durable } => {
-                R::Attr(self.commit(ino, &slices, min_size, durable).await?)
+            MetaRequest::Commit { ino, slices, min_size, durable, lease } => {
+                R::Attr(self.commit(conn, ino, &slices, min_size, durable, lease).await?)
+            }
+            MetaRequest::WriteLease { ino } => {
+                let (epoch, attr) = self.write_lease(conn, ino).await?;
+                R::Lease { epoch, attr }
             }
             MetaRequest::Compact { ino, chunk, seq, slice } => {
                 self.compact(ino, chunk, seq, &slice).await?;
@@ -324,12 +328,19 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         req: MetaRequest,
         _payload: Vec<u8>,
     ) -> Result<(MetaResponse, Vec<u8>), WireError> {
-        // Leases on what the request reads are granted before it runs (see `leases`), and
-        // the other holders of what it changed are recalled before it is answered.
+        // Leases on what the request reads are granted before it runs (see `leases`), other
+        // clients' buffered writes to what it reads or changes are flushed before it runs,
+        // and the other holders of what it changed are recalled before it is answered.
         self.leases.seen(peer);
         let read = req.read_inodes();
         self.leases.grant(peer, &read);
         let mut changed = req.changed_inodes();
+        // Access times do not conflict with buffered writes; a write lease request recalls
+        // the lease itself, to have it passed on.
+        if !matches!(req, MetaRequest::Touch { .. } | MetaRequest::WriteLease { .. }) {
+            let touched: Vec<Ino> = read.iter().chain(&changed).copied().collect();
+            self.recall_writers(peer.conn_id, &touched, None).await;
+        }
         if self.leases.shared() {
             changed.extend(self.unlinked_by(&req).await);
         }
@@ -343,7 +354,11 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
             resp.described_inodes().into_iter().filter(|i| !read.contains(i)).collect()
         };
         let mut resp = self.dispatch(peer, req).await?;
-        self.leases.grant(peer, &found(&resp));
+        let new = found(&resp);
+        self.leases.grant(peer, &new);
+        // A found file another client is writing: its size and times are in that client's
+        // buffers until the recall flushes them, so the request runs again after it.
+        self.recall_writers(peer.conn_id, &new, None).await;
         if let Some(req) = again
             && self.leases.recalls() != recalls
         {

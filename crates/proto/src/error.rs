@@ -34,6 +34,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// Peers speak different protocol versions or name another volume.
     Mismatch,
+    /// A write lease was lost (its holder did not answer a recall in time, and another client
+    /// may have written since): the writes buffered under it are refused.
+    LeaseLost,
 }
 
 impl ErrorCode {
@@ -50,7 +53,7 @@ impl ErrorCode {
             ErrorCode::Invalid => libc::EINVAL,
             ErrorCode::NameTooLong => libc::ENAMETOOLONG,
             ErrorCode::NoSpace => libc::ENOSPC,
-            ErrorCode::Io | ErrorCode::Corrupt | ErrorCode::BadRequest => libc::EIO,
+            ErrorCode::Io | ErrorCode::Corrupt | ErrorCode::BadRequest | ErrorCode::LeaseLost => libc::EIO,
             ErrorCode::TimedOut => libc::ETIMEDOUT,
             ErrorCode::NoData => libc::ENODATA,
             ErrorCode::Range => libc::ERANGE,

@@ -16,12 +16,16 @@ pub use error::{ErrorCode, WireError};
 pub use types::*;
 
 /// Bumped whenever a message changes shape; exchanged in `Hello` so mismatched peers fail loudly.
-pub const PROTOCOL_VERSION: u32 = 8;
-/// ALPN string for every Cairn QUIC connection.
+pub const PROTOCOL_VERSION: u32 = 9;
 /// `_IOR('C', 1, [u8; 4096])` on any file or directory of a mount: the client answers with
 /// its request counters as text (`cairn stats`). The kernel forwards it with its 4 KiB buffer.
 pub const STATS_IOCTL: u32 = 0x9000_4301;
 /// Size of the answer buffer of [`STATS_IOCTL`], as encoded in the ioctl number.
 pub const STATS_IOCTL_BYTES: usize = 4096;
 
+/// ALPN string for every Cairn QUIC connection.
 pub const ALPN: &[u8] = b"cairn/1";
+
+/// The write lease epoch of a new file, held by its creator when it was created open: a
+/// `create` then needs no `WriteLease` round trip before its writes.
+pub const FIRST_LEASE: u64 = 1;

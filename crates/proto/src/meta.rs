@@ -156,12 +156,23 @@ pub enum MetaRequest {
         count: u64,
     },
     /// Adds stored slices to a file and raises its size to at least `min_size`; with `durable`,
-    /// the commit is on disk before the answer (fsync).
+    /// the commit is on disk before the answer (fsync). Refused with `LeaseLost` unless
+    /// `lease` is the file's current write lease epoch (from `WriteLease`, or
+    /// [`FIRST_LEASE`] for a file this client created open): a writer that lost its lease
+    /// (it did not answer a recall in time) cannot overwrite what was written since.
     Commit {
         ino: Ino,
         slices: Vec<NewSlice>,
         min_size: u64,
         durable: bool,
+        lease: u64,
+    },
+    /// Asks for the exclusive write lease on a file before buffering writes to it: other
+    /// clients' cached state of it is recalled first (and another writer flushes), so a read
+    /// elsewhere that starts after a buffered write returned finds the server holding the
+    /// lease and recalls it, flushing the write. Answered with `Lease`.
+    WriteLease {
+        ino: Ino,
     },
     /// Makes every earlier metadata change durable (fsync of a directory, syncfs).
     Sync,
@@ -247,6 +258,7 @@ impl MetaRequest {
         match self {
             R::SetAttr { ino, .. }
             | R::Commit { ino, .. }
+            | R::WriteLease { ino }
             | R::Fallocate { ino, .. }
             | R::SetXattr { ino, .. }
             | R::RemoveXattr { ino, .. }
@@ -310,6 +322,7 @@ impl MetaRequest {
             | R::Open { ino }
             | R::ReadMap { ino, .. }
             | R::Commit { ino, .. }
+            | R::WriteLease { ino }
             | R::Fallocate { ino, .. }
             | R::GetXattr { ino, .. }
             | R::ListXattr { ino }
@@ -331,6 +344,11 @@ pub enum MetaResponse {
     },
     Attr(Attr),
     Empty,
+    /// A write lease: its epoch (to send with every `Commit`) and the file's attributes.
+    Lease {
+        epoch: u64,
+        attr: Attr,
+    },
     /// What a namespace change (make node, link, unlink, rmdir, rename) left: the node's
     /// attributes where it has one, and those of every directory it touched, so the client
     /// need not ask for them again.
@@ -366,7 +384,9 @@ impl MetaResponse {
     /// The inodes whose attributes this answer carries (which the asker then caches).
     pub fn described_inodes(&self) -> Vec<Ino> {
         match self {
-            MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. } => vec![a.ino],
+            MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. } | MetaResponse::Lease { attr: a, .. } => {
+                vec![a.ino]
+            }
             MetaResponse::Changed { attr, dirs } => attr.iter().chain(dirs).map(|a| a.ino).collect(),
             MetaResponse::Dir(entries) => entries.iter().filter_map(|e| e.attr.as_ref().map(|a| a.ino)).collect(),
             _ => Vec::new(),

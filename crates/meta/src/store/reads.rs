@@ -51,6 +51,15 @@ pub(crate) async fn get_attr<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Resul
     }
 }
 
+/// The current write lease epoch of `ino` (see `Batch::new_lease_epoch`).
+pub(crate) async fn lease_epoch<'e>(ex: impl SqliteExecutor<'e>, ino: Ino) -> Result<u64> {
+    let row = sqlx::query("SELECT lease FROM inodes WHERE ino = ?").bind(ino as i64).fetch_optional(ex).await?;
+    match row {
+        Some(row) => Ok(row.try_get::<i64, _>("lease")? as u64),
+        None => Err(not_found(format!("no inode {ino}"))),
+    }
+}
+
 /// The attributes of `name` in `parent` (`None` if no such name), `ENOENT` if the parent
 /// does not exist. One statement for what a lookup needs.
 pub(crate) async fn lookup<'e>(ex: impl SqliteExecutor<'e>, parent: Ino, name: &[u8]) -> Result<Option<Attr>> {

@@ -158,7 +158,7 @@ impl Batch {
     /// Appends written slices to regular file `ino` and grows it to at least `min_size`. The
     /// new attributes come back through [`super::Returned::attr`]; nothing changes (and no
     /// attributes come back) if `ino` is not a regular file or is immutable.
-    pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, now: Timestamp) {
+    pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, lease: u64, now: Timestamp) {
         const IMMUTABLE: u32 = inode_flags::IMMUTABLE;
         let touched = !slices.is_empty();
         let added: u64 = slices.iter().map(|s| u64::from(s.slice.len)).sum();
@@ -166,19 +166,20 @@ impl Batch {
             "UPDATE inodes SET size = MAX(size, ?), stored = stored + ?, \
              mtime_s = CASE WHEN ? THEN ? ELSE mtime_s END, mtime_ns = CASE WHEN ? THEN ? ELSE mtime_ns END, \
              ctime_s = CASE WHEN ? THEN ? ELSE ctime_s END, ctime_ns = CASE WHEN ? THEN ? ELSE ctime_ns END \
-             WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0 RETURNING {INODE_COLUMNS}"
+             WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0 AND lease = ? RETURNING {INODE_COLUMNS}"
         ))
         .bind(min_size as i64)
         .bind(added as i64);
         for _ in 0..2 {
             self.bind(touched).bind(now.secs).bind(touched).bind(now.nanos as i64);
         }
-        self.bind_ino(ino).bind(FileKind::File.to_i64());
+        self.bind_ino(ino).bind(FileKind::File.to_i64()).bind(lease as i64);
         for part in slices.chunks(SLICES_PER_INSERT) {
             let values = vec!["(?, ?, ?, ?, ?, ?)"; part.len()].join(", ");
             self.push(&format!(
                 "INSERT INTO slices (ino, chunk, pos, len, slice, servers) SELECT * FROM (VALUES {values}) \
-                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0)"
+                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0 \
+                 AND lease = ?)"
             ));
             for s in part {
                 self.bind_ino(ino)
@@ -188,8 +189,24 @@ impl Batch {
                     .bind(s.slice.id as i64)
                     .bind(servers_to_text(&s.slice.servers));
             }
-            self.bind_ino(ino).bind(FileKind::File.to_i64());
+            self.bind_ino(ino).bind(FileKind::File.to_i64()).bind(lease as i64);
         }
+    }
+
+    /// Starts a new write lease epoch on a file: commits under the previous one are refused
+    /// from now on. Returns the file's columns and the new epoch as `value`.
+    pub(crate) fn new_lease_epoch(&mut self, ino: Ino) {
+        self.push(&format!(
+            "UPDATE inodes SET lease = lease + 1 WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}, lease AS value"
+        ))
+        .bind_ino(ino)
+        .bind(FileKind::File.to_i64());
+    }
+
+    /// Ends write lease `epoch` of a file whose holder did not answer a recall, unless a
+    /// newer one was granted meanwhile.
+    pub(crate) fn revoke_lease(&mut self, ino: Ino, epoch: u64) {
+        self.push("UPDATE inodes SET lease = lease + 1 WHERE ino = ? AND lease = ?").bind_ino(ino).bind(epoch as i64);
     }
 
     /// Counts `len` more bytes as stored for `ino` (an allocation: `st_blocks` must not grow

@@ -1,0 +1,172 @@
+//! Write leases between two clients (separate mount processes) on one volume: a client buffers
+//! writes under its file's write lease, and another client's read recalls the lease, so the
+//! buffered write is committed before the read runs: a write that returned is read elsewhere
+//! with no close, fsync or sleep in between. A writer that cannot be reached loses its lease
+//! and its later commits fail with EIO.
+
+use cairn_tests::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn a_write_that_returned_is_read_at_once_through_another_client() {
+    let c = Cluster::start(1);
+    let (a, b) = (c.mnt.clone(), c.mount_again("b", ""));
+    std::fs::write(a.join("f"), b"").unwrap();
+    let mut on_a = std::fs::OpenOptions::new().write(true).open(a.join("f")).unwrap();
+    let mut on_b = std::fs::OpenOptions::new().read(true).write(true).open(b.join("f")).unwrap();
+    let mut want = Vec::new();
+    for round in 0..20u32 {
+        // Through A: a write kept open (neither closed nor fsynced), then a read through B,
+        // both through a path and through a handle B kept open.
+        let text = format!("round {round} through A\n");
+        on_a.write_all(text.as_bytes()).unwrap();
+        want.extend_from_slice(text.as_bytes());
+        assert_eq!(read(&b.join("f")), want, "round {round}: write on A, read on B");
+        assert_eq!(std::fs::metadata(b.join("f")).unwrap().len(), want.len() as u64, "round {round}: size on B");
+        let mut seen = Vec::new();
+        on_b.seek(SeekFrom::Start(0)).unwrap();
+        on_b.read_to_end(&mut seen).unwrap();
+        assert_eq!(seen, want, "round {round}: write on A, read through a handle open on B");
+
+        // And the other way round, overwriting what A wrote last.
+        let text = format!("ROUND {round} THROUGH B\n");
+        let at = want.len() - text.len();
+        on_b.seek(SeekFrom::Start(at as u64)).unwrap();
+        on_b.write_all(text.as_bytes()).unwrap();
+        want[at..].copy_from_slice(text.as_bytes());
+        assert_eq!(read(&a.join("f")), want, "round {round}: write on B, read on A");
+        // A's handle writes at its own offset, which is the end of the file.
+        on_a.seek(SeekFrom::End(0)).unwrap();
+    }
+    drop((on_a, on_b));
+    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(&a));
+    assert!(stats.lines().any(|l| l.starts_with("meta.WriteLease")), "A never asked for a write lease:\n{stats}");
+    umount_lazy(&b);
+}
+
+#[test]
+fn appends_through_two_clients_lose_no_record() {
+    const RECORDS: usize = 300;
+    let c = Cluster::start(1);
+    let (a, b) = (c.mnt.clone(), c.mount_again("b", ""));
+    std::fs::write(a.join("log"), b"").unwrap();
+    let writers: Vec<_> = [("A", a.clone()), ("B", b.clone())]
+        .into_iter()
+        .map(|(who, mnt)| {
+            std::thread::spawn(move || {
+                let mut f = std::fs::OpenOptions::new().append(true).open(mnt.join("log")).unwrap();
+                for i in 0..RECORDS {
+                    // One write per record, as a logger does.
+                    f.write_all(format!("{who} {i:06} {}\n", "x".repeat(40)).as_bytes()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    for mnt in [&a, &b] {
+        let text = String::from_utf8(read(&mnt.join("log"))).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2 * RECORDS, "records lost or torn, seen through {}", mnt.display());
+        lines.sort();
+        let mut want: Vec<String> = ["A", "B"]
+            .iter()
+            .flat_map(|w| (0..RECORDS).map(move |i| format!("{w} {i:06} {}", "x".repeat(40))))
+            .collect();
+        want.sort();
+        assert_eq!(lines, want, "seen through {}", mnt.display());
+    }
+    umount_lazy(&b);
+}
+
+#[test]
+fn a_truncate_on_one_client_is_seen_by_the_next_read_on_another() {
+    let c = Cluster::start(1);
+    let (a, b) = (c.mnt.clone(), c.mount_again("b", ""));
+    let data = pattern(7, 300_000);
+    std::fs::write(a.join("f"), &data).unwrap();
+    assert_eq!(read(&b.join("f")), data);
+    let on_b = std::fs::File::open(b.join("f")).unwrap();
+    // Through a handle A keeps open, with more data buffered past the new end first.
+    let mut on_a = std::fs::OpenOptions::new().write(true).open(a.join("f")).unwrap();
+    on_a.seek(SeekFrom::Start(200_000)).unwrap();
+    on_a.write_all(b"buffered, then cut off").unwrap();
+    on_a.set_len(1000).unwrap();
+    assert_eq!(read(&b.join("f")), &data[..1000], "truncate on A, read on B");
+    let mut seen = Vec::new();
+    (&on_b).read_to_end(&mut seen).unwrap();
+    assert_eq!(seen, &data[..1000], "truncate on A, read through a handle open on B");
+    // Growing it again reads as zeros past the old end.
+    on_a.set_len(5000).unwrap();
+    let mut want = data[..1000].to_vec();
+    want.resize(5000, 0);
+    assert_eq!(read(&b.join("f")), want, "extend on A, read on B");
+    umount_lazy(&b);
+}
+
+#[test]
+fn a_stopped_writer_loses_its_lease_and_cannot_overwrite_newer_data() {
+    let c = Cluster::start(1);
+    let pidfile = c.tmp.path().join("b.pid");
+    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
+    std::fs::write(c.path("f"), b"committed before").unwrap();
+    let mut on_b = std::fs::OpenOptions::new().write(true).open(b.join("f")).unwrap();
+    on_b.write_all(b"buffered on B, never committed").unwrap();
+    let b_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // SAFETY: stopping and continuing a process this test started.
+    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let p = c.path("f");
+    let writer = std::thread::spawn(move || std::fs::write(p, b"written on A while B was stopped"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !writer.is_finished() {
+        assert!(Instant::now() < deadline, "a stopped writer blocked another client for a minute");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writer.join().unwrap().unwrap();
+    eprintln!("a write with the lease holder stopped took {:?}", started.elapsed());
+    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    // B's buffered write comes back as an error, and what A wrote stays.
+    let err = match on_b.sync_all() {
+        Ok(()) => panic!(
+            "B's commit under a lost lease must fail\n{}\n{}",
+            std::fs::read_to_string(c.data.join("logs/b.log")).unwrap_or_default(),
+            std::fs::read_to_string(c.data.join("logs/meta.log")).unwrap_or_default()
+        ),
+        Err(e) => e,
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(on_b);
+    for mnt in [&c.mnt, &b] {
+        assert_eq!(read(&mnt.join("f")), b"written on A while B was stopped", "through {}", mnt.display());
+    }
+    // B can write again once it asks for a new lease.
+    std::fs::write(b.join("f"), b"B again").unwrap();
+    assert_eq!(read(&c.path("f")), b"B again");
+    umount_lazy(&b);
+}
+
+#[test]
+fn a_killed_writer_leaves_no_torn_data() {
+    let c = Cluster::start(1);
+    let pidfile = c.tmp.path().join("b.pid");
+    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
+    let old = pattern(1, 3 << 20);
+    std::fs::write(c.path("f"), &old).unwrap();
+    let mut on_b = std::fs::OpenOptions::new().write(true).open(b.join("f")).unwrap();
+    let new = pattern(2, 3 << 20);
+    on_b.write_all(&new).unwrap();
+    let b_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    kill9(b_pid);
+    let seen = read(&c.path("f"));
+    assert!(seen == old || seen == new, "a killed writer left torn data ({} bytes)", seen.len());
+    drop(on_b);
+    umount_lazy(&b);
+}
