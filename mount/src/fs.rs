@@ -820,3 +820,33 @@ async fn next_entries(
     }
     Ok(first)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gettid() -> u32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() as u32 }
+    }
+
+    #[test]
+    fn a_blocked_signal_does_not_interrupt_and_a_gone_thread_does() {
+        let me = gettid();
+        assert!(!signal_pending(me), "nothing pending");
+        assert!(!in_flock_call(me), "this thread is reading /proc, not in flock");
+        // SAFETY: blocks SIGUSR2 for this test thread only, then queues it to the thread.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2);
+        }
+        assert!(!signal_pending(me), "a blocked signal is not taken");
+        let status = std::fs::read_to_string(format!("/proc/{me}/status")).unwrap();
+        assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end() != "SigPnd:\t0000000000000000"));
+        let gone = std::thread::spawn(gettid).join().unwrap();
+        assert!(signal_pending(gone), "a thread that is gone cannot wait any more");
+    }
+}

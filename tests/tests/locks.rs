@@ -170,6 +170,17 @@ fn flock_is_enforced_across_mounts_and_released_on_close_and_on_kill() {
     eventually(&mut pb, &format!("fcntl.flock(g, {EX_NB})"), "ok None");
     pb.ok("fcntl.flock(g, fcntl.LOCK_UN)");
 
+    // A flock taken by another thread of the process is still a flock (the mount tells flock
+    // from fcntl by the requesting thread's system call).
+    open(&mut pa, "h", &c.path("f"));
+    pa.ok("import threading; t = threading.Thread(target=fcntl.flock, args=(h, fcntl.LOCK_EX)); t.start(); t.join()");
+    assert_eq!(pb.run(&format!("fcntl.flock(g, {EX_NB})")), err(libc::EWOULDBLOCK), "flock from a thread");
+    assert_eq!(pb.run("fcntl.lockf(g, fcntl.LOCK_EX | fcntl.LOCK_NB)"), "ok None", "fcntl beside a thread's flock");
+    pb.ok("fcntl.lockf(g, fcntl.LOCK_UN)");
+    pa.ok("os.close(h)");
+    eventually(&mut pb, &format!("fcntl.flock(g, {EX_NB})"), "ok None");
+    pb.ok("fcntl.flock(g, fcntl.LOCK_UN)");
+
     // Shared + shared.
     open(&mut pa, "f", &c.path("f"));
     pa.ok("fcntl.flock(f, fcntl.LOCK_SH)");
