@@ -89,7 +89,8 @@ pub struct LockInfo {
     pub kind: LockKind,
     /// First byte.
     pub start: u64,
-    /// Last byte, inclusive (`u64::MAX`-like values mean "to the end of any file").
+    /// Last byte, inclusive; the kernel's `OFFSET_MAX` (`i64::MAX`) stands for "to the end of
+    /// the file, however long it grows".
     pub end: u64,
     /// The holder's process id on its own machine, as given when it locked.
     pub pid: u32,
