@@ -4,8 +4,8 @@
 //! are free again at once and slow network calls never block other requests.
 
 use crate::ioctl::*;
-use cairn_client::{Client, ClientError};
-use cairn_proto::meta::{Caller, FallocMode, RenameMode, SetAttrs, XattrMode};
+use cairn_client::{Client, ClientError, LockCall};
+use cairn_proto::meta::{Caller, FallocMode, LockKind, RenameMode, SetAttrs, XattrMode};
 use cairn_proto::{Attr, DirEntry, ErrorCode, FileKind, Ino, STATS_IOCTL, TimeSet, Timestamp};
 use dashmap::DashMap;
 use fuser::*;
@@ -213,7 +213,11 @@ impl Filesystem for CairnFs {
                 // metadata server keeps them in step with the mode and applies the umask
                 // itself, since a default ACL replaces it.
                 | InitFlags::FUSE_POSIX_ACL
-                | InitFlags::FUSE_DONT_MASK,
+                | InitFlags::FUSE_DONT_MASK
+                // fcntl (POSIX and OFD) and flock locks come here, for the metadata server
+                // to enforce across clients, instead of staying local to this kernel.
+                | InitFlags::FUSE_POSIX_LOCKS
+                | InitFlags::FUSE_FLOCK_LOCKS,
         );
         Ok(())
     }
@@ -400,21 +404,97 @@ impl Filesystem for CairnFs {
         run!(self, reply, |c| c.write(ino.0, offset, &data, append), |w| reply.written(w.1))
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        run!(self, reply, |c| c.flush(ino.0, false), |_v| reply.ok())
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Every close(2) comes here with the closing process as lock owner: its byte-range
+        // locks on the file go, after its writes are committed.
+        run!(
+            self,
+            reply,
+            |c| async move {
+                let flushed = c.flush(ino.0, false).await;
+                flushed.and(c.locks_flushed(ino.0, lock_owner.0).await)
+            },
+            |_v| reply.ok()
+        )
     }
 
     fn release(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        run!(self, reply, |c| c.release(ino.0), |_v| reply.ok())
+        // The open file description is gone: so are its OFD and flock locks (the kernel
+        // names the flock owner; OFD locks are found by the handle they were taken through).
+        let flock_owner = lock_owner.map(|o| o.0);
+        run!(
+            self,
+            reply,
+            |c| async move {
+                let released = c.release(ino.0).await;
+                released.and(c.locks_released(ino.0, fh.0, flock_owner).await)
+            },
+            |_v| reply.ok()
+        )
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let Some(kind) = lock_kind(typ).filter(|k| *k != LockKind::Unlock) else {
+            return reply.error(Errno::EINVAL);
+        };
+        run!(self, reply, |c| c.get_lock(ino.0, lock_owner.0, start, end, kind), |l| match l {
+            // The holder's pid means something only on its own machine; the kernel shows it
+            // if a process with that number exists in this mount's namespace, else 0.
+            Some(l) => reply.locked(l.start, l.end, lock_type(l.kind), l.pid),
+            None => reply.locked(start, end, libc::F_UNLCK, pid),
+        })
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(kind) = lock_kind(typ) else {
+            return reply.error(Errno::EINVAL);
+        };
+        // The requesting thread (not the lock's process id) is blocked in the system call.
+        let thread = req.pid();
+        let call = LockCall {
+            ino: ino.0,
+            fh: fh.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            kind,
+            pid,
+            flock: in_flock_call(thread),
+            sleep,
+        };
+        run!(self, reply, |c| c.set_lock(call, move || signal_pending(thread)), |_v| reply.ok())
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -658,6 +738,51 @@ impl Filesystem for CairnFs {
     }
 }
 
+fn lock_kind(typ: i32) -> Option<LockKind> {
+    match typ {
+        libc::F_RDLCK => Some(LockKind::Read),
+        libc::F_WRLCK => Some(LockKind::Write),
+        libc::F_UNLCK => Some(LockKind::Unlock),
+        _ => None,
+    }
+}
+
+fn lock_type(kind: LockKind) -> i32 {
+    match kind {
+        LockKind::Read => libc::F_RDLCK,
+        LockKind::Write => libc::F_WRLCK,
+        LockKind::Unlock => libc::F_UNLCK,
+    }
+}
+
+/// Whether `thread` is in flock(2). The kernel flags flock requests (`FUSE_LK_FLOCK`), but
+/// fuser 0.18 does not pass the flag on, and flock and fcntl locks must not conflict; the
+/// thread is blocked in the system call while we answer, so its number tells. Reading it
+/// needs ptrace rights over the caller (the mount runs as root); without them a flock is
+/// taken as a whole-file byte-range lock, as NFS does.
+fn in_flock_call(thread: u32) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{thread}/syscall")) else { return false };
+    text.split_whitespace().next().and_then(|n| n.parse::<i64>().ok()) == Some(libc::SYS_flock)
+}
+
+/// Whether `thread` will take a signal when it returns to user space (or is gone), so a
+/// blocked lock request should end with EINTR. fuser 0.18 answers the kernel's
+/// `FUSE_INTERRUPT` with ENOSYS, so the signal is looked up in /proc instead: pending for
+/// the thread or its process, and neither blocked nor ignored (SIGKILL always counts).
+fn signal_pending(thread: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{thread}/status")) else { return true };
+    let mask = |name: &str| {
+        let v = status.lines().find_map(|l| l.strip_prefix(name));
+        v.and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0)
+    };
+    if status.lines().any(|l| l.starts_with("State:") && (l.contains("zombie") || l.contains("dead"))) {
+        return true;
+    }
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    let kill = 1u64 << (libc::SIGKILL - 1);
+    pending & kill != 0 || pending & !mask("SigBlk:") & !mask("SigIgn:") != 0
+}
+
 /// A batch of entries fetched ahead for one open directory handle.
 #[derive(Default)]
 struct DirBatch {
@@ -701,4 +826,34 @@ async fn next_entries(
         *cached.lock().expect("dir lock") = DirBatch { after, plus, complete, entries };
     }
     Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gettid() -> u32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() as u32 }
+    }
+
+    #[test]
+    fn a_blocked_signal_does_not_interrupt_and_a_gone_thread_does() {
+        let me = gettid();
+        assert!(!signal_pending(me), "nothing pending");
+        assert!(!in_flock_call(me), "this thread is reading /proc, not in flock");
+        // SAFETY: blocks SIGUSR2 for this test thread only, then queues it to the thread.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2);
+        }
+        assert!(!signal_pending(me), "a blocked signal is not taken");
+        let status = std::fs::read_to_string(format!("/proc/{me}/status")).unwrap();
+        assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end() != "SigPnd:\t0000000000000000"));
+        let gone = std::thread::spawn(gettid).join().unwrap();
+        assert!(signal_pending(gone), "a thread that is gone cannot wait any more");
+    }
 }

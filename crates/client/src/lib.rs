@@ -10,6 +10,7 @@ mod compact;
 mod error;
 pub mod layout;
 mod listing;
+mod locks;
 mod namespace;
 mod read;
 mod recall;
@@ -20,6 +21,7 @@ mod write;
 pub use atime::AtimeMode;
 pub use error::{ClientError, Result};
 pub use listing::Entry;
+pub use locks::LockCall;
 pub use recall::KernelInvalidator;
 
 use cairn_net::{Identity, RpcClient};
@@ -121,6 +123,8 @@ pub struct Client {
     pub(crate) listings: listing::Listings,
     /// Requests sent, by kind (see `stats`).
     pub(crate) stats: stats::Stats,
+    /// Which lock owners may hold locks, so closes of the others cost nothing (see `locks`).
+    pub(crate) locks: locks::Held,
     /// Set by [`Client::shut_down`]: every call fails from then on.
     shut_down: std::sync::atomic::AtomicBool,
     /// Makes the kernel forget what a recall names (see `recall`).
@@ -161,6 +165,7 @@ impl Client {
             file_attrs: attrs::FileAttrs::new(config.map_ttl),
             map_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             stats: Default::default(),
+            locks: Default::default(),
             shut_down: Default::default(),
             meta,
             volume,

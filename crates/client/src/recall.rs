@@ -63,6 +63,12 @@ impl Client {
         }
         // Kept by (inode, name): dropped whole, once.
         self.xattr_misses.invalidate_all();
+        self.invalidate_kernel_for(inodes, entries).await;
+    }
+
+    /// Has the kernel forget `inodes` (attributes and pages) and `entries`, waiting at most
+    /// [`KERNEL_WAIT`].
+    pub(crate) async fn invalidate_kernel_for(&self, inodes: Vec<Ino>, entries: Vec<(Ino, Vec<u8>)>) {
         if let Some(kernel) = self.kernel_invalidator.get().cloned() {
             let work = tokio::task::spawn_blocking(move || kernel(&inodes, &entries));
             let _ = tokio::time::timeout(KERNEL_WAIT, work).await;
@@ -78,7 +84,7 @@ impl Client {
     }
 
     /// Forgets everything cached about `ino`, as if this client had just changed it.
-    fn forget_inode(&self, ino: Ino) {
+    pub(crate) fn forget_inode(&self, ino: Ino) {
         self.listings.changed_elsewhere(ino);
         self.file_attrs.drop(ino);
         self.dir_attrs.invalidate(&ino);

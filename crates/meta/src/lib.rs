@@ -9,6 +9,7 @@ mod data;
 mod error;
 mod fsck;
 mod leases;
+mod locks;
 mod namespace;
 mod opens;
 mod rebalance;

@@ -1,6 +1,7 @@
 //! Request dispatch, the server's run loop and its background tasks.
 
 use crate::error::MetaError;
+use crate::locks::{LockRequest, Owner};
 use crate::opens::Opens;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -45,6 +46,8 @@ pub struct MetaService {
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
     pub(crate) leases: crate::leases::Leases,
+    /// File locks of every client, in memory only (see `locks`).
+    pub(crate) locks: crate::locks::Locks,
     pub(crate) repair_stats: crate::repair::RepairStats,
     /// Wakes the repair loop for a scan now (a corrupt copy was reported, a drain started).
     pub(crate) repair_wakeup: Notify,
@@ -71,6 +74,7 @@ impl MetaService {
             opens: Opens::default(),
             registry: Registry::new(config.dead_after, draining),
             leases: Default::default(),
+            locks: Default::default(),
             repair_stats: Default::default(),
             repair_wakeup: Notify::new(),
             bad_reports: Default::default(),
@@ -186,6 +190,22 @@ impl MetaService {
                 R::Empty
             }
             MetaRequest::Fsck => R::Fsck(self.fsck().await?),
+            MetaRequest::GetLock { ino, owner, start, end, kind } => {
+                check_range(start, end)?;
+                R::Lock(self.locks.get(ino, Owner { conn, id: owner }, start, end, kind))
+            }
+            MetaRequest::SetLock { ino, owner, start, end, kind, pid, flock, wait_ms } => {
+                check_range(start, end)?;
+                let req = LockRequest { ino, owner: Owner { conn, id: owner }, start, end, kind, pid, flock };
+                let wait = Duration::from_millis(wait_ms.into());
+                R::LockHeld(self.locks.set(&req, wait).await.map_err(|code| {
+                    let why = match code {
+                        ErrorCode::Deadlock => "waiting for this lock would deadlock",
+                        _ => "the range is locked by another owner",
+                    };
+                    MetaError::fs(code, why)
+                })?)
+            }
         })
     }
 
@@ -306,6 +326,14 @@ impl MetaService {
     }
 }
 
+/// Refuses a lock range that ends before it starts.
+fn check_range(start: u64, end: u64) -> crate::Result<()> {
+    match start <= end {
+        true => Ok(()),
+        false => Err(MetaError::fs(ErrorCode::Invalid, format!("lock range {start}..={end} is empty"))),
+    }
+}
+
 /// The volume setting listing the servers being drained.
 pub(crate) const DRAINING_SETTING: &str = "draining";
 
@@ -374,6 +402,9 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
 
     async fn disconnected(&self, peer: &Peer) {
         self.connection_lost(peer.conn_id);
+        // The client is gone (unmounted, crashed, or cut off for the idle timeout): its
+        // processes' locks go with it, and whoever waits for them may go on.
+        self.locks.drop_conn(peer.conn_id);
         self.leases.disconnected(peer.conn_id);
     }
 }

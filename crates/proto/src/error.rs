@@ -37,6 +37,12 @@ pub enum ErrorCode {
     /// A write lease was lost (its holder did not answer a recall in time, and another client
     /// may have written since): the writes buffered under it are refused.
     LeaseLost,
+    /// A lock is held by another owner (`F_SETLK`, `LOCK_NB`), or a wait for it ran out.
+    WouldBlock,
+    /// Waiting for a lock would deadlock: the holder waits, directly or not, for the asker.
+    Deadlock,
+    /// A blocked call was interrupted by a signal; produced by the client, never sent.
+    Interrupted,
 }
 
 impl ErrorCode {
@@ -66,6 +72,9 @@ impl ErrorCode {
             ErrorCode::NoDevice => libc::ENODEV,
             ErrorCode::Unauthorized => libc::EACCES,
             ErrorCode::Mismatch => libc::EPROTO,
+            ErrorCode::WouldBlock => libc::EAGAIN,
+            ErrorCode::Deadlock => libc::EDEADLK,
+            ErrorCode::Interrupted => libc::EINTR,
         }
     }
 

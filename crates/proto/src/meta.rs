@@ -72,6 +72,30 @@ pub enum FallocMode {
     ZeroRange { keep_size: bool },
 }
 
+/// The kind of a byte-range or flock lock (`F_RDLCK`, `F_WRLCK`, `F_UNLCK`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LockKind {
+    /// Shared: any number of owners may hold overlapping read locks.
+    Read,
+    /// Exclusive: conflicts with every other owner's lock on an overlapping range.
+    Write,
+    /// Releases the range (only in `SetLock`).
+    Unlock,
+}
+
+/// A lock another owner holds, as `F_GETLK` reports it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockInfo {
+    pub kind: LockKind,
+    /// First byte.
+    pub start: u64,
+    /// Last byte, inclusive; the kernel's `OFFSET_MAX` (`i64::MAX`) stands for "to the end of
+    /// the file, however long it grows".
+    pub end: u64,
+    /// The holder's process id on its own machine, as given when it locked.
+    pub pid: u32,
+}
+
 /// A request to the metadata server.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum MetaRequest {
@@ -248,6 +272,32 @@ pub enum MetaRequest {
         seq: u64,
         slice: SliceRef,
     },
+    /// `F_GETLK`: the first lock of another owner that conflicts with a `kind` lock on
+    /// `[start, end]`, if any. `owner` is the FUSE lock owner; the server makes it unique by
+    /// pairing it with the connection. Answered with `Lock`.
+    GetLock {
+        ino: Ino,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+    },
+    /// Sets, changes or releases a lock (`F_SETLK`, `flock`). `flock` locks are whole-file and
+    /// live apart from byte-range locks, as on Linux. With `wait_ms > 0` the server waits that
+    /// long for a conflicting lock to go away before refusing with `WouldBlock`; the client
+    /// repeats short waits (so a signal can interrupt it between them) instead of one long
+    /// one. A wait that would close a cycle of waiting owners is refused with `Deadlock`.
+    /// Answered with `LockHeld`.
+    SetLock {
+        ino: Ino,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+        pid: u32,
+        flock: bool,
+        wait_ms: u32,
+    },
 }
 
 impl MetaRequest {
@@ -286,7 +336,9 @@ impl MetaRequest {
             | R::ListServers
             | R::Heartbeat { .. }
             | R::Drain { .. }
-            | R::Fsck => Vec::new(),
+            | R::Fsck
+            | R::GetLock { .. }
+            | R::SetLock { .. } => Vec::new(),
         }
     }
 
@@ -378,6 +430,11 @@ pub enum MetaResponse {
     StatFs(FsStats),
     Servers(Vec<ChunkServerInfo>),
     Fsck(FsckReport),
+    /// `GetLock`: the conflicting lock, or `None` if the asked lock could be set now.
+    Lock(Option<LockInfo>),
+    /// `SetLock` succeeded; whether the owner still holds any lock of that kind of lock
+    /// (flock or byte range) on the inode, so the client knows when to stop tracking it.
+    LockHeld(bool),
 }
 
 impl MetaResponse {

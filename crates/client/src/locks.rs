@@ -1,0 +1,183 @@
+//! File locks (`fcntl`, OFD and `flock`), enforced by the metadata server for the whole
+//! cluster (see `cairn-meta`'s `locks`). This side waits in short rounds, so a signal can
+//! interrupt a blocked request between them; keeps data coherent with the locks (buffered
+//! writes are committed before a range is released, cached data is dropped when one is
+//! taken, as NFS does); and remembers which owners may hold locks, so that only their
+//! closes cost a round trip.
+
+use crate::{Client, ClientError, Result, unexpected};
+use cairn_proto::meta::{LockInfo, LockKind, MetaRequest, MetaResponse};
+use cairn_proto::{ErrorCode, Ino};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// How long the server waits in one round of a blocking request. Between rounds the caller
+/// checks for signals, so this bounds how late an interruption is noticed.
+const WAIT_ROUND_MS: u32 = 200;
+
+/// The whole file, as an unlock range.
+const WHOLE: (u64, u64) = (0, u64::MAX);
+
+/// A lock request from the kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct LockCall {
+    pub ino: Ino,
+    /// The open handle it came through: what `release` later names.
+    pub fh: u64,
+    /// The kernel's lock owner: the process's file table (POSIX locks) or the open file
+    /// description (OFD and flock locks).
+    pub owner: u64,
+    pub start: u64,
+    /// Last byte, inclusive.
+    pub end: u64,
+    pub kind: LockKind,
+    /// The locking process, reported to `F_GETLK` callers.
+    pub pid: u32,
+    /// A `flock` lock rather than a byte-range lock.
+    pub flock: bool,
+    /// `F_SETLKW` / `flock` without `LOCK_NB`: wait for conflicting locks to go.
+    pub sleep: bool,
+}
+
+/// (inode, lock owner, flock) triples this client may hold locks for, with the handles
+/// the locks were taken through.
+#[derive(Default)]
+pub(crate) struct Held {
+    inner: Mutex<HashMap<(Ino, u64, bool), HashSet<u64>>>,
+}
+
+impl Held {
+    fn note(&self, call: &LockCall, still_held: bool) {
+        let mut g = self.inner.lock().expect("held lock");
+        let key = (call.ino, call.owner, call.flock);
+        match still_held {
+            true => {
+                g.entry(key).or_default().insert(call.fh);
+            }
+            false => {
+                g.remove(&key);
+            }
+        }
+    }
+}
+
+impl Client {
+    /// `F_GETLK`: the byte-range lock of another owner (of any client) that a `kind` lock on
+    /// `[start, end]` by `owner` would conflict with.
+    pub async fn get_lock(
+        &self,
+        ino: Ino,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+    ) -> Result<Option<LockInfo>> {
+        match self.call(MetaRequest::GetLock { ino, owner, start, end, kind }).await? {
+            MetaResponse::Lock(l) => Ok(l),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets, changes or releases a lock. A sleeping request waits until the lock is free;
+    /// between rounds it asks `interrupted` and gives up with `Interrupted` (EINTR) when it
+    /// says so. A conflict without sleep is `WouldBlock`, a deadlock `Deadlock`.
+    pub async fn set_lock(self: &Arc<Self>, call: LockCall, interrupted: impl Fn() -> bool) -> Result<()> {
+        if call.kind != LockKind::Unlock {
+            self.check_up()?;
+        }
+        // Releasing or downgrading a range lets others read what this client wrote under
+        // it: commit buffered writes first. A release happens even if that fails (the error
+        // is reported after it); a read lock is then not taken.
+        let flushed = match call.kind {
+            LockKind::Write => Ok(()),
+            LockKind::Read => Ok(self.flush(call.ino, false).await?),
+            LockKind::Unlock => self.flush(call.ino, false).await,
+        };
+        let req = MetaRequest::SetLock {
+            ino: call.ino,
+            owner: call.owner,
+            start: call.start,
+            end: call.end,
+            kind: call.kind,
+            pid: call.pid,
+            flock: call.flock,
+            wait_ms: if call.sleep { WAIT_ROUND_MS } else { 0 },
+        };
+        loop {
+            match self.call(req.clone()).await {
+                Ok(MetaResponse::LockHeld(held)) => {
+                    self.locks.note(&call, held);
+                    if call.kind != LockKind::Unlock {
+                        self.lock_taken(call.ino).await;
+                    }
+                    return flushed;
+                }
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) if e.code == ErrorCode::WouldBlock && call.sleep => {
+                    if interrupted() {
+                        return Err(ClientError::new(ErrorCode::Interrupted, "interrupted while waiting for a lock"));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A close (FUSE `FLUSH`) by `owner`: POSIX says closing any descriptor of a file
+    /// releases all of the process's byte-range locks on it. No round trip unless this
+    /// client has seen `owner` lock `ino`.
+    pub async fn locks_flushed(self: &Arc<Self>, ino: Ino, owner: u64) -> Result<()> {
+        let known = self.locks.inner.lock().expect("held lock").remove(&(ino, owner, false)).is_some();
+        match known {
+            true => self.unlock_all(ino, owner, false).await,
+            false => Ok(()),
+        }
+    }
+
+    /// The last close of handle `fh` (FUSE `RELEASE`): the locks of the open file
+    /// description go (OFD and flock locks; the process's own were dropped at `FLUSH`).
+    /// `flock_owner` is the owner the kernel names when it knows a flock was taken.
+    pub async fn locks_released(self: &Arc<Self>, ino: Ino, fh: u64, flock_owner: Option<u64>) -> Result<()> {
+        let keys: Vec<(Ino, u64, bool)> = {
+            let mut g = self.locks.inner.lock().expect("held lock");
+            let keys: Vec<_> = g
+                .iter()
+                .filter(|(k, fhs)| k.0 == ino && (fhs.contains(&fh) || Some(k.1) == flock_owner))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().for_each(|k| {
+                g.remove(k);
+            });
+            keys
+        };
+        let mut result = Ok(());
+        for (ino, owner, flock) in keys {
+            result = result.and(self.unlock_all(ino, owner, flock).await);
+        }
+        result
+    }
+
+    async fn unlock_all(self: &Arc<Self>, ino: Ino, owner: u64, flock: bool) -> Result<()> {
+        let req = MetaRequest::SetLock {
+            ino,
+            owner,
+            start: WHOLE.0,
+            end: WHOLE.1,
+            kind: LockKind::Unlock,
+            pid: 0,
+            flock,
+            wait_ms: 0,
+        };
+        match self.call(req).await? {
+            MetaResponse::LockHeld(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A lock was taken: what another client wrote before releasing it must show, so the
+    /// file's cached data, size and attributes go, here and in the kernel's page cache.
+    async fn lock_taken(&self, ino: Ino) {
+        self.forget_inode(ino);
+        self.invalidate_kernel_for(vec![ino], Vec::new()).await;
+    }
+}
