@@ -6,6 +6,7 @@
 
 use cairn_tests::*;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,49 @@ fn a_write_that_returned_is_read_at_once_through_another_client() {
     let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(&a));
     assert!(stats.lines().any(|l| l.starts_with("meta.WriteLease")), "A never asked for a write lease:\n{stats}");
     umount_lazy(&b);
+}
+
+#[test]
+fn changes_on_another_client_land_after_the_buffered_writes() {
+    let c = Cluster::start(1);
+    let (a, b) = (c.mnt.clone(), c.mount_again("b", ""));
+    std::fs::write(a.join("f"), b"").unwrap();
+    std::fs::hard_link(a.join("f"), a.join("g")).unwrap();
+    let mut on_a = std::fs::OpenOptions::new().write(true).open(a.join("f")).unwrap();
+    for round in 0..5u32 {
+        // Each change below names the file A is writing, some twice (as what they read and
+        // what they change); each must wait for A's buffered write, then go on.
+        on_a.write_all(format!("{round}").as_bytes()).unwrap();
+        let mode = if round % 2 == 0 { 0o600 } else { 0o644 };
+        std::fs::set_permissions(b.join("f"), std::fs::Permissions::from_mode(mode)).unwrap();
+        on_a.write_all(b"x").unwrap();
+        xattr_set(&b.join("f"), &format!("user.round{round}"));
+        on_a.write_all(b"y").unwrap();
+        std::fs::hard_link(b.join("f"), b.join(format!("h{round}"))).unwrap();
+        on_a.write_all(b"z").unwrap();
+        // A listing that shows the file under three names.
+        let listed = std::fs::read_dir(&b).unwrap().count();
+        assert_eq!(listed, 3 + round as usize, "round {round}");
+        let want: Vec<u8> = (0..=round).flat_map(|r| format!("{r}xyz").into_bytes()).collect();
+        assert_eq!(read(&b.join("g")), want, "round {round}: read on B through another name");
+    }
+    // A truncate on B lands after A's buffered write, and A's next write follows it.
+    on_a.write_all(b"buffered").unwrap();
+    std::fs::OpenOptions::new().write(true).open(b.join("f")).unwrap().set_len(2).unwrap();
+    assert_eq!(read(&a.join("f")), b"0x", "truncate on B after A's buffered write");
+    on_a.write_all(b"!").unwrap();
+    drop(on_a);
+    let after = read(&b.join("f"));
+    assert_eq!(after.len() as u64, std::fs::metadata(a.join("f")).unwrap().len());
+    assert_eq!(after.last(), Some(&b'!'));
+    umount_lazy(&b);
+}
+
+fn xattr_set(p: &Path, name: &str) {
+    let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid NUL-terminated strings and a 1-byte value.
+    let rc = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    assert_eq!(rc, 0, "setxattr {}: errno {}", p.display(), errno());
 }
 
 #[test]

@@ -135,7 +135,20 @@ pub struct Client {
     map_epoch: std::sync::atomic::AtomicU64,
     /// The data generation of each file when it was last opened: the kernel keeps the pages it
     /// cached (`keep_cache`) only when a new open finds the same one (see `Client::open`).
-    pub(crate) page_generations: moka::sync::Cache<Ino, u64>,
+    pub(crate) page_generations: moka::sync::Cache<Ino, PageState>,
+    /// Write lease recalls (file, epoch) that arrived before the answer to the create that
+    /// brought the lease (see `Client::created`).
+    pub(crate) early_recalls: moka::sync::Cache<Ino, u64>,
+}
+
+/// What a file looked like when it was last opened: the kernel may keep its pages only if a
+/// new open finds the same (see `Client::open`).
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct PageState {
+    pub(crate) generation: u64,
+    pub(crate) size: u64,
+    pub(crate) mtime: Timestamp,
+    pub(crate) ctime: Timestamp,
 }
 
 impl Client {
@@ -174,6 +187,7 @@ impl Client {
             session: session::Session::new(),
             map_epoch: Default::default(),
             page_generations: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            early_recalls: moka::sync::Cache::builder().time_to_live(Duration::from_secs(60)).build(),
         };
         let client = Arc::new(client);
         client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));

@@ -153,12 +153,12 @@ impl Client {
         }
     }
 
-    /// Opens a file: registers the handle with the metadata server.
-    /// Opens a handle. Opening an immutable file for writing, or an append-only one for
-    /// writing without `O_APPEND`, is EPERM (the kernel leaves these checks to FUSE).
-    /// Registers an open handle. Returns the attributes, and whether the kernel may keep the
-    /// pages it cached at earlier opens: only if nothing changed the file's data since (no
-    /// recall, no commit of this client, no lapsed session).
+    /// Opens a file: registers the handle with the metadata server. Opening an immutable
+    /// file for writing, or an append-only one for writing without `O_APPEND`, is EPERM (the
+    /// kernel leaves these checks to FUSE). Returns the attributes, and whether the kernel may
+    /// keep the pages it cached at earlier opens: only if the file's data generation (a
+    /// recall, a commit of this client, a lapsed session) and its size, mtime and ctime on the
+    /// server are what they were at the previous open.
     pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<(Attr, bool)> {
         let generation = self.data_generation(ino);
         if !write {
@@ -192,8 +192,15 @@ impl Client {
             self.release(ino).await?;
             return Err(ClientError::new(ErrorCode::Perm, "the file is immutable or append-only"));
         }
-        let now = self.data_generation(ino);
-        let keep = now == generation && self.page_generations.get(&ino) == Some(now);
+        // The attributes come from the server, which commits change with mtime or ctime: a
+        // change this client missed (its read lease ended, its session lapsed) shows there.
+        let now = crate::PageState {
+            generation: self.data_generation(ino),
+            size: attr.size,
+            mtime: attr.mtime,
+            ctime: attr.ctime,
+        };
+        let keep = now.generation == generation && self.page_generations.get(&ino).as_ref() == Some(&now);
         self.page_generations.insert(ino, now);
         Ok((attr, keep))
     }

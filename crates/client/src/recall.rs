@@ -31,20 +31,25 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
         _payload: Vec<u8>,
     ) -> Result<(CallbackResponse, Vec<u8>), WireError> {
         if let Some(client) = self.0.upgrade() {
-            let Callback::Recall { inodes, entries } = req;
-            // Buffered writes are committed before the caches go (a write lease recall).
-            for ino in &inodes {
-                client.give_up_lease(*ino).await;
+            match req {
+                Callback::Recall { inodes, entries } => client.recalled(inodes, entries).await,
+                Callback::RecallWrites { leases } => {
+                    client.stats.count("callback", "RecallWrites");
+                    for (ino, epoch) in leases {
+                        client.give_up_lease(ino, epoch).await;
+                    }
+                }
             }
-            client.recalled(inodes, entries).await;
         }
         Ok((CallbackResponse::Done, Vec::new()))
     }
 
-    /// Leases end with the connection, and recalls sent meanwhile were missed: forget all.
+    /// Read leases end with the connection, and recalls sent meanwhile were missed: forget
+    /// all. Write leases are claimed again by committing what they cover.
     async fn disconnected(&self, _peer: &Peer) {
         if let Some(client) = self.0.upgrade() {
             client.forget_all();
+            tokio::spawn(async move { client.reclaim_leases().await });
         }
     }
 }
@@ -72,14 +77,6 @@ impl Client {
         if let Some(kernel) = self.kernel_invalidator.get().cloned() {
             let work = tokio::task::spawn_blocking(move || kernel(&inodes, &entries));
             let _ = tokio::time::timeout(KERNEL_WAIT, work).await;
-        }
-    }
-
-    /// Has the kernel forget `ino`'s attributes, without waiting (a request on it may be
-    /// running).
-    pub(crate) fn invalidate_kernel(&self, ino: Ino) {
-        if let Some(kernel) = self.kernel_invalidator.get().cloned() {
-            tokio::task::spawn_blocking(move || kernel(&[ino], &[]));
         }
     }
 

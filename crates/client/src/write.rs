@@ -31,8 +31,8 @@ pub(crate) struct FileState {
     written_at: AtomicU64,
     /// Epoch of the write lease held on the file (0: none). Set and cleared under `inner`.
     lease: AtomicU64,
-    /// Recalls of the file so far: a lease granted while one arrived may be void already.
-    recalls: AtomicU64,
+    /// The newest lease epoch recalled: a lease whose grant crossed its own recall is void.
+    recalled: AtomicU64,
     /// Held while asking for the lease, so concurrent writers ask once.
     asking: Mutex<()>,
     inner: Mutex<WriteState>,
@@ -47,7 +47,8 @@ struct WriteState {
     /// Slices stored but not committed yet (kept for a retry if the commit fails).
     stored: Vec<NewSlice>,
     dirty: bool,
-    /// The error of a background commit (see [`commit_loop`]), for the next flush to report.
+    /// The last failure to store or commit, until an fsync reports it (see
+    /// `Client::flush_locked`).
     deferred: Option<crate::ClientError>,
 }
 
@@ -63,6 +64,13 @@ impl FileState {
         (self.buffered_size() > 0 && nanos > 0)
             .then_some(Timestamp { secs: (nanos / 1_000_000_000) as i64, nanos: (nanos % 1_000_000_000) as u32 })
     }
+}
+
+/// Forgets a file's buffered writes (they could not be stored or committed).
+fn drop_buffered(f: &FileState, st: &mut WriteState) {
+    st.stored.clear();
+    st.dirty = false;
+    f.size.store(0, Ordering::Release);
 }
 
 /// Why buffered writes are flushed (see [`Client::flush_and`]).
@@ -104,7 +112,7 @@ impl Client {
                     size: AtomicU64::new(0),
                     written_at: AtomicU64::new(0),
                     lease: AtomicU64::new(0),
-                    recalls: AtomicU64::new(0),
+                    recalled: AtomicU64::new(0),
                     asking: Mutex::default(),
                     inner: Mutex::default(),
                 })
@@ -116,42 +124,63 @@ impl Client {
         self.file_state(ino).handles.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Notes the write lease a file created open comes with ([`FIRST_LEASE`]).
+    /// Notes the write lease a file created open comes with ([`FIRST_LEASE`]), unless a
+    /// recall of it arrived before the answer to the create did.
     pub(crate) fn created(&self, ino: Ino) {
         let f = self.file_state(ino);
         f.handles.fetch_add(1, Ordering::AcqRel);
-        f.lease.store(FIRST_LEASE, Ordering::Release);
+        if self.early_recalls.remove(&ino).is_none_or(|epoch| epoch < FIRST_LEASE) {
+            f.lease.store(FIRST_LEASE, Ordering::Release);
+        }
     }
 
-    /// Asks for the file's write lease unless it is held. A recall that arrives while the
-    /// request is out may be meant for the lease it brings, so then it is asked again.
+    /// Asks for the file's write lease unless it is held. A lease recalled before its grant
+    /// arrived here is void, and is asked for again.
     async fn acquire_lease(&self, f: &FileState, ino: Ino) -> Result<()> {
         let _asking = f.asking.lock().await;
         while f.lease.load(Ordering::Acquire) == 0 {
-            let recalls = f.recalls.load(Ordering::Acquire);
             let (epoch, attr) = match self.call(MetaRequest::WriteLease { ino }).await? {
                 MetaResponse::Lease { epoch, attr } => (epoch, attr),
                 other => return Err(crate::unexpected(other)),
             };
             self.note_attr(attr);
             let _st = f.inner.lock().await;
-            if f.recalls.load(Ordering::Acquire) == recalls {
+            if epoch > f.recalled.load(Ordering::Acquire) {
                 f.lease.store(epoch, Ordering::Release);
             }
         }
         Ok(())
     }
 
-    /// What a recall does to a file this client writes: its buffered writes are committed
-    /// and its write lease is given up. A commit error is kept for the next flush to report.
-    pub(crate) async fn give_up_lease(self: &Arc<Self>, ino: Ino) {
-        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else { return };
-        f.recalls.fetch_add(1, Ordering::AcqRel);
-        if f.lease.load(Ordering::Acquire) == 0 && !f.inner.lock().await.dirty {
+    /// Answers a recall of write lease `epoch`: the file's buffered writes are committed and
+    /// the lease given up (a newer one, granted after the recall was sent, is kept). If the
+    /// commit fails, the buffered writes are dropped with the lease and the error is kept
+    /// for the next flush to report.
+    pub(crate) async fn give_up_lease(self: &Arc<Self>, ino: Ino, epoch: u64) {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            // A file being created: its create's answer, with the lease, is still on its way.
+            self.early_recalls.insert(ino, epoch);
+            return;
+        };
+        f.recalled.fetch_max(epoch, Ordering::AcqRel);
+        let mut st = f.inner.lock().await;
+        if f.lease.load(Ordering::Acquire) > epoch {
             return;
         }
-        if let Err(e) = self.flush_and(ino, false, Flush::Recall).await {
+        if let Err(e) = self.flush_locked(ino, &f, &mut st, false, Flush::Recall).await {
             tracing::warn!(ino, "writes flushed for a recall failed: {e}");
+        }
+        f.lease.store(0, Ordering::Release);
+    }
+
+    /// After a lost connection: commits every file written under a lease, so the metadata
+    /// server, which forgot the holders, records them again (or refuses the commit if another
+    /// client wrote the file meanwhile) before more writes pile up unseen by other clients.
+    pub(crate) async fn reclaim_leases(self: &Arc<Self>) {
+        let held: Vec<Ino> =
+            self.files.iter().filter(|f| f.lease.load(Ordering::Acquire) != 0).map(|f| *f.key()).collect();
+        for ino in held {
+            let _ = self.flush_and(ino, false, Flush::Background).await;
         }
     }
 
@@ -229,8 +258,10 @@ impl Client {
         f.written_at.store(now.secs as u64 * 1_000_000_000 + now.nanos as u64, Ordering::Release);
         f.size.fetch_max(end, Ordering::AcqRel);
         if append {
-            // The kernel sized the file by what it knew; it must ask again.
-            self.invalidate_kernel(ino);
+            // The kernel sized the file by what it knew; it must ask again. Not waited for:
+            // this write is still in progress in the kernel.
+            let client = self.clone();
+            tokio::spawn(async move { client.invalidate_kernel_for(vec![ino], Vec::new()).await });
         }
         Ok((offset, data.len() as u32))
     }
@@ -271,30 +302,46 @@ impl Client {
         self.flush_and(ino, durable, Flush::Caller).await
     }
 
-    /// [`Client::flush`] for `why`: after a recall, gives up the write lease; for a recall or
-    /// in the background, also keeps an error for the next flush (close, fsync) to report,
-    /// as a failed writeback is reported.
+    /// [`Client::flush`] for `why` (see [`Flush`]).
     async fn flush_and(self: &Arc<Self>, ino: Ino, durable: bool, why: Flush) -> Result<()> {
         let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         };
         let mut st = f.inner.lock().await;
-        let result = self.flush_locked(ino, &f, &mut st, durable).await;
-        if why == Flush::Recall {
-            f.lease.store(0, Ordering::Release);
-        }
-        if why != Flush::Caller
-            && let Err(e) = &result
-        {
-            st.deferred = Some(e.clone());
-        }
-        result
+        self.flush_locked(ino, &f, &mut st, durable, why).await
     }
 
-    async fn flush_locked(self: &Arc<Self>, ino: Ino, f: &FileState, st: &mut WriteState, durable: bool) -> Result<()> {
-        if let Some(e) = st.deferred.take() {
-            return Err(e);
+    /// Stores and commits the buffered writes of a file whose state is locked. A failure is
+    /// kept: every caller's `close` reports it (any process's, also one that only inherited
+    /// the descriptor across a fork), and the next `fsync` reports it and clears it, as a
+    /// local filesystem reports a failed writeback.
+    async fn flush_locked(
+        self: &Arc<Self>,
+        ino: Ino,
+        f: &FileState,
+        st: &mut WriteState,
+        durable: bool,
+        why: Flush,
+    ) -> Result<()> {
+        let result = self.store_and_commit(ino, f, st, durable, why).await;
+        if let Err(e) = &result {
+            st.deferred = Some(e.clone());
         }
+        if why != Flush::Caller {
+            return result;
+        }
+        let kept = if durable { st.deferred.take() } else { st.deferred.clone() };
+        result.and(kept.map_or(Ok(()), Err))
+    }
+
+    async fn store_and_commit(
+        self: &Arc<Self>,
+        ino: Ino,
+        f: &FileState,
+        st: &mut WriteState,
+        durable: bool,
+        why: Flush,
+    ) -> Result<()> {
         if !st.dirty && st.stored.is_empty() {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
@@ -315,9 +362,7 @@ impl Client {
         if let Some(e) = first_err {
             // The data could not be stored: report it once, as a local filesystem reports a
             // failed writeback, and drop the buffered state so later calls do not repeat it.
-            st.stored.clear();
-            st.dirty = false;
-            f.size.store(0, Ordering::Release);
+            drop_buffered(f, st);
             return Err(e);
         }
         if durable {
@@ -340,13 +385,12 @@ impl Client {
             };
             match self.call_attr(req).await {
                 Ok(a) => attr = Some(a),
-                Err(e) if e.code == ErrorCode::LeaseLost => {
-                    // Another client may have written since: these writes are refused for good.
-                    tracing::warn!(ino, "buffered writes refused: {e}");
+                // Another client may have written since: these writes are refused for good. A
+                // recall gives the lease up, so what it could not commit cannot stay either.
+                Err(e) if e.code == ErrorCode::LeaseLost || why == Flush::Recall => {
+                    tracing::warn!(ino, "buffered writes dropped: {e}");
                     f.lease.store(0, Ordering::Release);
-                    st.stored.clear();
-                    st.dirty = false;
-                    f.size.store(0, Ordering::Release);
+                    drop_buffered(f, st);
                     return Err(e);
                 }
                 Err(e) => return Err(e),

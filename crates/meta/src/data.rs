@@ -149,6 +149,7 @@ impl MetaService {
                 Ok(()) => tracing::warn!(?lost, "revoked write leases whose holders did not answer a recall"),
                 Err(e) => tracing::error!(?lost, "cannot revoke write leases: {e}"),
             }
+            self.leases.forget_writers(&lost);
         }
         recalled
     }
@@ -248,6 +249,9 @@ impl MetaService {
         Ok(())
     }
 
+    /// `MetaRequest::Fallocate`. With `fence`, the file's write lease epoch ends (the
+    /// requester does not hold it), as with a truncation (see `MetaService::setattr`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn fallocate(
         &self,
         ino: Ino,
@@ -255,6 +259,7 @@ impl MetaService {
         offset: u64,
         len: u64,
         caller: &Caller,
+        fence: bool,
     ) -> Result<Attr> {
         if len == 0 {
             return Err(MetaError::fs(ErrorCode::Invalid, "zero length"));
@@ -288,6 +293,9 @@ impl MetaService {
         }
         let now = Timestamp::now();
         let mut b = Batch::default();
+        if fence {
+            b.bump_lease(ino);
+        }
         if allocates {
             b.add_stored(ino, len);
             a.stored += len;

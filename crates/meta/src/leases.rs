@@ -33,7 +33,7 @@ pub(crate) const LEASE: Duration = Duration::from_secs(60);
 /// (the client uses a shorter limit: see `cairn-client`'s `SESSION_FRESH`).
 pub(crate) const LIVENESS: Duration = Duration::from_secs(5);
 
-/// Read leases by inode, and the sessions that can be called back.
+/// Read and write leases by inode, and the sessions that can be called back.
 #[derive(Default)]
 pub(crate) struct Leases {
     /// Client connections, by connection id, and when each last sent a request.
@@ -98,6 +98,11 @@ impl Leases {
         }
     }
 
+    /// Whether `conn` holds the write lease on `ino` (granted, not just reserved).
+    pub(crate) fn holds_write(&self, ino: Ino, conn: usize) -> bool {
+        self.writers.get(&ino).is_some_and(|w| w.conn == conn && w.epoch != GRANTING)
+    }
+
     /// Reserves the write lease on `ino` for `conn` if nobody holds it; then only `conn` may
     /// be granted it ([`Leases::set_writer`]) or give it up ([`Leases::unreserve`]).
     pub(crate) fn reserve(&self, ino: Ino, conn: usize) -> bool {
@@ -135,7 +140,10 @@ impl Leases {
     /// heard from. With `next`, a recalled lease is reserved for that connection, which asked
     /// for it: otherwise a busy writer would ask again first, every time. Returns whether any
     /// lease was recalled, and the leases whose holders did not answer, which the caller must
-    /// end so their later commits are refused.
+    /// end (then [`Leases::forget_writers`]) so their later commits are refused.
+    ///
+    /// Never waits while it has leases marked busy: a lease another request is recalling is
+    /// waited for only between rounds, so two requests cannot wait for each other.
     pub(crate) async fn recall_writers(
         &self,
         from: usize,
@@ -145,37 +153,56 @@ impl Leases {
         if self.writers.is_empty() {
             return (false, Vec::new());
         }
-        let mut calls: HashMap<usize, Vec<(Ino, u64)>> = HashMap::new();
-        for ino in inos {
-            // Not waiting for a recall under way when it is the holder asking: that may be the
-            // commit the recall waits for.
-            if self.writers.get(ino).is_none_or(|w| w.conn == from) {
-                continue;
-            }
-            let Some((conn, epoch)) = self.writer(*ino, from).await else { continue };
-            if conn != from
-                && let Some(mut w) = self.writers.get_mut(ino)
-                && (w.conn, w.epoch, w.busy) == (conn, epoch, false)
-            {
+        let mut todo = inos.to_vec();
+        todo.sort_unstable();
+        todo.dedup();
+        let (mut recalled, mut lost) = (false, Vec::new());
+        while !todo.is_empty() {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            let mut calls: HashMap<usize, Vec<(Ino, u64)>> = HashMap::new();
+            let mut busy = Vec::new();
+            for ino in todo.drain(..) {
+                // The holder's own requests go on: one may be the commit a recall waits for.
+                let Some(mut w) = self.writers.get_mut(&ino) else { continue };
+                if w.conn == from {
+                    continue;
+                }
+                if w.busy {
+                    busy.push(ino);
+                    continue;
+                }
                 w.busy = true;
-                calls.entry(conn).or_default().push((*ino, epoch));
+                calls.entry(w.conn).or_default().push((ino, w.epoch));
             }
+            if !calls.is_empty() {
+                recalled = true;
+                self.recalls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                lost.extend(self.recall_writes(calls, next).await);
+                self.settled.notify_waiters();
+            } else if !busy.is_empty() {
+                settled.await;
+            }
+            todo = busy;
         }
-        if calls.is_empty() {
-            return (false, Vec::new());
-        }
-        self.recalls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        (recalled, lost)
+    }
+
+    /// Sends each holder its [`Callback::RecallWrites`] and, once it answered (or stopped
+    /// answering), passes each lease on to `next` or drops it; returns those not answered.
+    async fn recall_writes(&self, calls: HashMap<usize, Vec<(Ino, u64)>>, next: Option<usize>) -> Vec<(Ino, u64)> {
         let recalls = calls.into_iter().map(|(conn, leases)| async move {
-            let inodes = leases.iter().map(|(i, _)| *i).collect();
-            let answered = self.call_back(conn, Callback::Recall { inodes, entries: Vec::new() }).await;
+            let answered = self.call_back(conn, Callback::RecallWrites { leases: leases.clone() }, None).await;
             let mut lost = Vec::new();
             for (ino, epoch) in leases {
-                let reserved = Writer { conn: next.unwrap_or(conn), epoch: GRANTING, busy: true };
+                let ours = |w: &Writer| (w.conn, w.epoch) == (conn, epoch);
                 match next {
-                    Some(_) => {
-                        self.writers.alter(&ino, |_, w| if (w.conn, w.epoch) == (conn, epoch) { reserved } else { w })
-                    }
-                    None => drop(self.writers.remove_if(&ino, |_, w| (w.conn, w.epoch) == (conn, epoch))),
+                    Some(to) => self.writers.alter(&ino, |_, w| match ours(&w) {
+                        true => Writer { conn: to, epoch: GRANTING, busy: true },
+                        false => w,
+                    }),
+                    None => drop(self.writers.remove_if(&ino, |_, w| ours(w))),
                 }
                 if let Err(e) = &answered {
                     warn!(conn, ino, "a write lease holder did not answer a recall: {e}");
@@ -184,14 +211,20 @@ impl Leases {
             }
             lost
         });
-        let lost = futures::future::join_all(recalls).await.into_iter().flatten().collect();
-        self.settled.notify_waiters();
-        (true, lost)
+        futures::future::join_all(recalls).await.into_iter().flatten().collect()
+    }
+
+    /// Forgets leases just ended in the database: a late commit of their holder may have
+    /// recorded them again meanwhile (see [`Leases::reclaim_writer`]).
+    pub(crate) fn forget_writers(&self, lost: &[(Ino, u64)]) {
+        for (ino, epoch) in lost {
+            self.writers.remove_if(ino, |_, w| w.epoch == *epoch && !w.busy);
+        }
     }
 
     /// Sends `req` to client `conn` and waits for its answer while the client stays alive
-    /// (it is heard from at least every [`LIVENESS`]).
-    async fn call_back(&self, conn: usize, req: Callback) -> Result<(), String> {
+    /// (it is heard from at least every [`LIVENESS`]) and, if given, until `deadline`.
+    async fn call_back(&self, conn: usize, req: Callback, deadline: Option<Instant>) -> Result<(), String> {
         let Some(peer) = self.sessions.get(&conn).map(|s| s.0.clone()) else {
             return Err("the client is gone".to_string());
         };
@@ -204,6 +237,9 @@ impl Leases {
                     let seen = self.sessions.get(&conn).map(|s| s.1);
                     if seen.is_none_or(|at| at.elapsed() >= LIVENESS) {
                         return Err("the client stopped answering".to_string());
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err("its lease ran out first".to_string());
                     }
                 }
             }
@@ -261,18 +297,13 @@ impl Leases {
         for ino in inodes {
             take(ino, &|call| call.inodes.push(ino));
         }
-        let recalls = calls.into_iter().filter_map(|(conn, call)| {
-            let (peer, seen) = self.sessions.get(&conn)?.clone();
-            Some(async move {
-                let until = call.until.min(seen + LIVENESS);
-                let wait = until.saturating_duration_since(Instant::now());
-                let req = Callback::Recall { inodes: call.inodes, entries: call.entries };
-                match peer.call::<_, CallbackResponse>(&req, wait).await {
-                    Ok(_) => debug!(conn, "recall answered"),
-                    // Its lease has run out meanwhile: it can no longer use what it had.
-                    Err(e) => warn!(conn, remote = %peer.remote, "a client did not answer a recall: {e}"),
-                }
-            })
+        let recalls = calls.into_iter().map(|(conn, call)| async move {
+            let req = Callback::Recall { inodes: call.inodes, entries: call.entries };
+            match self.call_back(conn, req, Some(call.until)).await {
+                Ok(()) => debug!(conn, "recall answered"),
+                // Its lease has run out meanwhile: it can no longer use what it had.
+                Err(e) => warn!(conn, "a client did not answer a recall: {e}"),
+            }
         });
         futures::future::join_all(recalls).await;
     }

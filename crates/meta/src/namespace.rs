@@ -455,7 +455,10 @@ impl MetaService {
         }
     }
 
-    pub(crate) async fn setattr(&self, ino: Ino, set: &SetAttrs) -> Result<Attr> {
+    /// `MetaRequest::SetAttr`. With `fence`, a size change also ends the file's write lease
+    /// epoch (the requester does not hold it), so a writer that lost track of its lease can
+    /// no longer commit data from before the truncation over it.
+    pub(crate) async fn setattr(&self, ino: Ino, set: &SetAttrs, fence: bool) -> Result<Attr> {
         let mut w = self.store.write().await?;
         let mut a = reads::get_attr(w.conn(), ino).await?;
         // A locked inode keeps its attributes; an append-only one may still be touched to now.
@@ -475,6 +478,9 @@ impl MetaService {
         }
         let now = Timestamp::now();
         let mut b = Batch::default();
+        if fence && set.size.is_some() {
+            b.bump_lease(ino);
+        }
         if let Some(perm) = set.perm {
             a.perm = perm & 0o7777;
             // The access ACL and the permission bits are one thing: chmod rewrites both.

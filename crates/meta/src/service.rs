@@ -111,7 +111,9 @@ impl MetaService {
             }
             MetaRequest::Lookup { parent, name } => R::Attr(self.lookup(parent, &name).await?),
             MetaRequest::GetAttr { ino } => R::Attr(self.getattr(ino).await?),
-            MetaRequest::SetAttr { ino, set, caller: _ } => R::Attr(self.setattr(ino, &set).await?),
+            MetaRequest::SetAttr { ino, set, caller: _ } => {
+                R::Attr(self.setattr(ino, &set, !self.leases.holds_write(ino, conn)).await?)
+            }
             MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => {
                 let (attr, dirs) =
                     self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open).await?;
@@ -163,7 +165,7 @@ impl MetaService {
                 R::Empty
             }
             MetaRequest::Fallocate { ino, mode, offset, len, caller } => {
-                R::Attr(self.fallocate(ino, mode, offset, len, &caller).await?)
+                R::Attr(self.fallocate(ino, mode, offset, len, &caller, !self.leases.holds_write(ino, conn)).await?)
             }
             MetaRequest::SetXattr { ino, name, value, mode, caller } => {
                 self.set_xattr(ino, &name, &value, mode, &caller).await?;

@@ -12,6 +12,11 @@ pub enum Callback {
     /// change is answered to its maker only after every holder answered (or its lease ran
     /// out), so nobody sees the old state after the change returned.
     Recall { inodes: Vec<Ino>, entries: Vec<(Ino, Vec<u8>)> },
+    /// Another client is about to read or change these files, whose write leases this
+    /// client holds (file, epoch): commit what is buffered for them, give the leases up, then
+    /// answer. What this client cached stays valid (it wrote it); a later change elsewhere
+    /// recalls it with `Recall`. A lease granted after the one named is kept.
+    RecallWrites { leases: Vec<(Ino, u64)> },
 }
 
 /// A client's answer to a [`Callback`].

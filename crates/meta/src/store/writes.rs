@@ -203,6 +203,11 @@ impl Batch {
         .bind(FileKind::File.to_i64());
     }
 
+    /// Ends whatever write lease epoch a file has (another client changed its data).
+    pub(crate) fn bump_lease(&mut self, ino: Ino) {
+        self.push("UPDATE inodes SET lease = lease + 1 WHERE ino = ?").bind_ino(ino);
+    }
+
     /// Ends write lease `epoch` of a file whose holder did not answer a recall, unless a
     /// newer one was granted meanwhile.
     pub(crate) fn revoke_lease(&mut self, ino: Ino, epoch: u64) {
