@@ -109,6 +109,14 @@ impl Cluster {
         dir
     }
 
+    /// [`Cluster::mount_again`], and the pid of that mount's process (to stop or kill it).
+    pub fn mount_again_with_pid(&self, name: &str) -> (PathBuf, i32) {
+        let pidfile = self.tmp.path().join(format!("{name}.pid"));
+        let dir = self.mount_again(name, &format!("pidfile={}", pidfile.display()));
+        let pid = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        (dir, pid)
+    }
+
     /// Pid of a server process started by `cairn local up` (`meta`, `chunk-1`, `mount`, …).
     pub fn pid(&self, name: &str) -> i32 {
         let p = self.data.join("run").join(format!("{name}.pid"));

@@ -74,11 +74,9 @@ fn changes_through_one_client_are_seen_at_once_through_another() {
 #[test]
 fn a_stopped_client_delays_changes_only_until_its_leases_end() {
     let c = Cluster::start(1);
-    let pidfile = c.tmp.path().join("b.pid");
-    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
+    let (b, b_pid) = c.mount_again_with_pid("b");
     std::fs::write(c.path("f"), b"x").unwrap();
     let _ = mode(&b.join("f"));
-    let b_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     // SAFETY: stopping and continuing a process this test started.
     unsafe { libc::kill(b_pid, libc::SIGSTOP) };
     let started = Instant::now();

@@ -147,6 +147,16 @@ fn eventually(p: &mut Py, line: &str, want: &str) {
     }
 }
 
+/// Writes a file `f` and opens it in one Python per mount: as `f` through mount A (the
+/// cluster's) and as `g` through mount `b`.
+fn two_openers(c: &Cluster, b: &Path) -> (Py, Py) {
+    std::fs::write(c.path("f"), b"x").unwrap();
+    let (mut pa, mut pb) = (Py::start(), Py::start());
+    open(&mut pa, "f", &c.path("f"));
+    open(&mut pb, "g", &b.join("f"));
+    (pa, pb)
+}
+
 const EX_NB: &str = "fcntl.LOCK_EX | fcntl.LOCK_NB";
 const SH_NB: &str = "fcntl.LOCK_SH | fcntl.LOCK_NB";
 
@@ -154,10 +164,7 @@ const SH_NB: &str = "fcntl.LOCK_SH | fcntl.LOCK_NB";
 fn flock_is_enforced_across_mounts_and_released_on_close_and_on_kill() {
     let c = Cluster::start(1);
     let b = c.mount_again("b", "");
-    std::fs::write(c.path("f"), b"x").unwrap();
-    let (mut pa, mut pb) = (Py::start(), Py::start());
-    open(&mut pa, "f", &c.path("f"));
-    open(&mut pb, "g", &b.join("f"));
+    let (mut pa, mut pb) = two_openers(&c, &b);
 
     pa.ok("fcntl.flock(f, fcntl.LOCK_EX)");
     assert_eq!(pb.run(&format!("fcntl.flock(g, {EX_NB})")), err(libc::EWOULDBLOCK), "exclusive on A, B");
@@ -217,10 +224,7 @@ const F_GETLK: &str = "fcntl.F_GETLK";
 fn byte_ranges_conflict_split_and_merge_across_mounts() {
     let c = Cluster::start(1);
     let b = c.mount_again("b", "");
-    std::fs::write(c.path("f"), b"x").unwrap();
-    let (mut pa, mut pb) = (Py::start(), Py::start());
-    open(&mut pa, "f", &c.path("f"));
-    open(&mut pb, "g", &b.join("f"));
+    let (mut pa, mut pb) = two_openers(&c, &b);
     let wr = |f: &str, cmd: &str, start: u64, len: u64| format!("lk({f}, {cmd}, fcntl.F_WRLCK, {start}, {len})");
     let rd = |f: &str, cmd: &str, start: u64, len: u64| format!("lk({f}, {cmd}, fcntl.F_RDLCK, {start}, {len})");
     let un = |f: &str, start: u64, len: u64| format!("lk({f}, {F_SETLK}, fcntl.F_UNLCK, {start}, {len})");
@@ -301,10 +305,7 @@ fn ofd_locks_conflict_across_mounts_and_per_open_file() {
 fn blocking_locks_wait_are_interrupted_and_detect_deadlocks() {
     let c = Cluster::start(1);
     let b = c.mount_again("b", "");
-    std::fs::write(c.path("f"), b"x").unwrap();
-    let (mut pa, mut pb) = (Py::start(), Py::start());
-    open(&mut pa, "f", &c.path("f"));
-    open(&mut pb, "g", &b.join("f"));
+    let (mut pa, mut pb) = two_openers(&c, &b);
     let wr = |f: &str, cmd: &str, start: u64| format!("lk({f}, {cmd}, fcntl.F_WRLCK, {start}, 1)");
     let un = |f: &str, start: u64| format!("lk({f}, {F_SETLK}, fcntl.F_UNLCK, {start}, 1)");
 
@@ -349,12 +350,8 @@ fn blocking_locks_wait_are_interrupted_and_detect_deadlocks() {
 #[test]
 fn locks_of_a_dead_client_are_released() {
     let c = Cluster::start(1);
-    let pidfile = c.tmp.path().join("b.pid");
-    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
-    std::fs::write(c.path("f"), b"x").unwrap();
-    let (mut pa, mut pb) = (Py::start(), Py::start());
-    open(&mut pa, "f", &c.path("f"));
-    open(&mut pb, "g", &b.join("f"));
+    let (b, mount_pid) = c.mount_again_with_pid("b");
+    let (mut pa, mut pb) = two_openers(&c, &b);
     pb.ok("lk(g, fcntl.F_SETLK, fcntl.F_WRLCK, 0, 0)");
     pb.ok("fcntl.flock(g, fcntl.LOCK_EX)");
     assert_eq!(pa.run("lk(f, fcntl.F_SETLK, fcntl.F_RDLCK, 5, 1)"), err(libc::EAGAIN));
@@ -362,7 +359,6 @@ fn locks_of_a_dead_client_are_released() {
 
     // B's mount process dies without a word: the metadata server drops its locks when the
     // connection times out, and A's waits end with the locks.
-    let mount_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     kill9(mount_pid);
     let started = Instant::now();
     pa.send("signal.setitimer(signal.ITIMER_REAL, 60); r = lk(f, fcntl.F_SETLKW, fcntl.F_RDLCK, 5, 1)");

@@ -158,12 +158,10 @@ fn a_truncate_on_one_client_is_seen_by_the_next_read_on_another() {
 #[test]
 fn a_stopped_writer_loses_its_lease_and_cannot_overwrite_newer_data() {
     let c = Cluster::start(1);
-    let pidfile = c.tmp.path().join("b.pid");
-    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
+    let (b, b_pid) = c.mount_again_with_pid("b");
     std::fs::write(c.path("f"), b"committed before").unwrap();
     let mut on_b = std::fs::OpenOptions::new().write(true).open(b.join("f")).unwrap();
     on_b.write_all(b"buffered on B, never committed").unwrap();
-    let b_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     // SAFETY: stopping and continuing a process this test started.
     unsafe { libc::kill(b_pid, libc::SIGSTOP) };
     let started = Instant::now();
@@ -200,14 +198,12 @@ fn a_stopped_writer_loses_its_lease_and_cannot_overwrite_newer_data() {
 #[test]
 fn a_killed_writer_leaves_no_torn_data() {
     let c = Cluster::start(1);
-    let pidfile = c.tmp.path().join("b.pid");
-    let b = c.mount_again("b", &format!("pidfile={}", pidfile.display()));
+    let (b, b_pid) = c.mount_again_with_pid("b");
     let old = pattern(1, 3 << 20);
     std::fs::write(c.path("f"), &old).unwrap();
     let mut on_b = std::fs::OpenOptions::new().write(true).open(b.join("f")).unwrap();
     let new = pattern(2, 3 << 20);
     on_b.write_all(&new).unwrap();
-    let b_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     kill9(b_pid);
     let seen = read(&c.path("f"));
     assert!(seen == old || seen == new, "a killed writer left torn data ({} bytes)", seen.len());
