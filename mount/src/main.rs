@@ -126,6 +126,11 @@ fn mount(args: &MountArgs) -> anyhow::Result<(fuser::BackgroundSession, Arc<Clie
         timeout,
         cache_bytes: file.cache_mib << 20,
         write_buffer_bytes: file.write_buffer_mib << 20,
+        disk_cache: match (file.disk_cache_mib, &file.disk_cache_dir) {
+            (0, _) => None,
+            (mib, Some(dir)) => Some((dir.clone(), mib << 20)),
+            (_, None) => anyhow::bail!("{}: disk_cache_mib needs disk_cache_dir", file_path.display()),
+        },
         atime: if args.opts.read_only { AtimeMode::Never } else { args.opts.atime },
         diratime: args.opts.diratime,
         ..ClientConfig::default()

@@ -173,7 +173,14 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         tls: tls("meta"),
     };
     cairn_config::save(&dir.join("meta.toml"), "Cairn metadata server", &meta_file)?;
-    let client = ClientFile { timeout_secs: 10, cache_mib: 64, write_buffer_mib: 64, tls: tls("client") };
+    let client = ClientFile {
+        timeout_secs: 10,
+        cache_mib: 64,
+        write_buffer_mib: 64,
+        disk_cache_mib: 0,
+        disk_cache_dir: None,
+        tls: tls("client"),
+    };
     cairn_config::save(&dir.join("client.toml"), "Cairn client (mount.cairn -o config=...)", &client)?;
     let uuid = format!("{:032x}", rand::random::<u128>());
     let info = cairn_proto::VolumeInfo {

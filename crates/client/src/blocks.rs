@@ -45,11 +45,19 @@ pub(crate) struct BlockClient {
     servers: Mutex<Option<(Instant, Arc<Vec<ChunkServerInfo>>)>>,
     slice_ids: Mutex<(SliceId, SliceId)>,
     pub(crate) cache: moka::future::Cache<BlockKey, Arc<Block>>,
+    /// Blocks kept on local disk, encoded (see `disk_cache`), if configured.
+    disk: Option<crate::disk_cache::DiskCache>,
 }
 
 impl BlockClient {
-    pub(crate) fn new(endpoint: quinn::Endpoint, config: &ClientConfig) -> BlockClient {
-        BlockClient {
+    pub(crate) fn new(endpoint: quinn::Endpoint, config: &ClientConfig) -> Result<BlockClient> {
+        let disk = match &config.disk_cache {
+            Some((dir, bytes)) => Some(crate::disk_cache::DiskCache::open(dir, *bytes).map_err(|e| {
+                ClientError::new(ErrorCode::Io, format!("cannot open the disk cache in {}: {e}", dir.display()))
+            })?),
+            None => None,
+        };
+        Ok(BlockClient {
             endpoint,
             timeout: config.timeout,
             rpcs: DashMap::new(),
@@ -62,7 +70,8 @@ impl BlockClient {
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .weigher(|_, v: &Arc<Block>| v.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
-        }
+            disk,
+        })
     }
 }
 
@@ -243,19 +252,40 @@ impl Client {
                     up.rotate_left(spread);
                     servers = up.into_iter().chain(down).collect();
                 }
+                if let Some(disk) = &self.blocks.disk
+                    && let Some(bytes) = disk.get(key).await
+                {
+                    self.stats.count("disk", "Get");
+                    match self.decode(key, bytes).await {
+                        Ok(block) => return Ok(Arc::new(block)),
+                        Err(e) => {
+                            warn!(?key, "a block in the disk cache failed verification: {e}");
+                            disk.remove(key);
+                        }
+                    }
+                }
                 let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
                 for &id in &servers {
                     let t0 = std::time::Instant::now();
                     let got = self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await;
                     tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
                     match got {
-                        Ok(bytes) => match self.decode(key, bytes).await {
-                            Ok(block) => return Ok(Arc::new(block)),
-                            Err(e) => {
-                                error!(server = id, ?key, "block failed verification: {e}");
-                                last = ClientError::new(ErrorCode::Corrupt, e.to_string());
+                        Ok(bytes) => {
+                            // The decoder consumes its bytes: keep a copy for the disk cache.
+                            let keep = self.blocks.disk.as_ref().map(|_| bytes.clone());
+                            match self.decode(key, bytes).await {
+                                Ok(block) => {
+                                    if let (Some(disk), Some(bytes)) = (&self.blocks.disk, keep) {
+                                        disk.put(key, bytes);
+                                    }
+                                    return Ok(Arc::new(block));
+                                }
+                                Err(e) => {
+                                    error!(server = id, ?key, "block failed verification: {e}");
+                                    last = ClientError::new(ErrorCode::Corrupt, e.to_string());
+                                }
                             }
-                        },
+                        }
                         Err(e) => {
                             if e.code == ErrorCode::Corrupt {
                                 error!(server = id, ?key, "chunk server reports a corrupt block: {}", e.message);

@@ -7,6 +7,7 @@ mod atime;
 mod attrs;
 mod blocks;
 mod compact;
+mod disk_cache;
 mod error;
 pub mod layout;
 mod listing;
@@ -43,6 +44,8 @@ pub struct ClientConfig {
     pub cache_bytes: u64,
     /// Bytes of written data that may be buffered or in flight before writers wait.
     pub write_buffer_bytes: u64,
+    /// The on-disk block cache, if any: its directory and its bound in bytes.
+    pub disk_cache: Option<(std::path::PathBuf, u64)>,
     /// How long cached attributes, names, listings, maps and sizes are kept. Another client's
     /// change recalls them sooner (read leases), so this bounds memory more than staleness;
     /// it must stay below the metadata server's lease (60 s).
@@ -61,6 +64,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(10),
             cache_bytes: 64 << 20,
             write_buffer_bytes: 64 << 20,
+            disk_cache: None,
             map_ttl: Duration::from_secs(10),
             atime: AtimeMode::default(),
             diratime: true,
@@ -159,7 +163,7 @@ impl Client {
         let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: config.volume.clone() };
         let (volume, codec) = hello_answer(meta.call::<_, MetaResponse>(&hello, &[]).await?.0)?;
         let client = Client {
-            blocks: blocks::BlockClient::new(endpoint, &config),
+            blocks: blocks::BlockClient::new(endpoint, &config)?,
             files: DashMap::new(),
             generations: moka::sync::Cache::builder().time_to_live(config.map_ttl * 2).build(),
             write_budget: write::WriteBudget::new(config.write_buffer_bytes),

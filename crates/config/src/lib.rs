@@ -103,6 +103,14 @@ pub struct ClientFile {
     /// MiB of written data buffered or in flight before writers wait.
     #[serde(default = "default_write_buffer_mib")]
     pub write_buffer_mib: u64,
+    /// MiB of blocks kept on local disk as the chunk servers store them (compressed and
+    /// encrypted), which also outlive the mount; 0 (the default) keeps none.
+    #[serde(default)]
+    pub disk_cache_mib: u64,
+    /// Directory of the on-disk block cache; needed when `disk_cache_mib` is set. A relative
+    /// path is taken from the directory of this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_cache_dir: Option<PathBuf>,
     pub tls: Tls,
 }
 
@@ -194,6 +202,11 @@ impl HasTls for ChunkFile {
 impl HasTls for ClientFile {
     fn resolve_paths(&mut self, dir: &Path) {
         self.tls.resolve(dir);
+        if let Some(cache) = &mut self.disk_cache_dir
+            && cache.is_relative()
+        {
+            *cache = dir.join(&*cache);
+        }
     }
 }
 
@@ -206,7 +219,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("client.toml");
         let tls = Tls { ca: "ca.pem".into(), cert: "client.pem".into(), key: "/abs/client.key".into() };
-        save(&path, "test", &ClientFile { timeout_secs: 3, cache_mib: 1, write_buffer_mib: 2, tls }).unwrap();
+        save(
+            &path,
+            "test",
+            &ClientFile {
+                timeout_secs: 3,
+                cache_mib: 1,
+                write_buffer_mib: 2,
+                disk_cache_mib: 0,
+                disk_cache_dir: None,
+                tls,
+            },
+        )
+        .unwrap();
         let back: ClientFile = load(&path).unwrap();
         assert_eq!(back.tls.ca, dir.path().join("ca.pem"));
         assert_eq!(back.tls.key, PathBuf::from("/abs/client.key"));
