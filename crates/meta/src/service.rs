@@ -366,8 +366,8 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         self.leases.grant(peer, &read);
         let mut changed = req.changed_inodes();
         // Access times do not conflict with buffered writes; a write lease request recalls
-        // the lease itself, to have it passed on.
-        if !matches!(req, MetaRequest::Touch { .. } | MetaRequest::WriteLease { .. }) {
+        // the lease itself, to have it passed on. Alone, a client holds every lease there is.
+        if self.leases.shared() && !matches!(req, MetaRequest::Touch { .. } | MetaRequest::WriteLease { .. }) {
             let touched: Vec<Ino> = read.iter().chain(&changed).copied().collect();
             self.recall_writers(peer.conn_id, &touched, None).await;
         }
