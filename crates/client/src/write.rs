@@ -10,7 +10,7 @@ use cairn_proto::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 
 /// Slices per commit request (well inside the frame header limit).
 const COMMIT_BATCH: usize = 4096;
@@ -43,9 +43,12 @@ struct WriteState {
     /// The buffer being filled: file offset and bytes.
     buf: Option<(u64, Vec<u8>)>,
     /// Sealed buffers being stored, in write order (which is commit order).
-    pending: Vec<JoinHandle<Stored>>,
+    pending: std::collections::VecDeque<JoinHandle<Stored>>,
     /// Slices stored but not committed yet (kept for a retry if the commit fails).
     stored: Vec<NewSlice>,
+    /// The first failure to store a sealed buffer, found while reaping `pending`; the next
+    /// flush reports it.
+    store_failed: Option<crate::ClientError>,
     dirty: bool,
     /// The last failure to store or commit, until an fsync reports it (see
     /// `Client::flush_locked`).
@@ -69,6 +72,7 @@ impl FileState {
 /// Forgets a file's buffered writes (they could not be stored or committed).
 fn drop_buffered(f: &FileState, st: &mut WriteState) {
     st.stored.clear();
+    st.store_failed = None;
     st.dirty = false;
     f.size.store(0, Ordering::Release);
 }
@@ -237,7 +241,7 @@ impl Client {
                 None => false,
             };
             if !appendable {
-                self.seal(&mut st, false).await;
+                self.seal(ino, &mut st, false).await;
                 // Sequential writers fill whole blocks: reserve one so the buffer never regrows.
                 let cap = if rest.len() as u64 >= bs / 8 { bs.min(chunk_end - off) as usize } else { rest.len() };
                 st.buf = Some((off, Vec::with_capacity(cap)));
@@ -252,7 +256,7 @@ impl Client {
             b[at..at + n_us].copy_from_slice(&rest[..n_us]);
             let full = b.len() as u64 >= bs || *b_off + b.len() as u64 == chunk_end;
             if full {
-                self.seal(&mut st, false).await;
+                self.seal(ino, &mut st, false).await;
             }
             off += n;
             rest = &rest[n_us..];
@@ -271,7 +275,7 @@ impl Client {
     }
 
     /// Starts storing the current buffer in the background (waits if the budget is spent).
-    async fn seal(self: &Arc<Self>, st: &mut WriteState, sync: bool) {
+    async fn seal(self: &Arc<Self>, ino: Ino, st: &mut WriteState, sync: bool) {
         let Some((off, data)) = st.buf.take() else {
             return;
         };
@@ -279,9 +283,10 @@ impl Client {
             return;
         }
         let permit = self.write_budget.acquire(data.len()).await;
+        self.reap_stored(ino, st);
         let client = self.clone();
         let cs = self.volume.chunk_size;
-        st.pending.push(tokio::spawn(async move {
+        st.pending.push_back(tokio::spawn(async move {
             let id = client.next_slice_id().await?;
             let len = data.len();
             let servers = client.store_slice(id, data, sync).await?;
@@ -298,6 +303,39 @@ impl Client {
             let slice = SliceRef { pos: (off % cs) as u32, len: len as u32, id, servers };
             Ok((NewSlice { chunk: off / cs, slice }, keys))
         }));
+    }
+
+    /// Takes the results of the store tasks that finished, oldest first, so that many small
+    /// writes do not keep a finished task (the size of its whole future) per slice until the
+    /// next commit.
+    fn reap_stored(&self, ino: Ino, st: &mut WriteState) {
+        while let Some(handle) = st.pending.front_mut().filter(|h| h.is_finished()) {
+            // `unconstrained`: tokio's cooperative budget could otherwise answer "pending".
+            let Some(outcome) = futures::FutureExt::now_or_never(tokio::task::unconstrained(handle)) else {
+                return;
+            };
+            st.pending.pop_front();
+            self.note_stored(ino, st, outcome);
+        }
+    }
+
+    /// Records one store task's outcome: the slice joins those to commit, or the first
+    /// failure is kept for the flush to report.
+    fn note_stored(&self, ino: Ino, st: &mut WriteState, outcome: std::result::Result<Stored, JoinError>) {
+        match outcome {
+            Ok(Ok((slice, keys))) => {
+                st.stored.push(slice);
+                if !keys.is_empty() {
+                    self.unsynced.entry(ino).or_default().extend(keys);
+                }
+            }
+            Ok(Err(e)) => {
+                st.store_failed.get_or_insert(e);
+            }
+            Err(e) => {
+                st.store_failed.get_or_insert(crate::ClientError::new(ErrorCode::Io, e.to_string()));
+            }
+        }
     }
 
     /// Stores and commits everything written so far; with `durable`, also makes it survive
@@ -349,21 +387,11 @@ impl Client {
         if !st.dirty && st.stored.is_empty() {
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
-        self.seal(st, durable).await;
-        let mut first_err = None;
+        self.seal(ino, st, durable).await;
         for handle in std::mem::take(&mut st.pending) {
-            match handle.await {
-                Ok(Ok((slice, keys))) => {
-                    st.stored.push(slice);
-                    if !keys.is_empty() {
-                        self.unsynced.entry(ino).or_default().extend(keys);
-                    }
-                }
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(crate::ClientError::new(ErrorCode::Io, e.to_string()))),
-            }
+            self.note_stored(ino, st, handle.await);
         }
-        if let Some(e) = first_err {
+        if let Some(e) = st.store_failed.take() {
             // The data could not be stored: report it once, as a local filesystem reports a
             // failed writeback, and drop the buffered state so later calls do not repeat it.
             drop_buffered(f, st);
