@@ -501,10 +501,16 @@ impl Filesystem for CairnFs {
         run!(self, reply, |c| c.flush(ino.0, true), |_v| reply.ok())
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs.insert(fh, Mutex::new(DirBatch::default()));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        // The kernel caches listings (`git status`, `find` and `ls` list the same directories
+        // again and again); it may reuse one while the directory's read lease holds.
+        let flags = match self.client.open_dir(ino.0) {
+            true => FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            false => FopenFlags::FOPEN_CACHE_DIR,
+        };
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -116,16 +116,37 @@ fn warm_stats_need_no_round_trip_while_leases_hold() {
     let stat_all = || files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum::<u64>();
     // Each pass waits out the kernel's 1 s lifetime, so every stat reaches the client. The
     // first one after the writes asks the server (a file written since its entry was
-    // cached is looked up once); the next one must not.
+    // cached is looked up once); the next one must not. Listings come from the kernel's
+    // cache once it holds one.
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(stat_all(), 300);
+        assert_eq!(names(&c.path("d")).len(), 300);
     }
     std::thread::sleep(Duration::from_millis(1500));
     let before = meta_requests(&c.mnt);
     assert_eq!(stat_all(), 300);
+    assert_eq!(names(&c.path("d")).len(), 300);
     let after = meta_requests(&c.mnt);
-    assert_eq!(after, before, "warm stats of 300 files went to the metadata server");
+    assert_eq!(after, before, "warm stats and a warm listing of 300 files went to the metadata server");
+}
+
+#[test]
+fn a_listing_cached_before_a_stop_shows_the_changes_made_meanwhile() {
+    let c = Cluster::start(1);
+    let (b, b_pid) = c.mount_again_with_pid("b");
+    std::fs::create_dir(c.path("d")).unwrap();
+    std::fs::write(c.path("d/old"), b"x").unwrap();
+    // The second listing on B comes from its kernel's cache.
+    assert_eq!(names(&b.join("d")), ["old"]);
+    assert_eq!(names(&b.join("d")), ["old"]);
+    // SAFETY: stopping and continuing a process this test started.
+    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    // The create waits for B's lease on the directory to end, which B cannot answer.
+    std::fs::write(c.path("d/new"), b"x").unwrap();
+    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    assert_eq!(names(&b.join("d")), ["new", "old"], "B listed a directory as it was before it stopped");
+    umount_lazy(&b);
 }
 
 /// Requests this mount sent to chunk servers.

@@ -140,6 +140,10 @@ pub struct Client {
     /// The data generation of each file when it was last opened: the kernel keeps the pages it
     /// cached (`keep_cache`) only when a new open finds the same one (see `Client::open`).
     pub(crate) page_generations: moka::sync::Cache<Ino, PageState>,
+    /// Directories' generations when the kernel was last let list them into its own cache,
+    /// kept for the map TTL (well within the read lease the listing brought); see
+    /// `Client::open_dir`.
+    pub(crate) dir_pages: moka::sync::Cache<Ino, u64>,
     /// Write lease recalls (file, epoch) that arrived before the answer to the create that
     /// brought the lease (see `Client::created`).
     pub(crate) early_recalls: moka::sync::Cache<Ino, u64>,
@@ -191,6 +195,7 @@ impl Client {
             session: session::Session::new(),
             map_epoch: Default::default(),
             page_generations: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            dir_pages: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             early_recalls: moka::sync::Cache::builder().time_to_live(Duration::from_secs(60)).build(),
         };
         let client = Arc::new(client);

@@ -153,6 +153,22 @@ impl Client {
         }
     }
 
+    /// Opens a directory for listing; true if the kernel may list it from what it cached at
+    /// an earlier open. That holds while the directory's generation (bumped by a recall of
+    /// its lease and by a lapsed session) is what it was then, for at most the map TTL: the
+    /// read lease the listing brought outlives that, so any change by another client in
+    /// between was recalled. The kernel itself drops its cache after this client's own
+    /// changes in the directory.
+    pub fn open_dir(&self, ino: Ino) -> bool {
+        self.check_session();
+        let generation = self.data_generation(ino);
+        let keep = self.dir_pages.get(&ino) == Some(generation);
+        if !keep {
+            self.dir_pages.insert(ino, generation);
+        }
+        keep
+    }
+
     /// Opens a file: registers the handle with the metadata server. Opening an immutable
     /// file for writing, or an append-only one for writing without `O_APPEND`, is EPERM (the
     /// kernel leaves these checks to FUSE). Returns the attributes, and whether the kernel may
