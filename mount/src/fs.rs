@@ -14,10 +14,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 /// How long the kernel may trust attributes and entries: the client's limit (see there).
-const TTL: Duration = cairn_client::KERNEL_TTL;
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 /// Entries fetched from the metadata server per readdir round trip.
@@ -273,7 +272,7 @@ impl Filesystem for CairnFs {
             flags: None,
         };
         let who = caller(req);
-        run!(self, reply, |c| c.setattr(ino.0, set, who), |a| reply.attr(&TTL, &to_fuse(&a)))
+        run!(self, reply, |c| c.setattr(ino.0, set, who), |a| reply.attr(&c.kernel_ttl(), &to_fuse(&a)))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -286,7 +285,7 @@ impl Filesystem for CairnFs {
         };
         let (name, who) = (name_bytes(name), caller(req));
         run!(self, reply, |c| c.make_node(parent.0, &name, kind, mode & 0o7777, umask, rdev, None, who, false), |a| {
-            reply.entry(&TTL, &to_fuse(&a), Generation(0))
+            reply.entry(&c.kernel_ttl(), &to_fuse(&a), Generation(0))
         })
     }
 
@@ -296,7 +295,7 @@ impl Filesystem for CairnFs {
             self,
             reply,
             |c| c.make_node(parent.0, &name, FileKind::Dir, mode & 0o7777, umask, 0, None, who, false),
-            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
+            |a| reply.entry(&c.kernel_ttl(), &to_fuse(&a), Generation(0))
         )
     }
 
@@ -317,7 +316,7 @@ impl Filesystem for CairnFs {
             self,
             reply,
             |c| c.make_node(parent.0, &name, FileKind::Symlink, 0o777, 0, 0, Some(target), who, false),
-            |a| reply.entry(&TTL, &to_fuse(&a), Generation(0))
+            |a| reply.entry(&c.kernel_ttl(), &to_fuse(&a), Generation(0))
         )
     }
 
@@ -350,7 +349,7 @@ impl Filesystem for CairnFs {
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let newname = name_bytes(newname);
         run!(self, reply, |c| c.link(ino.0, newparent.0, &newname), |a| {
-            reply.entry(&TTL, &to_fuse(&a), Generation(0))
+            reply.entry(&c.kernel_ttl(), &to_fuse(&a), Generation(0))
         })
     }
 
@@ -539,15 +538,16 @@ impl Filesystem for CairnFs {
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let (client, dirs) = (self.client.clone(), self.dirs.clone());
         self.spawn(async move {
+            let ttl = client.kernel_ttl();
             if offset < 2 {
                 let me = match client.getattr(ino.0).await {
                     Ok(a) => to_fuse(&a),
                     Err(e) => return reply.error(errno(&e)),
                 };
-                if offset < 1 && reply.add(ino, 1, ".", &TTL, &me, Generation(0)) {
+                if offset < 1 && reply.add(ino, 1, ".", &ttl, &me, Generation(0)) {
                     return reply.ok();
                 }
-                if reply.add(ino, 2, "..", &TTL, &me, Generation(0)) {
+                if reply.add(ino, 2, "..", &ttl, &me, Generation(0)) {
                     return reply.ok();
                 }
             }
@@ -556,7 +556,7 @@ impl Filesystem for CairnFs {
                     for e in entries {
                         let Some(a) = &e.attr else { continue };
                         let name = OsStr::from_bytes(&e.name);
-                        if reply.add(INodeNo(e.ino), e.cookie + 2, name, &TTL, &to_fuse(a), Generation(0)) {
+                        if reply.add(INodeNo(e.ino), e.cookie + 2, name, &ttl, &to_fuse(a), Generation(0)) {
                             break;
                         }
                     }
@@ -660,7 +660,7 @@ impl Filesystem for CairnFs {
             self,
             reply,
             |c| c.make_node(parent.0, &name, FileKind::File, mode & 0o7777, umask, 0, None, who, true),
-            |a| { reply.created(&TTL, &to_fuse(&a), Generation(0), FileHandle(fh), FopenFlags::empty()) }
+            |a| { reply.created(&c.kernel_ttl(), &to_fuse(&a), Generation(0), FileHandle(fh), FopenFlags::empty()) }
         )
     }
 

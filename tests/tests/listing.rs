@@ -74,8 +74,8 @@ fn another_clients_changes_show_within_the_cache_ttl() {
     stat_all(&od, 20);
     std::fs::remove_file(d.join("f0")).unwrap();
     std::fs::write(d.join("late"), b"late").unwrap();
-    // The contract is one TTL (1 s); allow slack for a loaded machine, but far less than a
-    // listing kept past its TTL would take.
+    // A recall makes this immediate; the deadline allows slack for a loaded machine, but far
+    // less than a listing kept past its lifetime would take.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let gone = std::fs::symlink_metadata(od.join("f0")).is_err();

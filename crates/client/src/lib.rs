@@ -72,11 +72,6 @@ impl Default for ClientConfig {
     }
 }
 
-/// The longest the kernel may keep attributes and names this client gives it. The client's
-/// own caches live longer, but a recall reaches the kernel only while the client runs: a
-/// stopped client's kernel must not show old state for long.
-pub const KERNEL_TTL: Duration = Duration::from_secs(1);
-
 /// A mounted volume's client state, shared by every FUSE worker thread.
 pub struct Client {
     pub(crate) meta: RpcClient,

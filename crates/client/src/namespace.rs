@@ -1,6 +1,6 @@
 //! Namespace calls: thin wrappers over metadata requests, plus name checks done locally.
 
-use crate::{Client, ClientError, Entry, KERNEL_TTL, Result, unexpected};
+use crate::{Client, ClientError, Entry, Result, unexpected};
 use cairn_proto::meta::*;
 use cairn_proto::*;
 use std::sync::Arc;
@@ -25,10 +25,10 @@ impl Client {
         self.check_session();
         let dots = name == b"." || name == b"..";
         if !dots && let Some(mut hit) = self.listed(parent, name).await {
-            hit.ttl = hit.ttl.min(KERNEL_TTL);
+            hit.ttl = hit.ttl.min(self.kernel_ttl());
             return Ok(hit);
         }
-        let ttl = KERNEL_TTL;
+        let ttl = self.kernel_ttl();
         match self.call_attr(MetaRequest::Lookup { parent, name: name.to_vec() }).await {
             Ok(a) => Ok(Entry { attr: Some(a), ttl }),
             Err(e) if e.code == ErrorCode::NotFound && !dots => Ok(Entry { attr: None, ttl }),
@@ -44,7 +44,7 @@ impl Client {
     /// recent answers when it has them (see `attrs`), else from the server.
     pub async fn stat(&self, ino: Ino) -> Result<(Attr, Duration)> {
         self.check_session();
-        let ttl = KERNEL_TTL;
+        let ttl = self.kernel_ttl();
         if let Some(mut a) = self.dir_attrs.get(&ino) {
             self.atimes.note(&mut a);
             return Ok((a, ttl));

@@ -50,6 +50,16 @@ impl Session {
 }
 
 impl Client {
+    /// How long the kernel may keep the attributes and names this client gives it now: until
+    /// the client would stop trusting its own caches ([`SESSION_FRESH`] after the last
+    /// answered request was sent), so before the server stops waiting for this client's
+    /// answer to a recall. A recall reaches the kernel only while the client runs; this bound
+    /// holds even for a client that is stopped or cut off, whose kernel can no longer be told.
+    /// Renewals keep it at 3 to 4 s while the client is connected.
+    pub fn kernel_ttl(&self) -> Duration {
+        SESSION_FRESH.saturating_sub(self.session.idle())
+    }
+
     /// Drops every cache if the session lapsed; called before answering from a cache.
     pub(crate) fn check_session(&self) {
         if self.session.idle() >= SESSION_FRESH && !self.session.lapsed.swap(true, Ordering::AcqRel) {
