@@ -32,6 +32,11 @@ pub(crate) const LEASE: Duration = Duration::from_secs(60);
 /// A client stops using its caches once its last answered request was sent this long ago
 /// (the client uses a shorter limit: see `cairn-client`'s `SESSION_FRESH`).
 pub(crate) const LIVENESS: Duration = Duration::from_secs(5);
+/// The longest a write-lease holder that stays alive may take to commit what it buffered
+/// when recalled (its stores and commit have their own timeouts, well below this): past it,
+/// the lease ends anyway and the holder's later commit fails with EIO, so a holder stuck on
+/// a hung chunk server cannot stall other clients' access to the file for longer.
+const WRITE_RECALL_MAX: Duration = Duration::from_secs(60);
 
 /// Read and write leases by inode, and the sessions that can be called back.
 #[derive(Default)]
@@ -193,7 +198,8 @@ impl Leases {
     /// answering), passes each lease on to `next` or drops it; returns those not answered.
     async fn recall_writes(&self, calls: HashMap<usize, Vec<(Ino, u64)>>, next: Option<usize>) -> Vec<(Ino, u64)> {
         let recalls = calls.into_iter().map(|(conn, leases)| async move {
-            let answered = self.call_back(conn, Callback::RecallWrites { leases: leases.clone() }, None).await;
+            let deadline = Some(Instant::now() + WRITE_RECALL_MAX);
+            let answered = self.call_back(conn, Callback::RecallWrites { leases: leases.clone() }, deadline).await;
             let mut lost = Vec::new();
             for (ino, epoch) in leases {
                 let ours = |w: &Writer| (w.conn, w.epoch) == (conn, epoch);
@@ -239,7 +245,7 @@ impl Leases {
                         return Err("the client stopped answering".to_string());
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err("its lease ran out first".to_string());
+                        return Err("it did not answer in time".to_string());
                     }
                 }
             }
