@@ -187,7 +187,7 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         name: args.volume.volume.clone(),
         uuid,
         chunk_size: 64 << 20,
-        block_size: 4 << 20,
+        block_size: 1 << 20,
         replication: args.volume.replication.max(1),
         compression: args.volume.compression,
         encrypted: !args.volume.no_encryption,

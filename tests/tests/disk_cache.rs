@@ -33,13 +33,13 @@ fn the_disk_cache_keeps_encoded_blocks_that_outlive_the_mount() {
 
     let b = c.mount_again("b", &opts);
     assert!(std::fs::read(b.join("f")).unwrap() == data);
-    // Blocks are written to the cache in the background: 3 blocks of 4 MiB.
+    // Blocks are written to the cache in the background: 9 blocks of 1 MiB.
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::read_dir(&cache)
         .unwrap()
         .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
         .count()
-        < 3
+        < 9
     {
         assert!(Instant::now() < deadline, "the disk cache did not fill");
         std::thread::sleep(Duration::from_millis(50));

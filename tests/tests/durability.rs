@@ -152,7 +152,7 @@ fn fsynced_data_and_names_survive_kill9_of_every_process() {
     }
     std::fs::set_permissions(root.join("a/e"), std::fs::Permissions::from_mode(0o710)).unwrap();
 
-    // Files of many shapes: empty, tiny, unaligned, several blocks (4 MiB), across a chunk
+    // Files of many shapes: empty, tiny, unaligned, several blocks (1 MiB), across a chunk
     // (64 MiB), many small ones in one directory.
     let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let sizes: &[(&str, usize)] = &[

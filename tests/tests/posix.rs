@@ -620,7 +620,7 @@ fn open_scenario(dir: &Path) {
     );
 
     // Random reads and writes at arbitrary offsets against an in-memory model, crossing
-    // Cairn's 4 MiB block boundaries; every few steps the whole file is compared through a
+    // Cairn's 1 MiB block boundaries; every few steps the whole file is compared through a
     // fresh descriptor (which also drops the kernel's page cache of the file).
     let p = dir.join("rw");
     let fd = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();

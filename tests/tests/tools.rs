@@ -165,7 +165,7 @@ fn tar_round_trip() {
     let local = tempfile::Builder::new().prefix("cairn-ref-").tempdir().unwrap();
     let l = local.path();
     make_tree(l, "src");
-    // Some larger files of odd sizes, crossing Cairn's 4 MiB block size.
+    // Some larger files of odd sizes, crossing Cairn's 1 MiB block size.
     sh(
         l,
         "head -c 9437185 /dev/urandom > src/nine.bin && head -c 4194304 /dev/urandom > src/four.bin \
