@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-/// How long the kernel may trust attributes and entries: the client's limit (see there).
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 /// Entries fetched from the metadata server per readdir round trip.
