@@ -210,3 +210,59 @@ fn a_killed_writer_leaves_no_torn_data() {
     drop(on_b);
     umount_lazy(&b);
 }
+
+/// How many `SetAttr` requests this mount sent.
+fn set_attrs(mnt: &Path) -> u64 {
+    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(mnt));
+    stats.lines().find_map(|l| l.strip_prefix("meta.SetAttr ")).map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[test]
+fn attribute_changes_kept_with_buffered_writes_reach_other_clients_in_order() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Cluster::start(1);
+    let (a, b) = (c.mnt.clone(), c.mount_again("b", ""));
+    let archived = std::time::UNIX_EPOCH + Duration::from_secs(1_153_704_088);
+    let recent = |m: &std::fs::Metadata| m.modified().unwrap() > archived + Duration::from_secs(1_000_000);
+    // What `tar x` does with every file: write, set the mtime, chown and chmod, then close.
+    // The three changes travel with the data: one SetAttr at the close. (No process is
+    // started while the file is open: the child's close-on-exec would flush it.)
+    let before = set_attrs(&a);
+    let mut f = std::fs::File::create(a.join("f")).unwrap();
+    f.write_all(b"from the archive").unwrap();
+    f.set_modified(archived).unwrap();
+    std::os::unix::fs::fchown(&f, Some(1234), Some(5678)).unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o640)).unwrap();
+    let seen = f.metadata().unwrap();
+    assert_eq!((seen.mode() & 0o7777, seen.uid(), seen.gid()), (0o640, 1234, 5678), "A's own view");
+    assert_eq!(seen.modified().unwrap(), archived, "A's own view of the mtime");
+    drop(f);
+    assert_eq!(set_attrs(&a), before + 1, "the changes were not sent together at the close");
+    let on_b = std::fs::metadata(b.join("f")).unwrap();
+    assert_eq!((on_b.mode() & 0o7777, on_b.uid(), on_b.gid(), on_b.len()), (0o640, 1234, 5678, 16));
+    assert_eq!(on_b.modified().unwrap(), archived, "mtime seen on B");
+
+    // Changes not sent yet are recalled with the buffered writes by another client's stat.
+    let mut g = std::fs::File::create(a.join("g")).unwrap();
+    g.write_all(b"kept open").unwrap();
+    g.set_permissions(std::fs::Permissions::from_mode(0o600)).unwrap();
+    let on_b = std::fs::metadata(b.join("g")).unwrap();
+    assert_eq!((on_b.mode() & 0o7777, on_b.len()), (0o600, 9), "chmod and write on A, stat on B");
+    // A write after an explicit mtime moves it on, as it would on a local disk.
+    g.write_all(b"!").unwrap();
+    g.set_modified(archived).unwrap();
+    assert_eq!(g.metadata().unwrap().modified().unwrap(), archived);
+    g.write_all(b"!").unwrap();
+    assert!(recent(&g.metadata().unwrap()), "a later write kept an older mtime on A");
+    drop(g);
+    let on_b = std::fs::metadata(b.join("g")).unwrap();
+    assert!(recent(&on_b), "a later write kept an older mtime on B");
+    assert_eq!((on_b.mode() & 0o7777, on_b.len()), (0o600, 11));
+    umount_lazy(&b);
+    // And all of it is on the server: a new client sees the same.
+    let fresh = c.mount_again("fresh", "");
+    let again = std::fs::metadata(fresh.join("f")).unwrap();
+    assert_eq!((again.mode() & 0o7777, again.uid(), again.gid(), again.len()), (0o640, 1234, 5678, 16));
+    assert_eq!(again.modified().unwrap(), archived);
+    umount_lazy(&fresh);
+}

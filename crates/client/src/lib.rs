@@ -380,6 +380,10 @@ impl Client {
                     a.mtime = a.mtime.max(t);
                     a.ctime = a.ctime.max(t);
                 }
+                // Made after the buffered writes, so they win over them.
+                if let Some(set) = f.pending_attrs() {
+                    write::overlay_attrs(&mut a, &set);
+                }
             }
             self.sizes.insert(a.ino, a.size);
         }

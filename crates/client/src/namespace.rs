@@ -58,6 +58,9 @@ impl Client {
     /// Changes attributes; a size change first flushes buffered writes so they cannot land
     /// past the new end of file afterwards.
     pub async fn setattr(self: &Arc<Self>, ino: Ino, set: SetAttrs, caller: Caller) -> Result<Attr> {
+        if let Some(attr) = self.buffer_setattr(ino, &set, &caller).await? {
+            return Ok(attr);
+        }
         // Buffered writes land first, so neither a new size nor explicit times (cp -p) are
         // overwritten by a later commit of older data.
         self.flush(ino, false).await?;

@@ -5,7 +5,7 @@
 
 use crate::{Client, Result};
 use cairn_proto::chunk::BlockKey;
-use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::meta::{Caller, MetaRequest, MetaResponse, SetAttrs};
 use cairn_proto::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -35,6 +35,10 @@ pub(crate) struct FileState {
     recalled: AtomicU64,
     /// Held while asking for the lease, so concurrent writers ask once.
     asking: Mutex<()>,
+    /// chmod, chown and mtime changes made under the write lease, merged, with the caller of
+    /// the last one: sent after the buffered writes at the next flush (see
+    /// `Client::buffer_setattr`).
+    attrs: std::sync::Mutex<Option<(SetAttrs, Caller)>>,
     inner: Mutex<WriteState>,
 }
 
@@ -62,6 +66,11 @@ impl FileState {
 
     /// When the file was last written, while the write is still buffered: the file's mtime
     /// and ctime until the commit records them on the metadata server.
+    /// Attribute changes waiting for the next flush.
+    pub(crate) fn pending_attrs(&self) -> Option<SetAttrs> {
+        self.attrs.lock().expect("pending attributes lock").as_ref().map(|(set, _)| set.clone())
+    }
+
     pub(crate) fn buffered_mtime(&self) -> Option<Timestamp> {
         let nanos = self.written_at.load(Ordering::Acquire);
         (self.buffered_size() > 0 && nanos > 0)
@@ -71,6 +80,7 @@ impl FileState {
 
 /// Forgets a file's buffered writes (they could not be stored or committed).
 fn drop_buffered(f: &FileState, st: &mut WriteState) {
+    f.attrs.lock().expect("pending attributes lock").take();
     st.stored.clear();
     st.store_failed = None;
     st.dirty = false;
@@ -118,6 +128,7 @@ impl Client {
                     lease: AtomicU64::new(0),
                     recalled: AtomicU64::new(0),
                     asking: Mutex::default(),
+                    attrs: std::sync::Mutex::default(),
                     inner: Mutex::default(),
                 })
             })
@@ -213,6 +224,11 @@ impl Client {
             return Err(crate::ClientError::new(ErrorCode::Perm, "the file is immutable"));
         }
         let f = self.file_state(ino);
+        if f.pending_attrs().is_some() {
+            // Applied after the buffered writes at the flush, so an explicit mtime set before
+            // this write must not outlive it.
+            self.flush(ino, false).await?;
+        }
         let mut st = loop {
             self.acquire_lease(&f, ino).await?;
             let st = f.inner.lock().await;
@@ -385,6 +401,7 @@ impl Client {
         why: Flush,
     ) -> Result<()> {
         if !st.dirty && st.stored.is_empty() {
+            self.send_attrs(ino, f).await?;
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
         self.seal(ino, st, durable).await;
@@ -434,7 +451,55 @@ impl Client {
         f.size.store(0, Ordering::Release);
         self.sizes.insert(ino, attr.size);
         self.invalidate_data(ino);
+        if self.send_attrs(ino, f).await? && durable {
+            self.sync_metadata().await?;
+        }
         Ok(())
+    }
+
+    /// Keeps a chmod, chown or mtime change of a file this client holds the write lease on
+    /// with its buffered writes, to be sent after them at the next flush (close, fsync,
+    /// recall, the periodic commit): `tar x` makes all three on every file it writes, a
+    /// round trip each otherwise. Another client's access recalls the lease and so sees
+    /// them. Returns the attributes as they now read, or `None` if the change must go to the
+    /// server now: a size, atime or flags change, a file with xattrs (chmod rewrites its ACL)
+    /// or flags, or no lease.
+    pub(crate) async fn buffer_setattr(&self, ino: Ino, set: &SetAttrs, caller: &Caller) -> Result<Option<Attr>> {
+        let simple = set.size.is_none() && set.atime.is_none() && set.flags.is_none();
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()).filter(|_| simple) else {
+            return Ok(None);
+        };
+        let (attr, _) = self.stat(ino).await?;
+        if attr.kind != FileKind::File || attr.flags != 0 || attr.has_xattrs {
+            return Ok(None);
+        }
+        // Under the state lock, so a recall cannot take the lease between the check and the
+        // merge; its flush sends what is merged.
+        let _st = f.inner.lock().await;
+        if f.lease.load(Ordering::Acquire) == 0 {
+            return Ok(None);
+        }
+        let now = Timestamp::now();
+        {
+            let mut pending = f.attrs.lock().expect("pending attributes lock");
+            let (merged, by) = pending.get_or_insert_with(|| (SetAttrs::default(), caller.clone()));
+            merged.perm = set.perm.or(merged.perm);
+            merged.uid = set.uid.or(merged.uid);
+            merged.gid = set.gid.or(merged.gid);
+            merged.mtime = set.mtime.map(|t| TimeSet::At(resolve_now(t, now))).or(merged.mtime);
+            merged.ctime = Some(set.ctime.unwrap_or(now));
+            *by = caller.clone();
+        }
+        Ok(Some(self.note_attr(attr)))
+    }
+
+    /// Sends the attribute changes kept by [`Client::buffer_setattr`]; true if there were any.
+    async fn send_attrs(&self, ino: Ino, f: &FileState) -> Result<bool> {
+        let Some((set, caller)) = f.attrs.lock().expect("pending attributes lock").take() else {
+            return Ok(false);
+        };
+        self.call_attr(MetaRequest::SetAttr { ino, set, caller }).await?;
+        Ok(true)
     }
 
     /// fsync of a file with nothing buffered: blocks stored earlier without sync (possibly
@@ -495,11 +560,36 @@ pub(crate) async fn commit_loop(client: std::sync::Weak<Client>) {
     loop {
         tokio::time::sleep(COMMIT_EVERY).await;
         let Some(c) = client.upgrade() else { return };
-        let dirty: Vec<Ino> = c.files.iter().filter(|f| f.size.load(Ordering::Acquire) > 0).map(|f| *f.key()).collect();
+        let dirty: Vec<Ino> = c
+            .files
+            .iter()
+            .filter(|f| f.size.load(Ordering::Acquire) > 0 || f.pending_attrs().is_some())
+            .map(|f| *f.key())
+            .collect();
         for ino in dirty {
             if let Err(e) = c.flush_and(ino, false, Flush::Background).await {
                 tracing::warn!(ino, "background commit failed: {e}");
             }
         }
     }
+}
+
+fn resolve_now(t: TimeSet, now: Timestamp) -> Timestamp {
+    match t {
+        TimeSet::Now => now,
+        TimeSet::At(t) => t,
+    }
+}
+
+/// Shows attribute changes not sent yet (see [`Client::buffer_setattr`]) in `a`.
+pub(crate) fn overlay_attrs(a: &mut Attr, set: &SetAttrs) {
+    if let Some(perm) = set.perm {
+        a.perm = perm & 0o7777;
+    }
+    a.uid = set.uid.unwrap_or(a.uid);
+    a.gid = set.gid.unwrap_or(a.gid);
+    if let Some(TimeSet::At(t)) = set.mtime {
+        a.mtime = t;
+    }
+    a.ctime = set.ctime.unwrap_or(a.ctime);
 }
