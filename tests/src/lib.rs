@@ -179,6 +179,18 @@ pub fn status_count(status: &str, line: &str, label: &str) -> u64 {
     before.split_whitespace().last().unwrap().parse().unwrap()
 }
 
+/// The sum of the `cairn stats` counters of the mount at `mnt` whose names are in `names`
+/// (e.g. `meta.Lookup`).
+pub fn request_count(mnt: &Path, names: &[&str]) -> u64 {
+    let stats = run(Command::new(bin("cairn")).arg("stats").arg(mnt));
+    stats
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| names.contains(name))
+        .map(|(_, n)| n.trim().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// The string value of `key = "..."` in a TOML file written by `cairn format`.
 pub fn toml_value(file: &Path, key: &str) -> String {
     let text = std::fs::read_to_string(file).unwrap();

@@ -87,3 +87,40 @@ fn another_clients_changes_show_within_the_cache_ttl() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `fstatat` of `name` in the directory open as `dir`: the errno, or 0 if it exists. Relative
+/// to an open directory, so the kernel looks up only `name`, never the directory's own path.
+fn stat_at(dir: &std::fs::File, name: &str) -> i32 {
+    use std::os::fd::AsRawFd;
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid descriptor, a NUL-terminated name and a stat buffer of the right type.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    match unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } {
+        0 => 0,
+        _ => errno(),
+    }
+}
+
+#[test]
+fn names_missing_from_a_directory_just_made_are_answered_locally_until_another_client_adds_one() {
+    let c = Cluster::start(1);
+    let other = c.mount_again("other", "");
+    std::fs::create_dir(c.path("new")).unwrap();
+    let dir = std::fs::File::open(c.path("new")).unwrap();
+    let asked = || request_count(&c.mnt, &["meta.Lookup", "meta.ReadDir"]);
+    let before = asked();
+    for i in 0..10 {
+        assert_eq!(stat_at(&dir, &format!("m{i}")), libc::ENOENT);
+    }
+    assert_eq!(asked(), before, "misses in a directory this client just made went to the server");
+
+    // Another client adds names: the lease on the new directory is recalled, and the next
+    // lookup here finds them, also over the kernel's negative entry for one of them.
+    std::fs::write(other.join("new/m0"), b"other").unwrap();
+    std::fs::write(other.join("new/x"), b"x").unwrap();
+    assert_eq!(stat_at(&dir, "m0"), 0, "a name another client created over a miss");
+    assert_eq!(stat_at(&dir, "x"), 0, "a name another client created");
+    assert_eq!(std::fs::read(c.path("new/m0")).unwrap(), b"other");
+    assert_eq!(stat_at(&dir, "m1"), libc::ENOENT);
+    umount_lazy(&other);
+}

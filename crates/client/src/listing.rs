@@ -4,9 +4,10 @@
 //!
 //! A listing is fetched after a few lookups in a small directory and trusted for the map TTL,
 //! the same bound that holds for the kernel's own entry cache (answers from it carry only the
-//! rest of that time as their TTL, so nothing the kernel holds is older than one TTL). Until
-//! directory leases exist, changes by other clients show within that bound; changes by this
-//! client show at once:
+//! rest of that time as their TTL, so nothing the kernel holds is older than one TTL). A
+//! directory this client just made is listed as empty without asking (see `made_dir`). The
+//! read lease on the directory makes another client's change recall the listing; changes by
+//! this client show at once:
 //!
 //! * every request that may change an inode's attributes marks the inode with a fresh epoch
 //!   when sent and again when answered, and a listed entry is used only if it was read after
@@ -126,7 +127,8 @@ impl Listings {
         let l = self.listings.get(&dir)?;
         let covered = l.covered.load(Ordering::Acquire);
         // A directory found too large stays so for the TTL, whatever changes in it.
-        let current = l.entries.is_none() || self.changed.get(&dir).is_none_or(|c| c <= covered);
+        let current = l.entries.is_none()
+            || (self.floor.load(Ordering::Acquire) <= covered && self.changed.get(&dir).is_none_or(|c| c <= covered));
         (l.at.elapsed() < self.ttl && current).then_some(l)
     }
 
@@ -161,6 +163,17 @@ impl Listings {
             l.covered.fetch_max(epoch, Ordering::AcqRel);
         }
         self.mark(dir, epoch);
+    }
+
+    /// Lists a directory this client just made, sent at `sent`, as empty: the names looked up
+    /// in it next (untar, `git clone`, `cp -a` create every file after a failed lookup) are
+    /// answered locally. The server granted this client a read lease on the new directory
+    /// before any other request could run (see `cairn-meta`'s `leases`), so whatever another
+    /// client adds to it is recalled, which marks it after `sent` and retires this listing;
+    /// a recall that overtook this answer has marked it already.
+    fn made_dir(&self, dir: Ino, sent: u64) {
+        let listing = Listing { at: Instant::now(), covered: AtomicU64::new(sent), entries: Some(Mutex::default()) };
+        self.listings.insert(dir, Arc::new(listing));
     }
 
     /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
@@ -218,7 +231,10 @@ impl Listings {
             (R::MakeNode { parent, name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
                 self.apply(*parent, epoch, |e| {
                     e.insert(name.clone(), slot(a, fresh()));
-                })
+                });
+                if a.kind == FileKind::Dir {
+                    self.made_dir(a.ino, sent);
+                }
             }
             (R::Link { new_parent, new_name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
                 self.apply(*new_parent, epoch, |e| {
@@ -413,6 +429,38 @@ mod tests {
         assert!(l.usable(DIR).is_some(), "a refused change changed nothing");
         send(&l, rename("a", "zz", RenameMode::Exchange), Err(ClientError::new(ErrorCode::TimedOut, "lost")));
         assert!(l.usable(DIR).is_none(), "a change that may have happened retires the listing");
+    }
+
+    #[test]
+    fn a_new_directory_is_empty_until_recalled_even_by_a_recall_that_overtook_the_answer() {
+        let make = MetaRequest::MakeNode {
+            parent: DIR,
+            name: b"sub".to_vec(),
+            kind: FileKind::Dir,
+            perm: 0o755,
+            rdev: 0,
+            target: None,
+            caller: Default::default(),
+            umask: 0,
+            open: false,
+        };
+        let l = listed();
+        send(&l, make.clone(), changed(Some(attr(30, FileKind::Dir, 2))));
+        assert_eq!(l.answer(30, b"x").map(|e| e.attr.is_none()), Some(true), "empty");
+        l.changed_elsewhere(30);
+        assert!(l.answer(30, b"x").is_none(), "recalled: ask the server");
+
+        let l = listed();
+        let sent = l.before(&make);
+        l.changed_elsewhere(31);
+        l.after(&make, sent, &changed(Some(attr(31, FileKind::Dir, 2))));
+        assert!(l.answer(31, b"x").is_none(), "a recall before the answer: ask the server");
+
+        let l = listed();
+        let sent = l.before(&make);
+        l.changed_everywhere();
+        l.after(&make, sent, &changed(Some(attr(32, FileKind::Dir, 2))));
+        assert!(l.answer(32, b"x").is_none(), "the connection was lost meanwhile: ask the server");
     }
 
     #[test]
