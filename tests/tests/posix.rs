@@ -1469,6 +1469,15 @@ fn statfs_xattr_access_fallocate() {
     let e = setxattr(&f, "user.bigger", &pattern(8, 65537), 0).expect_err("a value over 64 KiB must be refused");
     assert!(matches!(e.raw_os_error(), Some(libc::E2BIG) | Some(libc::ERANGE)), "value over 64 KiB: {e}");
     expect_err(getxattr(&f, "user.bigger", 0), libc::ENODATA, "refused value is not stored");
+
+    // SELinux labels are refused as on a filesystem without them (ls -l then stops asking for
+    // them); other security.* names are kept.
+    let name = "security.selinux";
+    expect_err(getxattr(&f, name, 100), libc::EOPNOTSUPP, "getxattr security.selinux");
+    expect_err(setxattr(&f, name, b"system_u:object_r:tmp_t:s0", 0), libc::EOPNOTSUPP, "setxattr security.selinux");
+    expect_err(removexattr(&f, name), libc::EOPNOTSUPP, "removexattr security.selinux");
+    setxattr(&f, "security.test", b"kept", 0).expect("another security.* xattr");
+    assert_eq!(xattr(&f, "security.test").unwrap(), b"kept");
 }
 
 // ---------------------------------------------------------------------------------------------

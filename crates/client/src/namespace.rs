@@ -16,6 +16,11 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// EOPNOTSUPP for an xattr Cairn does not store (see [`xattr_unsupported`]).
+fn unsupported_xattr(name: &[u8]) -> ClientError {
+    ClientError::new(ErrorCode::NotSupported, format!("{} is not supported", String::from_utf8_lossy(name)))
+}
+
 impl Client {
     /// Looks `name` up in `parent`, from a directory listing when one is at hand (see
     /// `listing`). A missing name is an entry without attributes, which the kernel may
@@ -263,17 +268,23 @@ impl Client {
         if value.len() > XATTR_SIZE_MAX {
             return Err(ClientError::new(ErrorCode::TooBig, "xattr value too large"));
         }
+        if xattr_unsupported(name) {
+            return Err(unsupported_xattr(name));
+        }
         self.xattr_misses.invalidate(&(ino, name.to_vec()));
         let req = MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode, caller };
         self.call_empty(req).await
     }
 
-    /// The error for a getxattr that needs no server: over-long names, inodes recently seen
-    /// without any xattr, and names recently found missing (for the attribute TTL, as the
-    /// kernel caches attributes).
+    /// The error for a getxattr that needs no server: over-long names, names Cairn does not
+    /// store, inodes recently seen without any xattr, and names recently found missing (for
+    /// the attribute TTL, as the kernel caches attributes).
     pub fn known_xattr_miss(&self, ino: Ino, name: &[u8]) -> Option<ClientError> {
         if name.len() > XATTR_NAME_MAX {
             return Some(ClientError::new(ErrorCode::Range, "xattr name too long"));
+        }
+        if xattr_unsupported(name) {
+            return Some(unsupported_xattr(name));
         }
         let missing = self.no_xattrs.contains_key(&ino) || self.xattr_misses.contains_key(&(ino, name.to_vec()));
         missing.then(|| ClientError::new(ErrorCode::NoData, "no such xattr"))
@@ -308,6 +319,9 @@ impl Client {
     }
 
     pub async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        if xattr_unsupported(name) {
+            return Err(unsupported_xattr(name));
+        }
         self.call_empty(MetaRequest::RemoveXattr { ino, name: name.to_vec() }).await
     }
 

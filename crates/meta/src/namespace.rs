@@ -40,6 +40,14 @@ async fn dir_entry(w: &mut WriteGuard<'_>, parent: Ino, name: &[u8]) -> Result<(
     Ok((p, child))
 }
 
+/// EOPNOTSUPP for an xattr Cairn does not store (see [`xattr_unsupported`]).
+fn supported(name: &[u8]) -> Result<()> {
+    match xattr_unsupported(name) {
+        false => Ok(()),
+        true => Err(err(ErrorCode::NotSupported, format!("{} is not supported", String::from_utf8_lossy(name)))),
+    }
+}
+
 /// EPERM if `flags` make the inode immutable or append-only: it cannot be unlinked, renamed,
 /// linked or changed, and a directory cannot lose entries.
 fn unlocked(flags: u32) -> Result<()> {
@@ -543,6 +551,7 @@ impl MetaService {
         if value.len() > XATTR_SIZE_MAX {
             return Err(err(ErrorCode::TooBig, "xattr value too large"));
         }
+        supported(name)?;
         let mut w = self.store.write().await?;
         let mut a = reads::get_attr(w.conn(), ino).await?;
         unlocked(a.flags)?;
@@ -581,6 +590,7 @@ impl MetaService {
     }
 
     pub(crate) async fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        supported(name)?;
         match reads::xattr(&self.store.readers, ino, name).await? {
             Some(v) => Ok(v),
             None => {
@@ -592,10 +602,14 @@ impl MetaService {
 
     pub(crate) async fn list_xattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
         reads::get_attr(&self.store.readers, ino).await?;
-        reads::xattr_names(&self.store.readers, ino).await
+        let mut names = reads::xattr_names(&self.store.readers, ino).await?;
+        // Stored before it was refused.
+        names.retain(|n| !xattr_unsupported(n));
+        Ok(names)
     }
 
     pub(crate) async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        supported(name)?;
         let mut w = self.store.write().await?;
         unlocked(reads::get_attr(w.conn(), ino).await?.flags)?;
         if reads::xattr(w.conn(), ino, name).await?.is_none() {

@@ -14,6 +14,13 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const XATTR_NAME_MAX: usize = 255;
 /// Largest xattr value in bytes (Linux `XATTR_SIZE_MAX`).
 pub const XATTR_SIZE_MAX: usize = 65536;
+/// True for the one xattr Cairn does not store, `security.selinux`, refused with EOPNOTSUPP
+/// as on a filesystem without labels. SELinux labels a FUSE mount as a whole (`genfscon`),
+/// never by per-file labels, while `ls -l` asks every file for its label, one kernel round
+/// trip each, and stops asking only on a filesystem that answers EOPNOTSUPP.
+pub fn xattr_unsupported(name: &[u8]) -> bool {
+    name == b"security.selinux"
+}
 /// Largest file size Cairn accepts (matches ext4's 16 TiB so tools behave the same).
 pub const MAX_FILE_SIZE: u64 = 1 << 44;
 
