@@ -873,6 +873,9 @@ fn dirs_scenario(dir: &Path) {
     // A set-group-ID directory passes its group on, and its bit to subdirectories.
     let g = dir.join("sgid");
     fs::create_dir(&g).unwrap();
+    // A create before the change: the server's copy of the directory's attributes must
+    // follow the chown and chmod.
+    fs::write(g.join("before"), b"").unwrap();
     // SAFETY: valid path.
     cvt(unsafe { libc::chown(cpath(&g).as_ptr(), u32::MAX, 4321) }).unwrap();
     chmod(&g, 0o2775);
@@ -884,6 +887,18 @@ fn dirs_scenario(dir: &Path) {
     }
     assert_ne!(perm(&g.join("d")) & 0o2000, 0, "subdirectory inherits setgid");
     assert_eq!(perm(&g.join("f")) & 0o2000, 0, "files do not inherit setgid");
+
+    // Nothing can be created in a directory removed while open, even right after a create.
+    let gone = dir.join("gone");
+    fs::create_dir(&gone).unwrap();
+    let held = File::open(&gone).unwrap();
+    fs::write(gone.join("x"), b"").unwrap();
+    fs::remove_file(gone.join("x")).unwrap();
+    fs::remove_dir(&gone).unwrap();
+    let name = CString::new("y").unwrap();
+    // SAFETY: a valid descriptor and NUL-terminated name.
+    let r = unsafe { libc::openat(held.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    expect_err(cvt(r), libc::ENOENT, "create in a removed directory");
 
     // Hard links.
     let f = d.join("file");

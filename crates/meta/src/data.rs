@@ -74,7 +74,7 @@ impl MetaService {
                 self.leases.reclaim_writer(ino, conn, lease);
                 Ok(a)
             }
-            None => match reads::get_attr(w.conn(), ino).await? {
+            None => match w.attr(ino).await? {
                 a if a.flags & inode_flags::IMMUTABLE != 0 => {
                     Err(MetaError::fs(ErrorCode::Perm, "the file is immutable"))
                 }
@@ -114,7 +114,7 @@ impl MetaService {
             b.new_lease_epoch(ino);
             let done = w.apply(b).await?;
             let Some(attr) = done.attr()? else {
-                reads::get_attr(w.conn(), ino).await?;
+                w.attr(ino).await?;
                 return Err(MetaError::fs(ErrorCode::Invalid, "write leases are for regular files"));
             };
             Ok((done.value()? as u64, attr))
@@ -269,7 +269,7 @@ impl MetaService {
             return Err(MetaError::fs(ErrorCode::FileTooBig, "range exceeds the maximum file size"));
         };
         let mut w = self.store.write().await?;
-        let mut a = reads::get_attr(w.conn(), ino).await?;
+        let mut a = w.attr(ino).await?;
         if a.kind != FileKind::File {
             return Err(MetaError::fs(ErrorCode::NoDevice, "not a regular file"));
         }

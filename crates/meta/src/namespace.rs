@@ -137,7 +137,7 @@ impl MetaService {
             return Err(err(ErrorCode::NameTooLong, "symlink target length out of range"));
         }
         let mut w = self.store.write().await?;
-        let p = reads::get_attr(w.conn(), parent).await?;
+        let p = w.attr(parent).await?;
         live_dir(&p)?;
         not_immutable(p.flags)?;
         let now = Timestamp::now();
@@ -210,7 +210,7 @@ impl MetaService {
     pub(crate) async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<(Attr, TouchedDirs)> {
         check_name(new_name)?;
         let mut w = self.store.write().await?;
-        let mut a = reads::get_attr(w.conn(), ino).await?;
+        let mut a = w.attr(ino).await?;
         if a.kind == FileKind::Dir {
             return Err(err(ErrorCode::Perm, "cannot hard-link a directory"));
         }
@@ -468,7 +468,7 @@ impl MetaService {
     /// no longer commit data from before the truncation over it.
     pub(crate) async fn setattr(&self, ino: Ino, set: &SetAttrs, fence: bool) -> Result<Attr> {
         let mut w = self.store.write().await?;
-        let mut a = reads::get_attr(w.conn(), ino).await?;
+        let mut a = w.attr(ino).await?;
         // A locked inode keeps its attributes; an append-only one may still be touched to now.
         let explicit = |t: Option<TimeSet>| matches!(t, Some(TimeSet::At(_)));
         let touched = set.atime.is_some() || set.mtime.is_some();
@@ -553,7 +553,7 @@ impl MetaService {
         }
         supported(name)?;
         let mut w = self.store.write().await?;
-        let mut a = reads::get_attr(w.conn(), ino).await?;
+        let mut a = w.attr(ino).await?;
         unlocked(a.flags)?;
         let exists = reads::xattr(w.conn(), ino, name).await?.is_some();
         match (mode, exists) {
@@ -611,7 +611,7 @@ impl MetaService {
     pub(crate) async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         supported(name)?;
         let mut w = self.store.write().await?;
-        unlocked(reads::get_attr(w.conn(), ino).await?.flags)?;
+        unlocked(w.attr(ino).await?.flags)?;
         if reads::xattr(w.conn(), ino, name).await?.is_none() {
             return Err(err(ErrorCode::NoData, "no such xattr"));
         }

@@ -8,6 +8,7 @@
 //! and sends all its writes as one transaction in one call. Nothing can change between the
 //! read and the batch: every write goes through the one writer connection, held throughout.
 
+mod dir_attrs;
 pub(crate) mod reads;
 mod rows;
 mod writes;
@@ -16,8 +17,10 @@ pub(crate) use rows::{Child, Returned, servers_from_text, servers_to_text};
 
 use crate::error::{MetaError, Result};
 use cairn_proto::*;
+use dir_attrs::DirAttrs;
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Arguments, Executor, Sqlite, SqliteConnection, SqlitePool};
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use tokio::sync::Mutex;
@@ -35,6 +38,7 @@ struct Writer {
     /// A batch was sent and its caller went away before it finished: its transaction may
     /// still be open and is rolled back before the next use.
     unfinished: bool,
+    dirs: DirAttrs,
 }
 
 impl Writer {
@@ -59,7 +63,7 @@ impl Store {
             SqlitePoolOptions::new().max_connections(4).test_before_acquire(false).connect_with(opts.clone()).await?;
         MIGRATOR.run(&readers).await?;
         let conn = sqlx::ConnectOptions::connect(&opts).await?;
-        Ok(Store { readers, writer: Mutex::new(Writer { conn, unfinished: false }) })
+        Ok(Store { readers, writer: Mutex::new(Writer { conn, unfinished: false, dirs: DirAttrs::default() }) })
     }
 
     /// Writes the volume settings and the root directory of a new volume.
@@ -122,12 +126,37 @@ impl WriteGuard<'_> {
         &mut self.w.conn
     }
 
+    /// The attributes of `ino` as the database holds them; a directory's come from memory
+    /// when this connection knows them (see `dir_attrs`).
+    pub(crate) async fn attr(&mut self, ino: Ino) -> Result<Attr> {
+        if let Some(a) = self.w.dirs.get(ino) {
+            return Ok(a);
+        }
+        let a = reads::get_attr(&mut self.w.conn, ino).await?;
+        self.w.dirs.remember(a.clone());
+        Ok(a)
+    }
+
     /// Runs `b` as one transaction; on any error nothing of it is applied. A unique-key
     /// violation (a directory entry that exists) is `EEXIST`.
     pub(crate) async fn apply(&mut self, b: Batch) -> Result<Returned> {
         if let Some(e) = b.bind_error {
             return Err(MetaError::fs(ErrorCode::Invalid, format!("cannot bind a value: {e}")));
         }
+        debug_assert!(
+            !(b.sql.contains("UPDATE inodes") || b.sql.contains("DELETE FROM inodes"))
+                || !b.changed.is_empty()
+                || b.changes_unknown,
+            "a batch changes inodes without saying which"
+        );
+        // Forgotten before it runs: a batch whose caller goes away may still be applied.
+        self.w.dirs.forget(b.changed.iter().map(|(ino, _)| *ino), b.changes_unknown);
+        // The directories whose last change in the batch was `touch_dir`: its `RETURNING`
+        // row is what the database now holds.
+        let mut last = HashMap::new();
+        b.changed.iter().for_each(|(ino, touch)| {
+            last.insert(*ino, *touch);
+        });
         let sql = if b.durable {
             format!("PRAGMA synchronous = FULL;\nBEGIN;\n{}COMMIT;\nPRAGMA synchronous = NORMAL;", b.sql)
         } else {
@@ -137,7 +166,13 @@ impl WriteGuard<'_> {
         match sqlx::query_with(&sql, b.args).fetch_all(&mut self.w.conn).await {
             Ok(rows) => {
                 self.w.unfinished = false;
-                Ok(Returned(rows))
+                let done = Returned(rows);
+                for a in done.touched_dirs()? {
+                    if last.get(&a.ino) == Some(&true) {
+                        self.w.dirs.remember(a);
+                    }
+                }
+                Ok(done)
             }
             Err(e) => {
                 self.w.recover().await;
@@ -160,6 +195,10 @@ pub(crate) struct Batch {
     args: SqliteArguments<'static>,
     bind_error: Option<String>,
     durable: bool,
+    /// The inodes whose rows the batch changes, in order; true for a `touch_dir`.
+    changed: Vec<(Ino, bool)>,
+    /// The batch changes an inode it names only through a subquery.
+    changes_unknown: bool,
 }
 
 impl Batch {
@@ -183,6 +222,11 @@ impl Batch {
             self.bind_error.get_or_insert(e.to_string());
         }
         self
+    }
+
+    /// Records that the batch changes `ino`'s row (see `dir_attrs`).
+    fn changes(&mut self, ino: Ino) {
+        self.changed.push((ino, false));
     }
 
     fn bind_ts(&mut self, t: Timestamp) -> &mut Self {

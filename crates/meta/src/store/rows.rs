@@ -83,14 +83,22 @@ impl Returned {
             .collect()
     }
 
-    /// The attributes a `RETURNING` of all inode columns gave, if any row matched.
+    /// The attributes a `RETURNING` of all inode columns gave, if any row matched (not
+    /// counting [`Returned::touched_dirs`]).
     pub(crate) fn attr(&self) -> Result<Option<Attr>> {
-        self.0.iter().find(|r| r.try_get::<i64, _>("perm").is_ok()).map(attr_from_row).transpose()
+        let touched = |r: &SqliteRow| r.try_get::<i64, _>("touched_dir").is_ok();
+        self.0.iter().find(|r| r.try_get::<i64, _>("perm").is_ok() && !touched(r)).map(attr_from_row).transpose()
+    }
+
+    /// The attributes `Batch::touch_dir` left directories with, in statement order.
+    pub(crate) fn touched_dirs(&self) -> Result<Vec<Attr>> {
+        self.0.iter().filter(|r| r.try_get::<i64, _>("touched_dir").is_ok()).map(attr_from_row).collect()
     }
 
     /// The single integer value a counter update returned.
     pub(crate) fn value(&self) -> Result<i64> {
-        let row = self.0.first().ok_or_else(|| MetaError::fs(ErrorCode::Io, "the database returned no value"))?;
+        let row = self.0.iter().find(|r| r.try_get::<i64, _>("value").is_ok());
+        let row = row.ok_or_else(|| MetaError::fs(ErrorCode::Io, "the database returned no value"))?;
         Ok(row.try_get::<i64, _>("value")?)
     }
 }

@@ -32,6 +32,9 @@ impl Batch {
         target: Option<Vec<u8>>,
         now: Timestamp,
     ) {
+        if let Some(ino) = ino {
+            self.changes(ino);
+        }
         self.push(
             "INSERT INTO inodes (ino, kind, perm, nlink, uid, gid, rdev, size, atime_s, atime_ns, mtime_s, \
              mtime_ns, ctime_s, ctime_ns, crtime_s, crtime_ns, parent, target) \
@@ -93,10 +96,13 @@ impl Batch {
     }
 
     /// Marks directory `ino` changed (mtime, ctime) and adjusts its link count.
+    /// The directory's new attributes come back through [`super::Returned::touched_dirs`].
     pub(crate) fn touch_dir(&mut self, ino: Ino, nlink_delta: i64, now: Timestamp) {
-        self.push(
-            "UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ?",
-        )
+        self.changed.push((ino, true));
+        self.push(&format!(
+            "UPDATE inodes SET nlink = nlink + ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ? WHERE ino = ? \
+             RETURNING {INODE_COLUMNS}, 1 AS touched_dir"
+        ))
         .bind(nlink_delta)
         .bind_ts(now)
         .bind_ts(now)
@@ -104,22 +110,26 @@ impl Batch {
     }
 
     pub(crate) fn touch_ctime(&mut self, ino: Ino, now: Timestamp) {
+        self.changes(ino);
         self.push("UPDATE inodes SET ctime_s = ?, ctime_ns = ? WHERE ino = ?").bind_ts(now).bind_ino(ino);
     }
 
     /// Sets atime after a read access.
     pub(crate) fn touch_atime(&mut self, ino: Ino, atime: Timestamp) {
+        self.changes(ino);
         self.push("UPDATE inodes SET atime_s = ?, atime_ns = ? WHERE ino = ?").bind_ts(atime).bind_ino(ino);
     }
 
     /// Records that directory `ino` now lives in `parent`.
     pub(crate) fn set_parent(&mut self, ino: Ino, parent: Ino) {
+        self.changes(ino);
         self.push("UPDATE inodes SET parent = ? WHERE ino = ?").bind_ino(parent).bind_ino(ino);
     }
 
     /// Drops one link of `ino` (all of them for a directory); inodes left with none come back
     /// through [`super::Returned::unlinked`].
     pub(crate) fn drop_link(&mut self, ino: Ino, is_dir: bool, now: Timestamp) {
+        self.changes(ino);
         self.push(
             "UPDATE inodes SET nlink = CASE WHEN ? THEN 0 ELSE MAX(nlink - 1, 0) END, ctime_s = ?, ctime_ns = ? \
              WHERE ino = ? RETURNING ino AS dropped_ino, nlink AS left",
@@ -131,6 +141,7 @@ impl Batch {
 
     /// Adds one link to `ino`.
     pub(crate) fn add_link(&mut self, ino: Ino, now: Timestamp) {
+        self.changes(ino);
         self.push("UPDATE inodes SET nlink = nlink + 1, ctime_s = ?, ctime_ns = ? WHERE ino = ?")
             .bind_ts(now)
             .bind_ino(ino);
@@ -138,6 +149,7 @@ impl Batch {
 
     /// Writes every attribute column of `a` back.
     pub(crate) fn put_attr(&mut self, a: &Attr) {
+        self.changes(a.ino);
         self.push(
             "UPDATE inodes SET perm = ?, nlink = ?, uid = ?, gid = ?, rdev = ?, size = ?, atime_s = ?, \
              atime_ns = ?, mtime_s = ?, mtime_ns = ?, ctime_s = ?, ctime_ns = ?, flags = ? WHERE ino = ?",
@@ -159,6 +171,7 @@ impl Batch {
     /// new attributes come back through [`super::Returned::attr`]; nothing changes (and no
     /// attributes come back) if `ino` is not a regular file or is immutable.
     pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, lease: u64, now: Timestamp) {
+        self.changes(ino);
         const IMMUTABLE: u32 = inode_flags::IMMUTABLE;
         let touched = !slices.is_empty();
         let added: u64 = slices.iter().map(|s| u64::from(s.slice.len)).sum();
@@ -196,6 +209,7 @@ impl Batch {
     /// Starts a new write lease epoch on a file: commits under the previous one are refused
     /// from now on. Returns the file's columns and the new epoch as `value`.
     pub(crate) fn new_lease_epoch(&mut self, ino: Ino) {
+        self.changes(ino);
         self.push(&format!(
             "UPDATE inodes SET lease = lease + 1 WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}, lease AS value"
         ))
@@ -205,18 +219,21 @@ impl Batch {
 
     /// Ends whatever write lease epoch a file has (another client changed its data).
     pub(crate) fn bump_lease(&mut self, ino: Ino) {
+        self.changes(ino);
         self.push("UPDATE inodes SET lease = lease + 1 WHERE ino = ?").bind_ino(ino);
     }
 
     /// Ends write lease `epoch` of a file whose holder did not answer a recall, unless a
     /// newer one was granted meanwhile.
     pub(crate) fn revoke_lease(&mut self, ino: Ino, epoch: u64) {
+        self.changes(ino);
         self.push("UPDATE inodes SET lease = lease + 1 WHERE ino = ? AND lease = ?").bind_ino(ino).bind(epoch as i64);
     }
 
     /// Counts `len` more bytes as stored for `ino` (an allocation: `st_blocks` must not grow
     /// when the allocated range is written later).
     pub(crate) fn add_stored(&mut self, ino: Ino, len: u64) {
+        self.changes(ino);
         self.push("UPDATE inodes SET stored = stored + ? WHERE ino = ?").bind(len as i64).bind_ino(ino);
     }
 
@@ -233,6 +250,7 @@ impl Batch {
     /// Deletes the slice rows of chunks `>= from_chunk` and queues their slices for block
     /// deletion: a slice belongs to one chunk of one file, so none is referenced any more.
     pub(crate) fn drop_slices(&mut self, ino: Ino, from_chunk: u64) {
+        self.changes(ino);
         self.push(
             "UPDATE inodes SET stored = stored - \
              (SELECT total(len) FROM slices WHERE ino = ? AND chunk >= ? AND slice != 0) WHERE ino = ?",
@@ -254,6 +272,7 @@ impl Batch {
     /// `at_seq`, the new row takes position `seq` (whose row is among those replaced), so
     /// rows committed since keep shadowing it; otherwise it goes on top.
     pub(crate) fn compact_slices(&mut self, ino: Ino, chunk: u64, seq: u64, slice: &SliceRef, at_seq: bool) {
+        self.changes(ino);
         let (pos, end) = (slice.pos as i64, slice.pos as i64 + slice.len as i64);
         let inside = "ino = ? AND chunk = ? AND seq <= ? AND pos >= ? AND pos + len <= ?";
         self.push(&format!(
@@ -294,12 +313,14 @@ impl Batch {
 
     /// Removes an inode with its xattrs and data (queued for GC).
     pub(crate) fn purge_inode(&mut self, ino: Ino) {
+        self.changes(ino);
         self.drop_slices(ino, 0);
         self.push("DELETE FROM xattrs WHERE ino = ?").bind_ino(ino);
         self.push("DELETE FROM inodes WHERE ino = ?").bind_ino(ino);
     }
 
     pub(crate) fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8], now: Timestamp) {
+        self.changes(ino);
         self.push("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)")
             .bind_ino(ino)
             .bind(name.to_vec())
@@ -310,6 +331,8 @@ impl Batch {
     /// Sets an xattr of the inode just linked as `name` in `parent` in this batch (inherited
     /// ACLs).
     pub(crate) fn set_xattr_of_new_entry(&mut self, parent: Ino, name: &[u8], xattr: &[u8], value: &[u8]) {
+        // The inode is named, not numbered: forget every cached attribute.
+        self.changes_unknown = true;
         self.push(
             "INSERT INTO xattrs (ino, name, value) \
              SELECT ino, ?, ? FROM dentries WHERE parent = ? AND name = ?",
@@ -324,6 +347,7 @@ impl Batch {
     }
 
     pub(crate) fn remove_xattr(&mut self, ino: Ino, name: &[u8], now: Timestamp) {
+        self.changes(ino);
         self.push("DELETE FROM xattrs WHERE ino = ? AND name = ?").bind_ino(ino).bind(name.to_vec());
         self.push(
             "UPDATE inodes SET xattrs = EXISTS (SELECT 1 FROM xattrs WHERE ino = ?), ctime_s = ?, ctime_ns = ? \
