@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_DATA: &str = "/var/lib/cairn/local";
 /// Where a running local cluster registers its client settings for mount.cairn.
 const RUN_DIR: &str = "/run/cairn/clusters";
+/// In a local cluster's data directory: the mountpoint its last `up` mounted.
+const MOUNTPOINT_FILE: &str = "run/mountpoint";
 /// How long `up` waits for servers and the mount.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -136,6 +138,8 @@ fn up(
     let _ = std::fs::remove_file(&reg);
     std::os::unix::fs::symlink(data.join("client.toml"), &reg)
         .with_context(|| format!("registering {}", reg.display()))?;
+    // So that `down` finds this cluster by its mountpoint also once that is unmounted.
+    std::fs::write(data.join(MOUNTPOINT_FILE), mountpoint.as_os_str().as_encoded_bytes())?;
     let source = cluster.source();
     if mounted_source(&mountpoint).as_deref() == Some(source.as_str()) {
         println!("{source} is already mounted on {}", mountpoint.display());
@@ -273,8 +277,18 @@ fn down(mountpoint: &Path, data: Option<PathBuf>) -> anyhow::Result<()> {
     let mountpoint = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
     let data = match data {
         Some(d) => d,
-        None => data_of_mount(&mountpoint).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+        None => data_of_mount(&mountpoint)
+            .or_else(|| data_started_for(&mountpoint))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
     };
+    if !data.join("cluster.toml").exists() {
+        bail!(
+            "no local cluster found for {}: it is not mounted by one, none running was started for it, \
+             and {} holds none (pass --data DIR)",
+            mountpoint.display(),
+            data.display()
+        );
+    }
     if mounted_source(&mountpoint).is_some() {
         let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
         // SAFETY: valid NUL-terminated path.
@@ -296,6 +310,16 @@ fn down(mountpoint: &Path, data: Option<PathBuf>) -> anyhow::Result<()> {
     stop(&data, "meta");
     println!("stopped the local cluster in {}", data.display());
     Ok(())
+}
+
+/// The volume directory of a running local cluster whose `up` mounted `mountpoint` (found
+/// through the registrations of running clusters), for a `down` after the mount went away.
+fn data_started_for(mountpoint: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(RUN_DIR).ok()?.flatten().find_map(|reg| {
+        let data = std::fs::read_link(reg.path()).ok()?.parent()?.to_path_buf();
+        let started_for = std::fs::read(data.join(MOUNTPOINT_FILE)).ok()?;
+        (started_for == mountpoint.as_os_str().as_encoded_bytes()).then_some(data)
+    })
 }
 
 /// The volume directory of a mounted local cluster, through its registration symlink.

@@ -20,4 +20,18 @@ fn write_read_and_survive_restart() {
     c.up(3, &[]);
     assert_eq!(std::fs::read(c.path("big")).unwrap(), data);
     assert_eq!(std::fs::read(c.path("small")).unwrap(), b"hello");
+
+    // Unmounted by hand, the cluster is still found by its mountpoint and stopped.
+    let meta = c.pid("meta");
+    run(std::process::Command::new("umount").arg(&c.mnt));
+    let out = run(std::process::Command::new(bin("cairn")).args(["local", "down"]).arg(&c.mnt));
+    assert!(out.contains(&c.data.display().to_string()), "down stopped another cluster: {out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::path::Path::new(&format!("/proc/{meta}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the metadata server outlived `down` of its unmounted mountpoint"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
