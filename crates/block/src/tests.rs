@@ -121,6 +121,12 @@ fn compression_is_kept_only_when_it_pays() {
     let mixed = [&text[..1 << 19], &noise[..], &text[..1 << 19]].concat();
     assert!(!worth_compressing(1, &mixed));
     assert!(worth_compressing(1, &text));
+    // Noise over 200 of the 256 byte values shrinks by about 5%: not worth it, small or big.
+    let marginal: Vec<u8> = (0..1 << 20).map(|i| (noise[i % noise.len()] % 200) ^ (i / noise.len()) as u8).collect();
+    let saving = 1.0 - zstd::bulk::compress(&marginal, 1).unwrap().len() as f64 / marginal.len() as f64;
+    assert!((0.02..0.125).contains(&saving), "the test data should shrink a little, not {saving}");
+    assert_eq!(c.encode(ID, &marginal)[5], 0, "a 1 MiB block saving {saving:.3}");
+    assert_eq!(c.encode(ID, &marginal[..1 << 16])[5], 0, "a 64 KiB block");
 }
 
 #[test]
