@@ -32,8 +32,9 @@ pub const HOLE_SLICE: SliceId = 0;
 pub type ServerId = u64;
 
 /// What kind of object an inode is.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum FileKind {
+    #[default]
     File,
     Dir,
     Symlink,
@@ -134,8 +135,9 @@ impl Timestamp {
     }
 }
 
-/// Everything `stat` reports about an inode.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// Everything `stat` reports about an inode (the default: an empty file, inode 0, mode 0, at
+/// the epoch, for building test values).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Attr {
     pub ino: Ino,
     pub kind: FileKind,

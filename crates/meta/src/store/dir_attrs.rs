@@ -46,27 +46,9 @@ impl DirAttrs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_proto::Timestamp;
 
     fn attr(ino: Ino, kind: FileKind) -> Attr {
-        let t = Timestamp { secs: 0, nanos: 0 };
-        Attr {
-            ino,
-            kind,
-            perm: 0o755,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            size: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            has_xattrs: false,
-            stored: 0,
-            flags: 0,
-        }
+        Attr { ino, kind, ..Attr::default() }
     }
 
     #[test]
