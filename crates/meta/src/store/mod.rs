@@ -38,6 +38,7 @@ struct Writer {
     /// A batch was sent and its caller went away before it finished: its transaction may
     /// still be open and is rolled back before the next use.
     unfinished: bool,
+    /// Directory attributes as this connection last read or wrote them (see `dir_attrs`).
     dirs: DirAttrs,
 }
 
@@ -153,10 +154,7 @@ impl WriteGuard<'_> {
         self.w.dirs.forget(b.changed.iter().map(|(ino, _)| *ino), b.changes_unknown);
         // The directories whose last change in the batch was `touch_dir`: its `RETURNING`
         // row is what the database now holds.
-        let mut last = HashMap::new();
-        b.changed.iter().for_each(|(ino, touch)| {
-            last.insert(*ino, *touch);
-        });
+        let last: HashMap<Ino, bool> = b.changed.iter().copied().collect();
         let sql = if b.durable {
             format!("PRAGMA synchronous = FULL;\nBEGIN;\n{}COMMIT;\nPRAGMA synchronous = NORMAL;", b.sql)
         } else {
@@ -167,7 +165,8 @@ impl WriteGuard<'_> {
             Ok(rows) => {
                 self.w.unfinished = false;
                 let done = Returned(rows);
-                for a in done.touched_dirs()? {
+                // The batch is committed: rows that do not decode are only not remembered.
+                for a in done.touched_dirs().unwrap_or_default() {
                     if last.get(&a.ino) == Some(&true) {
                         self.w.dirs.remember(a);
                     }
