@@ -179,14 +179,14 @@ pub fn status_count(status: &str, line: &str, label: &str) -> u64 {
     before.split_whitespace().last().unwrap().parse().unwrap()
 }
 
-/// The sum of the `cairn stats` counters of the mount at `mnt` whose names are in `names`
-/// (e.g. `meta.Lookup`).
-pub fn request_count(mnt: &Path, names: &[&str]) -> u64 {
+/// The sum of the `cairn stats` counters of the mount at `mnt` whose names (e.g.
+/// `meta.Lookup`) `counted` accepts.
+pub fn request_count(mnt: &Path, counted: impl Fn(&str) -> bool) -> u64 {
     let stats = run(Command::new(bin("cairn")).arg("stats").arg(mnt));
     stats
         .lines()
         .filter_map(|l| l.split_once(' '))
-        .filter(|(name, _)| names.contains(name))
+        .filter(|(name, _)| counted(name))
         .map(|(_, n)| n.trim().parse::<u64>().unwrap())
         .sum()
 }

@@ -97,12 +97,7 @@ fn a_stopped_client_delays_changes_only_until_its_leases_end() {
 /// Requests this mount sent to the metadata server, but for `Renew` (a sign of life, sent
 /// when the client is otherwise idle).
 fn meta_requests(mnt: &Path) -> u64 {
-    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(mnt));
-    stats
-        .lines()
-        .filter(|l| l.starts_with("meta.") && !l.starts_with("meta.Renew "))
-        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
-        .sum()
+    request_count(mnt, |n| n.starts_with("meta.") && n != "meta.Renew")
 }
 
 #[test]
@@ -151,12 +146,7 @@ fn a_listing_cached_before_a_stop_shows_the_changes_made_meanwhile() {
 
 /// Requests this mount sent to chunk servers.
 fn chunk_requests(mnt: &Path) -> u64 {
-    let stats = run(std::process::Command::new(bin("cairn")).arg("stats").arg(mnt));
-    stats
-        .lines()
-        .filter(|l| l.starts_with("chunk."))
-        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
-        .sum()
+    request_count(mnt, |n| n.starts_with("chunk."))
 }
 
 #[test]

@@ -16,11 +16,6 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// EOPNOTSUPP for an xattr Cairn does not store (see [`xattr_unsupported`]).
-fn unsupported_xattr(name: &[u8]) -> ClientError {
-    ClientError::new(ErrorCode::NotSupported, format!("{} is not supported", String::from_utf8_lossy(name)))
-}
-
 impl Client {
     /// Looks `name` up in `parent`, from a directory listing when one is at hand (see
     /// `listing`). A missing name is an entry without attributes, which the kernel may
@@ -268,9 +263,6 @@ impl Client {
         if value.len() > XATTR_SIZE_MAX {
             return Err(ClientError::new(ErrorCode::TooBig, "xattr value too large"));
         }
-        if xattr_unsupported(name) {
-            return Err(unsupported_xattr(name));
-        }
         self.xattr_misses.invalidate(&(ino, name.to_vec()));
         let req = MetaRequest::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode, caller };
         self.call_empty(req).await
@@ -283,8 +275,10 @@ impl Client {
         if name.len() > XATTR_NAME_MAX {
             return Some(ClientError::new(ErrorCode::Range, "xattr name too long"));
         }
+        // Refused by the metadata server too; `ls -l` asks every file for it.
         if xattr_unsupported(name) {
-            return Some(unsupported_xattr(name));
+            let what = format!("{} is not supported", String::from_utf8_lossy(name));
+            return Some(ClientError::new(ErrorCode::NotSupported, what));
         }
         let missing = self.no_xattrs.contains_key(&ino) || self.xattr_misses.contains_key(&(ino, name.to_vec()));
         missing.then(|| ClientError::new(ErrorCode::NoData, "no such xattr"))
@@ -319,9 +313,6 @@ impl Client {
     }
 
     pub async fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        if xattr_unsupported(name) {
-            return Err(unsupported_xattr(name));
-        }
         self.call_empty(MetaRequest::RemoveXattr { ino, name: name.to_vec() }).await
     }
 

@@ -64,13 +64,13 @@ impl FileState {
         self.size.load(Ordering::Acquire)
     }
 
-    /// When the file was last written, while the write is still buffered: the file's mtime
-    /// and ctime until the commit records them on the metadata server.
     /// Attribute changes waiting for the next flush.
     pub(crate) fn pending_attrs(&self) -> Option<SetAttrs> {
         self.attrs.lock().expect("pending attributes lock").as_ref().map(|(set, _)| set.clone())
     }
 
+    /// When the file was last written, while the write is still buffered: the file's mtime
+    /// and ctime until the commit records them on the metadata server.
     pub(crate) fn buffered_mtime(&self) -> Option<Timestamp> {
         let nanos = self.written_at.load(Ordering::Acquire);
         (self.buffered_size() > 0 && nanos > 0)
@@ -224,7 +224,7 @@ impl Client {
             return Err(crate::ClientError::new(ErrorCode::Perm, "the file is immutable"));
         }
         let f = self.file_state(ino);
-        if f.pending_attrs().is_some() {
+        if f.attrs.lock().expect("pending attributes lock").is_some() {
             // Applied after the buffered writes at the flush, so an explicit mtime set before
             // this write must not outlive it.
             self.flush(ino, false).await?;
