@@ -54,7 +54,7 @@ impl ChunkService {
     async fn replicate(&self, keys: Vec<cairn_proto::chunk::BlockKey>, from: &str) -> Result<(), WireError> {
         let rpc = self.peer(from);
         for key in keys {
-            let fetched = rpc.call::<_, ChunkResponse>(&ChunkRequest::Get { key }, &[]).await;
+            let fetched = rpc.call::<_, ChunkResponse>(&ChunkRequest::Get { key }, cairn_net::Bytes::new()).await;
             let (_, block) = fetched.map_err(|e| match e {
                 cairn_net::NetError::Remote(w) => w,
                 other => WireError::new(other.code(), format!("fetching {key:?} from {from}: {other}")),
@@ -135,7 +135,7 @@ async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, bad: BadSlices, 
             free,
             bad: reported.clone(),
         };
-        match meta.call::<_, MetaResponse>(&req, &[]).await {
+        match meta.call::<_, MetaResponse>(&req, cairn_net::Bytes::new()).await {
             Ok(_) => {
                 bad.reported(&reported);
                 if !announced {

@@ -1,18 +1,71 @@
 //! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
 
+use aligned_vec::{AVec, ConstAlign};
 use cairn_proto::chunk::BlockKey;
 use cairn_proto::{ErrorCode, SliceId};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Blocks at least this large start their writeback as soon as they are written (see
-/// [`start_writeback`]).
-const WRITEBACK_MIN: usize = 256 << 10;
+/// Blocks at least this large are written with `O_DIRECT` (see [`create_block_file`]).
+const DIRECT_MIN: usize = 256 << 10;
+/// Buffer address and length alignment that `O_DIRECT` needs (the largest logical sector size
+/// of common disks).
+const DIRECT_ALIGN: usize = 4096;
 
-/// Asks the kernel to start writing a file's dirty pages now, without waiting. A large write
-/// ends with an fsync; without this the page cache collects the whole file first and the
-/// fsync then waits for all of it (1.2 s for 1 GiB here), while with it the disk works during
-/// the write and the fsync finds little left to do. Only a hint: failures are ignored.
+thread_local! {
+    /// Each blocking-pool thread's staging buffer for `O_DIRECT` writes, reused so that its pages
+    /// stay mapped.
+    static STAGING: std::cell::RefCell<AVec<u8, ConstAlign<DIRECT_ALIGN>>> =
+        std::cell::RefCell::new(AVec::new(DIRECT_ALIGN));
+}
+
+/// Creates the file `path` holding `block`. Large blocks bypass the page cache with `O_DIRECT`:
+/// filling fresh page-cache pages cost a chunk server more CPU than all the rest of storing a
+/// block (0.5–0.9 s of system time per GiB against 0.08 s direct, measured with `dd`), and on
+/// 2 cores that CPU is taken from the client. Filesystems without `O_DIRECT` get a plain write.
+fn create_block_file(path: &Path, block: &[u8]) -> std::io::Result<std::fs::File> {
+    let open =
+        |flags| std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(flags).open(path);
+    if block.len() >= DIRECT_MIN {
+        match open(libc::O_DIRECT).and_then(|f| write_direct(&f, block).map(|()| f)) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            done => return done,
+        }
+    }
+    let mut f = open(0)?;
+    f.write_all(block)?;
+    if block.len() >= DIRECT_MIN {
+        start_writeback(&f);
+    }
+    Ok(f)
+}
+
+/// Writes `block` to the empty `O_DIRECT` file `f`: the whole sectors from an aligned copy,
+/// then the last partial sector through the page cache. (Padding that sector and cutting the
+/// file back instead would make the filesystem read it back in to zero the padding, and
+/// leave it dirty.)
+fn write_direct(f: &std::fs::File, block: &[u8]) -> std::io::Result<()> {
+    let (sectors, tail) = block.split_at(block.len() / DIRECT_ALIGN * DIRECT_ALIGN);
+    STAGING.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(sectors);
+        (&*f).write_all(buf)
+    })?;
+    if !tail.is_empty() {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+        // SAFETY: fcntl on a descriptor we own, clearing one status flag.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) & !libc::O_DIRECT) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        (&*f).write_all(tail)?;
+        start_writeback(f);
+    }
+    Ok(())
+}
+
+/// Asks the kernel to start writing a file's dirty pages now, without waiting, so that a
+/// later fsync finds little left to do. Only a hint: failures are ignored.
 fn start_writeback(f: &std::fs::File) {
     // SAFETY: sync_file_range on a descriptor we own, over the whole file (0, 0).
     unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(f), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
@@ -83,12 +136,9 @@ impl BlockStore {
         let path = self.path_of(key);
         let tmp = dir.join(format!(".tmp-{:016x}-{}-{:08x}", key.slice, key.index, rand::random::<u32>()));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(block)?;
+            let f = create_block_file(&tmp, block)?;
             if sync {
                 f.sync_data()?;
-            } else if block.len() >= WRITEBACK_MIN {
-                start_writeback(&f);
             }
             std::fs::rename(&tmp, &path)?;
             if sync {
@@ -215,5 +265,23 @@ mod tests {
         assert!(store.bucket_blocks(0x35).unwrap().is_empty());
         store.delete(&[key, key]).unwrap();
         assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn large_blocks_are_stored_exactly_through_the_direct_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        // Sizes around the O_DIRECT threshold and sector alignment, each stored twice so the
+        // staging buffer is reused with a shorter block after a longer one.
+        for (i, len) in [DIRECT_MIN - 1, (1 << 20) + 3, DIRECT_MIN, 5 * DIRECT_ALIGN].into_iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            let block = cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 9, index: i as u32 }, &data);
+            for sync in [false, true] {
+                let key = BlockKey { slice: 9, index: i as u32 };
+                store.put(key, &block, sync).unwrap();
+                assert_eq!(std::fs::metadata(store.path_of(key)).unwrap().len(), block.len() as u64);
+                assert_eq!(store.get(key).unwrap(), block);
+            }
+        }
     }
 }

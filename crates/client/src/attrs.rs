@@ -4,7 +4,8 @@
 //! once per file. Kept only for the rest of the attribute TTL, as the kernel keeps its own,
 //! and dropped whenever this client changes the inode.
 
-use cairn_proto::meta::MetaRequest;
+use crate::Result;
+use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct FileAttrs {
     ttl: Duration,
     cache: moka::sync::Cache<Ino, (Instant, Attr)>,
-    /// Epoch of this client's last unlink or rename, which change the link count or ctime of
-    /// an inode they do not name: attributes asked for before it are not kept.
+    /// Answers to requests sent before this epoch are not kept: an unlink or rename without
+    /// an answer, or a lost connection, may have changed any inode since.
     unnamed_change: AtomicU64,
 }
 
@@ -26,15 +27,25 @@ impl FileAttrs {
         }
     }
 
-    /// Forgets what `req` may change; called when it is sent and again when it is answered,
-    /// with a fresh epoch each time.
-    pub(crate) fn forget(&self, req: &MetaRequest, epoch: u64) {
+    /// Forgets what `req` may change; called when it is sent (without `answer`) and again
+    /// when it is answered, with a fresh epoch each time. An unlink or rename changes the
+    /// link count or ctime of inodes it does not name: its answer names them, and without
+    /// an answer any file may have changed.
+    pub(crate) fn forget(&self, req: &MetaRequest, answer: Option<&Result<MetaResponse>>, epoch: u64) {
         for ino in req.changed_inodes() {
             self.cache.invalidate(&ino);
         }
-        if matches!(req, MetaRequest::Unlink { .. } | MetaRequest::Rename { .. }) {
-            self.unnamed_change.fetch_max(epoch, Ordering::AcqRel);
-            self.cache.invalidate_all();
+        match answer {
+            Some(Ok(MetaResponse::Changed { unnamed, .. })) => {
+                unnamed.iter().for_each(|ino| self.cache.invalidate(ino))
+            }
+            Some(Err(e))
+                if matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut)
+                    && matches!(req, MetaRequest::Unlink { .. } | MetaRequest::Rename { .. }) =>
+            {
+                self.drop_all(epoch)
+            }
+            _ => {}
         }
     }
 
@@ -90,18 +101,34 @@ mod tests {
             set: SetAttrs { perm: Some(0o600), ..Default::default() },
             caller: Default::default(),
         };
-        f.forget(&chmod, 2);
+        f.forget(&chmod, None, 2);
         assert!(f.get(5).is_none());
 
-        // An unlink changes the link count of an inode it does not name: everything goes,
-        // and answers to requests sent before it are not kept.
+        // An unlink changes the link count of an inode it does not name: its answer names it,
+        // and only that one goes.
         f.keep(&attr(7, FileKind::File), 3, Instant::now());
+        f.keep(&attr(9, FileKind::File), 3, Instant::now());
         let unlink = MetaRequest::Unlink { parent: 1, name: b"x".to_vec() };
-        f.forget(&unlink, 5);
+        f.forget(&unlink, None, 4);
+        assert!(f.get(7).is_some() && f.get(9).is_some());
+        let answer = Ok(MetaResponse::Changed { attr: None, dirs: Vec::new(), unnamed: vec![7] });
+        f.forget(&unlink, Some(&answer), 5);
         assert!(f.get(7).is_none());
-        f.keep(&attr(8, FileKind::File), 4, Instant::now());
-        assert!(f.get(8).is_none());
+        assert!(f.get(9).is_some());
+
+        // Without an answer, everything goes, and answers to requests sent before it are not
+        // kept.
+        let lost = Err(crate::ClientError::new(ErrorCode::TimedOut, "no answer"));
+        f.forget(&unlink, Some(&lost), 7);
+        assert!(f.get(9).is_none());
         f.keep(&attr(8, FileKind::File), 6, Instant::now());
+        assert!(f.get(8).is_none());
+        f.keep(&attr(8, FileKind::File), 8, Instant::now());
+        assert!(f.get(8).is_some());
+
+        // An answered error means nothing changed.
+        let refused = Err(crate::ClientError::new(ErrorCode::NotFound, "no such entry"));
+        f.forget(&unlink, Some(&refused), 9);
         assert!(f.get(8).is_some());
     }
 

@@ -2,6 +2,7 @@
 //! in-memory cache of decoded blocks (safe without invalidation: blocks never change).
 
 use crate::{Client, ClientConfig, ClientError, Result, unexpected};
+use cairn_net::Bytes;
 use cairn_net::RpcClient;
 use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
 use cairn_proto::meta::{MetaRequest, MetaResponse};
@@ -121,7 +122,7 @@ impl Client {
         Ok(rpc)
     }
 
-    async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: &[u8]) -> Result<Vec<u8>> {
+    async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: Bytes) -> Result<Vec<u8>> {
         let rpc = self.rpc(id).await?;
         self.stats.count("chunk", req.into());
         let (_resp, data): (ChunkResponse, _) = rpc.call(req, payload).await?;
@@ -153,10 +154,10 @@ impl Client {
         let bs = self.volume.block_size as usize;
         let len = data.len() as u64;
         let codec = self.codec();
-        let encode = move || -> Vec<(BlockKey, Vec<u8>)> {
+        let encode = move || -> Vec<(BlockKey, Bytes)> {
             let blocks = data.chunks(bs).enumerate();
             blocks
-                .map(|(i, part)| (BlockKey { slice, index: i as u32 }, codec.encode(block_id(slice, i), part)))
+                .map(|(i, part)| (BlockKey { slice, index: i as u32 }, codec.encode(block_id(slice, i), part).into()))
                 .collect()
         };
         // Compressing and encrypting megabytes must not stall the one network thread.
@@ -184,7 +185,7 @@ impl Client {
                 let encoded = &encoded;
                 async move {
                     for (key, block) in encoded {
-                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block)
+                        self.chunk_call(id, &ChunkRequest::Put { key: *key, sync }, block.clone())
                             .await
                             .map_err(|e| (id, e))?;
                     }
@@ -217,7 +218,7 @@ impl Client {
             per_server.entry(s).or_default().push(k);
         }
         let calls = per_server.into_iter().map(|(id, keys)| async move {
-            let r = self.chunk_call(id, &ChunkRequest::Sync { keys: keys.clone() }, &[]).await;
+            let r = self.chunk_call(id, &ChunkRequest::Sync { keys: keys.clone() }, Bytes::new()).await;
             (id, keys, r)
         });
         let results = futures::future::join_all(calls).await;
@@ -267,7 +268,7 @@ impl Client {
                 let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
                 for &id in &servers {
                     let t0 = std::time::Instant::now();
-                    let got = self.chunk_call(id, &ChunkRequest::Get { key }, &[]).await;
+                    let got = self.chunk_call(id, &ChunkRequest::Get { key }, Bytes::new()).await;
                     tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
                     match got {
                         Ok(bytes) => {

@@ -160,7 +160,7 @@ impl Client {
         let endpoint = cairn_net::client_endpoint(identity)?;
         let meta = RpcClient::new(endpoint.clone(), &config.meta, cairn_net::META_SERVER_NAME, config.timeout);
         let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: config.volume.clone() };
-        let (volume, codec) = hello_answer(meta.call::<_, MetaResponse>(&hello, &[]).await?.0)?;
+        let (volume, codec) = hello_answer(meta.call::<_, MetaResponse>(&hello, cairn_net::Bytes::new()).await?.0)?;
         let client = Client {
             blocks: blocks::BlockClient::new(endpoint, &config)?,
             files: DashMap::new(),
@@ -238,10 +238,15 @@ impl Client {
         self.forget_dir_attrs(req);
         let sent_at = std::time::Instant::now();
         let sent = self.listings.before(req);
-        self.file_attrs.forget(req, sent);
+        self.file_attrs.forget(req, None, sent);
         self.stats.count("meta", req.into());
         let session_sent = self.session.now();
-        let resp = self.meta.call::<_, MetaResponse>(req, &[]).await.map(|r| r.0).map_err(ClientError::from);
+        let resp = self
+            .meta
+            .call::<_, MetaResponse>(req, cairn_net::Bytes::new())
+            .await
+            .map(|r| r.0)
+            .map_err(ClientError::from);
         // Any answer from the server (not a transport failure) shows the session alive; if
         // it had lapsed meanwhile, recalls may have been missed.
         let answered = match &resp {
@@ -260,7 +265,7 @@ impl Client {
         }
         .filter(|a| !self.listings.changed_since(a.ino, sent));
         self.listings.after(req, sent, &resp);
-        self.file_attrs.forget(req, self.listings.next_epoch());
+        self.file_attrs.forget(req, Some(&resp), self.listings.next_epoch());
         if let Some(a) = latest {
             self.file_attrs.keep(&a, sent, sent_at);
         }
@@ -336,7 +341,7 @@ impl Client {
     /// returns the node's attributes, if it has one.
     pub(crate) async fn call_changed(&self, req: MetaRequest) -> Result<Option<Attr>> {
         match self.call(req).await? {
-            MetaResponse::Changed { attr, dirs } => {
+            MetaResponse::Changed { attr, dirs, .. } => {
                 for d in dirs {
                     let d = self.note_attr(d);
                     // Answers of concurrent changes may arrive out of order: keep the newest.

@@ -201,6 +201,9 @@ impl Listings {
         for ino in req.changed_inodes() {
             self.mark(ino, epoch);
         }
+        if let Ok(MetaResponse::Changed { unnamed, .. }) = resp {
+            unnamed.iter().for_each(|ino| self.mark(*ino, epoch));
+        }
         // A change that failed for want of an answer may still have happened: retire the
         // listings. (An error from the server itself means nothing changed.)
         if let Err(e) = resp
@@ -307,7 +310,7 @@ impl Client {
         let mut after = 0;
         let complete = loop {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
-            let page = match self.meta.call::<_, MetaResponse>(&req, &[]).await?.0 {
+            let page = match self.meta.call::<_, MetaResponse>(&req, cairn_net::Bytes::new()).await?.0 {
                 MetaResponse::Dir(mut page) => {
                     self.note_map_hints(&mut page);
                     page
@@ -364,7 +367,7 @@ mod tests {
     }
 
     fn changed(attr: Option<Attr>) -> Result<MetaResponse, ClientError> {
-        Ok(MetaResponse::Changed { attr, dirs: vec![attr_dir()] })
+        Ok(MetaResponse::Changed { attr, dirs: vec![attr_dir()], unnamed: Vec::new() })
     }
 
     fn attr_dir() -> Attr {

@@ -244,7 +244,8 @@ impl MetaService {
         }
     }
 
-    pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<TouchedDirs> {
+    /// Removes a non-directory name; returns the directories touched and the unlinked inode.
+    pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(TouchedDirs, Vec<Ino>)> {
         let mut w = self.store.write().await?;
         let (p, child) = dir_entry(&mut w, parent, name).await?;
         let Some(child) = child else {
@@ -263,10 +264,11 @@ impl MetaService {
         b.drop_link(child.ino, false, now);
         let done = w.apply(b).await?;
         self.unlinked(done.unlinked());
-        Ok(dirs)
+        Ok((dirs, vec![child.ino]))
     }
 
-    pub(crate) async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<TouchedDirs> {
+    /// Removes an empty directory; returns the directories touched and the removed one.
+    pub(crate) async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<(TouchedDirs, Vec<Ino>)> {
         if name == b"." {
             return Err(err(ErrorCode::Invalid, "cannot remove '.'"));
         }
@@ -294,7 +296,7 @@ impl MetaService {
         b.drop_link(child.ino, true, now);
         let done = w.apply(b).await?;
         self.unlinked(done.unlinked());
-        Ok(dirs)
+        Ok((dirs, vec![child.ino]))
     }
 
     /// True if `dir` is `ancestor` or lies below it.
@@ -321,7 +323,7 @@ impl MetaService {
         new_parent: Ino,
         new_name: &[u8],
         mode: RenameMode,
-    ) -> Result<TouchedDirs> {
+    ) -> Result<(TouchedDirs, Vec<Ino>)> {
         check_name(new_name)?;
         let mut w = self.store.write().await?;
         let (p, src) = dir_entry(&mut w, parent, name).await?;
@@ -342,6 +344,7 @@ impl MetaService {
         let now = Timestamp::now();
         let mut b = Batch::default();
         let mut dirs = TouchedDirs::default();
+        let unnamed: Vec<Ino> = std::iter::once(src.ino).chain(dst.as_ref().map(|d| d.ino)).collect();
         let whiteout = match &mode {
             RenameMode::Whiteout { caller, .. } => Some(caller.clone()),
             _ => None,
@@ -351,7 +354,7 @@ impl MetaService {
             (RenameMode::NoReplace | RenameMode::Whiteout { no_replace: true, .. }, Some(_)) => {
                 return Err(err(ErrorCode::Exists, "target exists"));
             }
-            (_, Some(d)) if d.ino == src.ino => return Ok(dirs),
+            (_, Some(d)) if d.ino == src.ino => return Ok((dirs, Vec::new())),
             (RenameMode::Exchange, Some(dst)) => {
                 if dst.kind == FileKind::Dir && parent != new_parent && Self::is_within(&mut w, parent, dst.ino).await?
                 {
@@ -408,7 +411,7 @@ impl MetaService {
         }
         let done = w.apply(b).await?;
         self.unlinked(done.unlinked());
-        Ok(dirs)
+        Ok((dirs, unnamed))
     }
 
     pub(crate) async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {

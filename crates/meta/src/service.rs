@@ -117,18 +117,23 @@ impl MetaService {
             MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => {
                 let (attr, dirs) =
                     self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open).await?;
-                R::Changed { attr: Some(attr), dirs: dirs.0 }
+                R::Changed { attr: Some(attr), dirs: dirs.0, unnamed: Vec::new() }
             }
             MetaRequest::Link { ino, new_parent, new_name } => {
                 let (attr, dirs) = self.link(ino, new_parent, &new_name).await?;
-                R::Changed { attr: Some(attr), dirs: dirs.0 }
+                R::Changed { attr: Some(attr), dirs: dirs.0, unnamed: Vec::new() }
             }
             MetaRequest::Unlink { parent, name } => {
-                R::Changed { attr: None, dirs: self.unlink(parent, &name).await?.0 }
+                let (dirs, unnamed) = self.unlink(parent, &name).await?;
+                R::Changed { attr: None, dirs: dirs.0, unnamed }
             }
-            MetaRequest::Rmdir { parent, name } => R::Changed { attr: None, dirs: self.rmdir(parent, &name).await?.0 },
+            MetaRequest::Rmdir { parent, name } => {
+                let (dirs, unnamed) = self.rmdir(parent, &name).await?;
+                R::Changed { attr: None, dirs: dirs.0, unnamed }
+            }
             MetaRequest::Rename { parent, name, new_parent, new_name, mode } => {
-                R::Changed { attr: None, dirs: self.rename(parent, &name, new_parent, &new_name, mode).await?.0 }
+                let (dirs, unnamed) = self.rename(parent, &name, new_parent, &new_name, mode).await?;
+                R::Changed { attr: None, dirs: dirs.0, unnamed }
             }
             MetaRequest::ReadLink { ino } => R::Link(self.readlink(ino).await?),
             MetaRequest::ReadDir { ino, after, limit, plus } => R::Dir(self.readdir(ino, after, limit, plus).await?),
@@ -211,22 +216,6 @@ impl MetaService {
         })
     }
 
-    /// The inodes an unlink, rmdir or rename changes without naming them (their link count
-    /// and ctime): the ones its names resolve to now, before it runs.
-    async fn unlinked_by(&self, req: &MetaRequest) -> Vec<Ino> {
-        let names: Vec<(Ino, &[u8])> = match req {
-            MetaRequest::Unlink { .. } | MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. } => req.changed_names(),
-            _ => return Vec::new(),
-        };
-        let mut inos = Vec::new();
-        for (dir, name) in names {
-            if let Ok(Some(a)) = crate::store::reads::lookup(&self.store.readers, dir, name).await {
-                inos.push(a.ino);
-            }
-        }
-        inos
-    }
-
     /// The volume keys, for an encrypted volume's clients.
     fn keys(&self) -> crate::Result<Vec<(u16, [u8; 32])>> {
         cairn_config::load_keys(&self.key_file).map_err(|e| {
@@ -304,7 +293,7 @@ impl MetaService {
                 let client = chunk_client(&mut clients, &endpoint, info, Duration::from_secs(30));
                 for part in keys.chunks(4096) {
                     let r: Result<(ChunkResponse, Vec<u8>), _> =
-                        client.call(&ChunkRequest::Delete { keys: part.to_vec() }, &[]).await;
+                        client.call(&ChunkRequest::Delete { keys: part.to_vec() }, cairn_net::Bytes::new()).await;
                     if let Err(e) = r {
                         warn!(server = id, "gc: {e}");
                         done = false;
@@ -371,9 +360,6 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
             let touched: Vec<Ino> = read.iter().chain(&changed).copied().collect();
             self.recall_writers(peer.conn_id, &touched, None).await;
         }
-        if self.leases.shared() {
-            changed.extend(self.unlinked_by(&req).await);
-        }
         let names: Vec<(Ino, Vec<u8>)> = req.changed_names().into_iter().map(|(d, n)| (d, n.to_vec())).collect();
         let again =
             matches!(req, MetaRequest::Lookup { .. } | MetaRequest::GetAttr { .. } | MetaRequest::ReadDir { .. })
@@ -384,6 +370,9 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
             resp.described_inodes().into_iter().filter(|i| !read.contains(i)).collect()
         };
         let mut resp = self.dispatch(peer, req).await?;
+        if let MetaResponse::Changed { unnamed, .. } = &resp {
+            changed.extend(unnamed);
+        }
         let new = found(&resp);
         self.leases.grant(peer, &new);
         // A found file another client is writing: its size and times are in that client's

@@ -33,7 +33,7 @@ async fn main() {
         cairn_net::CHUNK_SERVER_NAME,
         Duration::from_secs(30),
     ));
-    let upload = vec![1u8; size as usize];
+    let upload = cairn_net::Bytes::from(vec![1u8; size as usize]);
     for (name, req) in [("download", 0u32), ("upload", 1u32)] {
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -41,7 +41,7 @@ async fn main() {
             let (client, upload) = (client.clone(), upload.clone());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..requests / concurrency {
-                    let payload: &[u8] = if req == 0 { &[] } else { &upload };
+                    let payload = if req == 0 { cairn_net::Bytes::new() } else { upload.clone() };
                     let _: (u32, Vec<u8>) = client.call(&req, payload).await.unwrap();
                 }
             }));

@@ -8,6 +8,8 @@ pub mod pki;
 mod rpc;
 mod tls;
 
+/// Request and answer payloads: shared, so a block sent to several servers is never copied.
+pub use bytes::Bytes;
 pub use error::NetError;
 pub use rpc::{Handler, Peer, RpcClient, serve};
 pub use tls::{Identity, client_endpoint, server_endpoint};

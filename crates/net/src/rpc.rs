@@ -1,6 +1,7 @@
 //! Request/response over QUIC: one bidirectional stream per call, postcard header + raw payload.
 
 use crate::NetError;
+use bytes::Bytes;
 use cairn_proto::frame::{self, FrameError, PREFIX_LEN};
 use cairn_proto::{ErrorCode, WireError};
 use serde::{Serialize, de::DeserializeOwned};
@@ -36,7 +37,7 @@ impl Peer {
     ) -> Result<Resp, NetError> {
         let addr = self.remote.to_string();
         let head = frame::encode_head(req, 0).map_err(|source| NetError::Frame { addr: addr.clone(), source })?;
-        match tokio::time::timeout(timeout, exchange(&self.conn, &addr, &head, &[])).await {
+        match tokio::time::timeout(timeout, exchange(&self.conn, &addr, &head, &Bytes::new())).await {
             Ok(Ok((resp, _))) => Ok(resp),
             Ok(Err(Attempt::Unsent(e) | Attempt::Failed(e))) => Err(e),
             Err(_) => Err(NetError::Timeout { addr, secs: timeout.as_secs_f64() }),
@@ -117,7 +118,7 @@ impl RpcClient {
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         req: &Req,
-        payload: &[u8],
+        payload: Bytes,
     ) -> Result<(Resp, Vec<u8>), NetError> {
         let head = frame::encode_head(req, payload.len())
             .map_err(|source| NetError::Frame { addr: self.addr.clone(), source })?;
@@ -127,7 +128,7 @@ impl RpcClient {
             let mut attempt = 0;
             loop {
                 let conn = self.connection().await?;
-                match exchange(&conn, &self.addr, &head, payload).await {
+                match exchange(&conn, &self.addr, &head, &payload).await {
                     Err(Attempt::Unsent(e)) if attempt == 0 => {
                         debug!(addr = %self.addr, "retrying on a new connection: {e}");
                         self.forget(&conn);
@@ -205,7 +206,7 @@ async fn exchange<Resp: DeserializeOwned>(
     conn: &quinn::Connection,
     addr: &str,
     head: &[u8],
-    payload: &[u8],
+    payload: &Bytes,
 ) -> Result<(Resp, Vec<u8>), Attempt> {
     // quinn says only "connection lost" on a stream; add why (e.g. a refused certificate).
     let conn_err = |e: &dyn std::fmt::Display| {
@@ -218,7 +219,7 @@ async fn exchange<Resp: DeserializeOwned>(
         NetError::Connection { addr: addr.to_string(), reason }
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Attempt::Unsent(conn_err(&e)))?;
-    if let Err(e) = send_frame(&mut send, head, payload).await {
+    if let Err(e) = send_frame(&mut send, head, payload.clone()).await {
         return Err(match e {
             quinn::WriteError::ConnectionLost(_) => Attempt::Unsent(conn_err(&e)),
             _ => Attempt::Failed(conn_err(&e)),
@@ -243,13 +244,13 @@ const COALESCE_MAX: usize = 64 << 10;
 
 /// Writes a frame and ends the stream. A small frame goes out in one write, so the connection
 /// driver (which may run on another thread) cannot send the header, payload and end of stream
-/// in separate packets.
-async fn send_frame(send: &mut quinn::SendStream, head: &[u8], payload: &[u8]) -> Result<(), quinn::WriteError> {
+/// in separate packets. A large payload is handed to quinn as it is, without a copy.
+async fn send_frame(send: &mut quinn::SendStream, head: &[u8], payload: Bytes) -> Result<(), quinn::WriteError> {
     if payload.len() <= COALESCE_MAX {
-        send.write_all(&[head, payload].concat()).await?;
+        send.write_all(&[head, &payload].concat()).await?;
     } else {
         send.write_all(head).await?;
-        send.write_all(payload).await?;
+        send.write_chunk(payload).await?;
     }
     send.finish().map_err(|_| quinn::WriteError::ClosedStream)
 }
@@ -389,7 +390,7 @@ where
             }
         }
     };
-    if let Err(e) = send_frame(&mut send, &head, &payload).await {
+    if let Err(e) = send_frame(&mut send, &head, Bytes::from(payload)).await {
         debug!(?peer, "could not send answer: {e}");
     }
 }

@@ -407,6 +407,10 @@ pub enum MetaResponse {
     Changed {
         attr: Option<Attr>,
         dirs: Vec<Attr>,
+        /// Inodes whose link count or ctime an unlink, rmdir or rename changed without the
+        /// request naming them (the removed, moved or replaced ones), so that caches drop
+        /// exactly those instead of everything.
+        unnamed: Vec<Ino>,
     },
     /// An opened inode's attributes and, for a file with data, the map of its first chunk:
     /// reading a small file then takes no further metadata round trip.
@@ -444,7 +448,7 @@ impl MetaResponse {
             MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. } | MetaResponse::Lease { attr: a, .. } => {
                 vec![a.ino]
             }
-            MetaResponse::Changed { attr, dirs } => attr.iter().chain(dirs).map(|a| a.ino).collect(),
+            MetaResponse::Changed { attr, dirs, .. } => attr.iter().chain(dirs).map(|a| a.ino).collect(),
             MetaResponse::Dir(entries) => entries.iter().filter_map(|e| e.attr.as_ref().map(|a| a.ino)).collect(),
             _ => Vec::new(),
         }
