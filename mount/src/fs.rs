@@ -404,12 +404,13 @@ impl Filesystem for CairnFs {
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // Every close(2) comes here with the closing process as lock owner: its byte-range
-        // locks on the file go, after its writes are committed.
+        // locks on the file go. Writes buffered under the write lease are committed after
+        // the last close, in the background (see `Client::close_flush`).
         run!(
             self,
             reply,
             |c| async move {
-                let flushed = c.flush(ino.0, false).await;
+                let flushed = c.close_flush(ino.0).await;
                 flushed.and(c.locks_flushed(ino.0, lock_owner.0).await)
             },
             |_v| reply.ok()

@@ -109,6 +109,8 @@ fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
     // is umount followed at once by mount): keep it from doing so.
     std::mem::forget(session);
     info!(mountpoint = %args.mountpoint.display(), "unmounted");
+    // Writes closed just before the unmount may still be on their way (write-behind).
+    rt.block_on(client.flush_all());
     // Tell the metadata server now, so it stops counting this client among lease holders.
     rt.block_on(client.disconnect());
     Ok(())

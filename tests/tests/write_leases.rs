@@ -225,7 +225,7 @@ fn attribute_changes_kept_with_buffered_writes_reach_other_clients_in_order() {
     let archived = std::time::UNIX_EPOCH + Duration::from_secs(1_153_704_088);
     let recent = |m: &std::fs::Metadata| m.modified().unwrap() > archived + Duration::from_secs(1_000_000);
     // What `tar x` does with every file: write, set the mtime, chown and chmod, then close.
-    // The three changes travel with the data: one SetAttr at the close. (No process is
+    // The three changes travel with the data: one SetAttr after the commit. (No process is
     // started while the file is open: the child's close-on-exec would flush it.)
     let before = set_attrs(&a);
     let mut f = std::fs::File::create(a.join("f")).unwrap();
@@ -237,10 +237,11 @@ fn attribute_changes_kept_with_buffered_writes_reach_other_clients_in_order() {
     assert_eq!((seen.mode() & 0o7777, seen.uid(), seen.gid()), (0o640, 1234, 5678), "A's own view");
     assert_eq!(seen.modified().unwrap(), archived, "A's own view of the mtime");
     drop(f);
-    assert_eq!(set_attrs(&a), before + 1, "the changes were not sent together at the close");
     let on_b = std::fs::metadata(b.join("f")).unwrap();
     assert_eq!((on_b.mode() & 0o7777, on_b.uid(), on_b.gid(), on_b.len()), (0o640, 1234, 5678, 16));
     assert_eq!(on_b.modified().unwrap(), archived, "mtime seen on B");
+    // B's stat waited for A's commit (write-behind after the close, or the recall).
+    assert_eq!(set_attrs(&a), before + 1, "the changes were not sent together after the close");
 
     // Changes not sent yet are recalled with the buffered writes by another client's stat.
     let mut g = std::fs::File::create(a.join("g")).unwrap();
@@ -265,4 +266,57 @@ fn attribute_changes_kept_with_buffered_writes_reach_other_clients_in_order() {
     assert_eq!((again.mode() & 0o7777, again.uid(), again.gid(), again.len()), (0o640, 1234, 5678, 16));
     assert_eq!(again.modified().unwrap(), archived);
     umount_lazy(&fresh);
+}
+
+/// Write-behind: a close leaves the buffered writes to a background commit, so a chmod and an
+/// mtime given after the close join them; an unmount right after the closes still commits
+/// everything before the client process ends.
+#[test]
+fn files_closed_just_before_an_unmount_keep_their_data_and_later_attributes() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Cluster::start(1);
+    let (b, pid) = c.mount_again_with_pid("b");
+    std::fs::create_dir(b.join("d")).unwrap();
+    let mtime = 1_000_000_000 + 7;
+    for i in 0..300u64 {
+        let p = b.join(format!("d/f{i}"));
+        std::fs::write(&p, pattern(i, 3000 + i as usize * 50)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let times = [libc::timespec { tv_sec: mtime, tv_nsec: 0 }; 2];
+        // SAFETY: a valid path and two timespecs.
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, cpath(&p).as_ptr(), times.as_ptr(), 0) }, 0);
+    }
+    // Last, a file whose data cannot be stored before the unmount: the chunk server is
+    // stopped from before its close until after the unmount.
+    let big = pattern(999, 8 << 20);
+    let mut f = std::fs::File::create(b.join("d/big")).unwrap();
+    f.write_all(&big).unwrap();
+    let chunk = c.pid("chunk-1");
+    // SAFETY: plain kill(2) on a process this test's cluster started.
+    unsafe { libc::kill(chunk, libc::SIGSTOP) };
+    drop(f);
+    let status = std::process::Command::new("umount").arg(&b).status().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: as above.
+    unsafe { libc::kill(chunk, libc::SIGCONT) };
+    assert!(status.success(), "umount {}", b.display());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+        assert!(Instant::now() < deadline, "the unmounted client did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..300u64 {
+        let p = c.path(&format!("d/f{i}"));
+        assert!(read(&p) == pattern(i, 3000 + i as usize * 50), "{}: data", p.display());
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o640, "{}: mode", p.display());
+        assert_eq!(m.mtime(), mtime, "{}: mtime", p.display());
+    }
+    assert!(read(&c.path("d/big")) == big, "the file closed last");
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
 }

@@ -85,12 +85,12 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
         _peer: &Peer,
         req: ChunkRequest,
         payload: Vec<u8>,
-    ) -> Result<(ChunkResponse, Vec<u8>), WireError> {
+    ) -> Result<(ChunkResponse, cairn_net::Bytes), WireError> {
         let store = self.store.clone();
         match req {
             ChunkRequest::Put { key, sync } => {
                 blocking(move || store.put(key, &payload, sync)).await?;
-                Ok((ChunkResponse::Done, Vec::new()))
+                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
             }
             ChunkRequest::Get { key } => {
                 let got = off_thread(move || store.get(key)).await;
@@ -101,22 +101,23 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
             }
             ChunkRequest::Sync { keys } => {
                 blocking(move || store.sync(&keys)).await?;
-                Ok((ChunkResponse::Done, Vec::new()))
+                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
             }
             ChunkRequest::Delete { keys } => {
                 blocking(move || store.delete(&keys)).await?;
-                Ok((ChunkResponse::Done, Vec::new()))
+                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
             }
             ChunkRequest::Replicate { keys, from } => {
                 self.replicate(keys, &from).await?;
-                Ok((ChunkResponse::Done, Vec::new()))
+                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
             }
-            ChunkRequest::List { bucket } => {
-                Ok((ChunkResponse::Blocks(blocking(move || store.bucket_blocks(bucket)).await?), Vec::new()))
-            }
+            ChunkRequest::List { bucket } => Ok((
+                ChunkResponse::Blocks(blocking(move || store.bucket_blocks(bucket)).await?),
+                cairn_net::Bytes::new(),
+            )),
             ChunkRequest::Stat => {
                 let (capacity, free) = blocking(move || Ok(store.usage()?)).await?;
-                Ok((ChunkResponse::Stat { capacity, free }, Vec::new()))
+                Ok((ChunkResponse::Stat { capacity, free }, cairn_net::Bytes::new()))
             }
         }
     }

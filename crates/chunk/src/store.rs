@@ -1,9 +1,10 @@
 //! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
 
 use aligned_vec::{AVec, ConstAlign};
+use cairn_net::Bytes;
 use cairn_proto::chunk::BlockKey;
 use cairn_proto::{ErrorCode, SliceId};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -53,15 +54,51 @@ fn write_direct(f: &std::fs::File, block: &[u8]) -> std::io::Result<()> {
         (&*f).write_all(buf)
     })?;
     if !tail.is_empty() {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(f);
-        // SAFETY: fcntl on a descriptor we own, clearing one status flag.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) & !libc::O_DIRECT) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        set_direct(f, false)?;
         (&*f).write_all(tail)?;
         start_writeback(f);
     }
     Ok(())
+}
+
+/// Reads a whole block file. Large blocks are read with `O_DIRECT` into an aligned buffer
+/// that becomes the answer's payload: blocks are read whole, once per client cache miss, so
+/// the page cache would only cost a copy into fresh pages (see [`create_block_file`]).
+fn read_block_file(path: &Path) -> std::io::Result<Bytes> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len < DIRECT_MIN || set_direct(&f, true).is_err() {
+        let mut data = Vec::with_capacity(len);
+        f.read_to_end(&mut data)?;
+        return Ok(data.into());
+    }
+    // Whole sectors only: the read of the last one stops at the end of the file.
+    let mut buf: AVec<u8, ConstAlign<DIRECT_ALIGN>> =
+        AVec::with_capacity(DIRECT_ALIGN, len.next_multiple_of(DIRECT_ALIGN));
+    buf.resize(len.next_multiple_of(DIRECT_ALIGN), 0);
+    let mut done = 0;
+    while done < len {
+        match f.read(&mut buf[done..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(Bytes::from_owner(buf))
+}
+
+/// Turns `O_DIRECT` on or off for an open file.
+fn set_direct(f: &std::fs::File, on: bool) -> std::io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+    // SAFETY: fcntl on a descriptor we own, changing one status flag.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        let flags = if on { flags | libc::O_DIRECT } else { flags & !libc::O_DIRECT };
+        libc::fcntl(fd, libc::F_SETFL, flags) == 0
+    };
+    if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Asks the kernel to start writing a file's dirty pages now, without waiting, so that a
@@ -184,8 +221,8 @@ impl BlockStore {
     }
 
     /// Reads a block and verifies its checksum; a bad block is an error, never returned.
-    pub fn get(&self, key: BlockKey) -> Result<Vec<u8>, StoreError> {
-        let data = match std::fs::read(self.path_of(key)) {
+    pub fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
+        let data = match read_block_file(&self.path_of(key)) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound(key));

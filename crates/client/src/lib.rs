@@ -98,6 +98,8 @@ pub struct Client {
     /// must not mark them xattr-free again.
     pub(crate) xattrs_changed: moka::sync::Cache<Ino, ()>,
     pub(crate) write_budget: write::WriteBudget,
+    /// Turns for closed files' write-behind (see `Client::release`).
+    pub(crate) write_behind: Arc<tokio::sync::Semaphore>,
     /// Blocks stored without fsync, per file, until an fsync of that file syncs them. Kept
     /// apart from the open-file state so an fsync after close and reopen still covers them.
     pub(crate) unsynced: DashMap<Ino, Vec<(ServerId, cairn_proto::chunk::BlockKey)>>,
@@ -166,6 +168,7 @@ impl Client {
             files: DashMap::new(),
             generations: moka::sync::Cache::builder().time_to_live(config.map_ttl * 2).build(),
             write_budget: write::WriteBudget::new(config.write_buffer_bytes),
+            write_behind: Arc::new(tokio::sync::Semaphore::new(write::WRITE_BEHIND)),
             unsynced: DashMap::new(),
             last_read: moka::sync::Cache::builder().max_capacity(10_000).time_to_idle(Duration::from_secs(10)).build(),
             maps: moka::future::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
@@ -235,7 +238,7 @@ impl Client {
         if let Err(e) = self.check_up() {
             return (Err(e), 0);
         }
-        self.forget_dir_attrs(req);
+        self.forget_dir_attrs(req, None);
         let sent_at = std::time::Instant::now();
         let sent = self.listings.before(req);
         self.file_attrs.forget(req, None, sent);
@@ -265,6 +268,7 @@ impl Client {
         }
         .filter(|a| !self.listings.changed_since(a.ino, sent));
         self.listings.after(req, sent, &resp);
+        self.forget_dir_attrs(req, Some(&resp));
         self.file_attrs.forget(req, Some(&resp), self.listings.next_epoch());
         if let Some(a) = latest {
             self.file_attrs.keep(&a, sent, sent_at);
@@ -356,15 +360,25 @@ impl Client {
         }
     }
 
-    /// Drops the recorded directory attributes a request may change without reporting them.
-    fn forget_dir_attrs(&self, req: &MetaRequest) {
-        match req {
-            MetaRequest::SetAttr { ino, .. }
-            | MetaRequest::SetXattr { ino, .. }
-            | MetaRequest::RemoveXattr { ino, .. } => self.dir_attrs.invalidate(ino),
-            MetaRequest::Touch { times } => times.iter().for_each(|(ino, _)| self.dir_attrs.invalidate(ino)),
-            // A directory removed or moved (its ctime) may be among them.
-            MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. } => self.dir_attrs.invalidate_all(),
+    /// Drops the recorded directory attributes a request may change without reporting them:
+    /// when it is sent, those it names; when it is answered (`answer`), the directories an
+    /// rmdir or rename removed or moved, or all of them if it got no answer.
+    fn forget_dir_attrs(&self, req: &MetaRequest, answer: Option<&Result<MetaResponse>>) {
+        match (req, answer) {
+            (
+                MetaRequest::SetAttr { ino, .. }
+                | MetaRequest::SetXattr { ino, .. }
+                | MetaRequest::RemoveXattr { ino, .. },
+                None,
+            ) => self.dir_attrs.invalidate(ino),
+            (MetaRequest::Touch { times }, None) => times.iter().for_each(|(ino, _)| self.dir_attrs.invalidate(ino)),
+            (MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. }, Some(answer)) => match answer {
+                Ok(MetaResponse::Changed { unnamed, .. }) => {
+                    unnamed.iter().for_each(|ino| self.dir_attrs.invalidate(ino))
+                }
+                Err(e) if matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut) => self.dir_attrs.invalidate_all(),
+                _ => {}
+            },
             _ => {}
         }
     }

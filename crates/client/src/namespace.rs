@@ -224,20 +224,30 @@ impl Client {
         Ok((attr, keep))
     }
 
-    /// Closes a handle: flushes buffered writes, then drops the registration.
+    /// Closes a handle: flushes buffered writes, then drops the registration. Writes still
+    /// buffered under the write lease are stored and committed in the background instead
+    /// (write-behind, see `write`), and the registration dropped after them.
     pub async fn release(self: &Arc<Self>, ino: Ino) -> Result<()> {
+        if self.behind_write(ino) {
+            return Ok(());
+        }
         let flushed = self.flush(ino, false).await;
         self.closed(ino);
-        // Dropping the registration needs no answer: the server orders it after every earlier
-        // request of this client that could observe it, and a lost one is cleaned up with the
-        // connection. Not waiting saves a round trip on every close.
+        self.send_close(ino);
+        flushed
+    }
+
+    /// Drops a handle's registration with the metadata server. Needs no answer: the server
+    /// orders it after every earlier request of this client that could observe it, and a
+    /// lost one is cleaned up with the connection. Not waiting saves a round trip on every
+    /// close.
+    pub(crate) fn send_close(self: &Arc<Self>, ino: Ino) {
         let client = self.clone();
         tokio::spawn(async move {
             if let Err(e) = client.call_empty(MetaRequest::Close { ino }).await {
                 tracing::debug!(ino, "close registration: {e}");
             }
         });
-        flushed
     }
 
     pub async fn fallocate(

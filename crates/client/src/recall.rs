@@ -29,7 +29,7 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
         _peer: &Peer,
         req: Callback,
         _payload: Vec<u8>,
-    ) -> Result<(CallbackResponse, Vec<u8>), WireError> {
+    ) -> Result<(CallbackResponse, cairn_net::Bytes), WireError> {
         if let Some(client) = self.0.upgrade() {
             match req {
                 Callback::Recall { inodes, entries } => client.recalled(inodes, entries).await,
@@ -41,7 +41,7 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
                 }
             }
         }
-        Ok((CallbackResponse::Done, Vec::new()))
+        Ok((CallbackResponse::Done, cairn_net::Bytes::new()))
     }
 
     /// Read leases end with the connection, and recalls sent meanwhile were missed: forget

@@ -15,6 +15,14 @@ use tokio::task::{JoinError, JoinHandle};
 /// Slices per commit request (well inside the frame header limit).
 const COMMIT_BATCH: usize = 4096;
 
+/// Closed files whose buffered writes may be stored and committed in the background at once
+/// (see [`Client::behind_write`]); a close beyond them commits in the foreground, which bounds
+/// the memory closed files hold.
+pub(crate) const WRITE_BEHIND: usize = 64;
+/// Attempts, a second apart, to commit a closed file's writes while servers are unreachable;
+/// after them the writes stay buffered for the periodic commit and the next reconnection.
+const BEHIND_TRIES: u32 = 10;
+
 /// Buffered data is committed at least this often, also while the file stays open:
 /// reconciliation deletes stored blocks that no file references for `orphan_grace_secs`
 /// (an hour by default), so a long write must not keep stored slices uncommitted that long.
@@ -199,7 +207,7 @@ impl Client {
         let held: Vec<Ino> =
             self.files.iter().filter(|f| f.lease.load(Ordering::Acquire) != 0).map(|f| *f.key()).collect();
         for ino in held {
-            let _ = self.flush_and(ino, false, Flush::Background).await;
+            let _ = self.flush_in_background(ino).await;
         }
     }
 
@@ -209,6 +217,112 @@ impl Client {
             let left = f.handles.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
             left == 0 && f.size.load(Ordering::Acquire) == 0
         });
+    }
+
+    /// A close(2): reports what an earlier background store or commit of the file failed
+    /// with, as a local filesystem reports a failed writeback. Writes buffered under the
+    /// write lease stay buffered: the lease keeps them coherent (another client's access
+    /// recalls it, which commits them first), and the last close of the file hands them to
+    /// write-behind ([`Client::behind_write`]). Without a lease, they are committed now.
+    pub async fn close_flush(self: &Arc<Self>, ino: Ino) -> Result<()> {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return Ok(());
+        };
+        if f.lease.load(Ordering::Acquire) == 0 {
+            return self.flush(ino, false).await;
+        }
+        let st = f.inner.lock().await;
+        st.deferred.clone().map_or(Ok(()), Err)
+    }
+
+    /// Write-behind: if `ino` has writes or attribute changes buffered under its write lease,
+    /// a background task stores and commits them and then closes the handle (its
+    /// registration, whose last one ends the lease on the server, goes after the commit).
+    /// Returns whether it took the handle. `tar x`, `cp -r` and `git checkout` then wait for
+    /// neither the chunk servers nor the commit once per file, and a chmod or utimes right
+    /// after the close is still merged into the commit. What fails is kept for the file's
+    /// next close or fsync, as a failed writeback; like data buffered before a close today,
+    /// it is lost if the client dies before the commit (only fsync promises more).
+    pub(crate) fn behind_write(self: &Arc<Self>, ino: Ino) -> bool {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return false;
+        };
+        let buffered = f.size.load(Ordering::Acquire) > 0 || f.pending_attrs().is_some();
+        if f.lease.load(Ordering::Acquire) == 0 || !buffered {
+            return false;
+        }
+        let Ok(turn) = self.write_behind.clone().try_acquire_owned() else {
+            return false;
+        };
+        let client = self.clone();
+        tokio::spawn(async move {
+            let _turn = turn;
+            let mut tries = 0;
+            loop {
+                if let Err(e) = client.flush_and(ino, false, Flush::Background).await {
+                    tracing::warn!(ino, "writes committed after close failed: {e}");
+                    // A server away for a moment (restarting): the writes are still buffered
+                    // under the lease, so try again before giving the handle up.
+                    tries += 1;
+                    if tries < BEHIND_TRIES && matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut) {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                // Under the state lock: a chmod or utimes buffered since (buffer_setattr
+                // merges under it) is committed by another round; after the last handle,
+                // none is buffered again, the lease being forgotten here with the handle.
+                let st = f.inner.lock().await;
+                let last = f.handles.load(Ordering::Acquire) == 1;
+                if last && st.deferred.is_none() && f.pending_attrs().is_some() {
+                    continue;
+                }
+                f.handles.fetch_sub(1, Ordering::AcqRel);
+                client.settle_closed(ino, &f, &st);
+                break;
+            }
+            client.send_close(ino);
+        });
+        true
+    }
+
+    /// Once a file has no handle left and nothing of it waits to be committed, forgets its
+    /// write lease (the last `Close` ends it on the server) and its write state, which is kept
+    /// only while it holds a failure for the next close or fsync to report. Until then the
+    /// lease is kept, so that `reclaim_leases` and `commit_loop` can still commit what a lost
+    /// connection held back.
+    fn settle_closed(&self, ino: Ino, f: &Arc<FileState>, st: &WriteState) {
+        let committed = st.stored.is_empty() && f.size.load(Ordering::Acquire) == 0 && f.pending_attrs().is_none();
+        if f.handles.load(Ordering::Acquire) != 0 || !committed {
+            return;
+        }
+        f.lease.store(0, Ordering::Release);
+        if st.deferred.is_none() {
+            self.files.remove_if(&ino, |_, g| Arc::ptr_eq(g, f) && g.handles.load(Ordering::Acquire) == 0);
+        }
+    }
+
+    /// [`Client::flush_and`] in the background (reclaim, periodic commit), then
+    /// [`Client::settle_closed`].
+    async fn flush_in_background(self: &Arc<Self>, ino: Ino) -> Result<()> {
+        let flushed = self.flush_and(ino, false, Flush::Background).await;
+        if let Some(f) = self.files.get(&ino).map(|f| f.clone()) {
+            let st = f.inner.lock().await;
+            self.settle_closed(ino, &f, &st);
+        }
+        flushed
+    }
+
+    /// Commits every file's buffered writes and waits for write-behind to finish: at unmount,
+    /// before the client ends.
+    pub async fn flush_all(self: &Arc<Self>) {
+        let files: Vec<Ino> = self.files.iter().map(|f| *f.key()).collect();
+        for ino in files {
+            if let Err(e) = self.flush_and(ino, false, Flush::Background).await {
+                tracing::warn!(ino, "writes committed at unmount failed: {e}");
+            }
+        }
+        let _all = self.write_behind.acquire_many(WRITE_BEHIND as u32).await;
     }
 
     pub(crate) fn is_dirty(&self, ino: Ino) -> bool {
@@ -257,7 +371,7 @@ impl Client {
                 None => false,
             };
             if !appendable {
-                self.seal(ino, &mut st, false).await;
+                self.seal(ino, &mut st, false, None).await;
                 // Sequential writers fill whole blocks: reserve one so the buffer never regrows.
                 let cap = if rest.len() as u64 >= bs / 8 { bs.min(chunk_end - off) as usize } else { rest.len() };
                 st.buf = Some((off, Vec::with_capacity(cap)));
@@ -272,7 +386,7 @@ impl Client {
             b[at..at + n_us].copy_from_slice(&rest[..n_us]);
             let full = b.len() as u64 >= bs || *b_off + b.len() as u64 == chunk_end;
             if full {
-                self.seal(ino, &mut st, false).await;
+                self.seal(ino, &mut st, false, None).await;
             }
             off += n;
             rest = &rest[n_us..];
@@ -291,7 +405,9 @@ impl Client {
     }
 
     /// Starts storing the current buffer in the background (waits if the budget is spent).
-    async fn seal(self: &Arc<Self>, ino: Ino, st: &mut WriteState, sync: bool) {
+    /// Starts storing the current buffer, as slice `id` or under an id the store task asks
+    /// for.
+    async fn seal(self: &Arc<Self>, ino: Ino, st: &mut WriteState, sync: bool, id: Option<SliceId>) {
         let Some((off, data)) = st.buf.take() else {
             return;
         };
@@ -303,7 +419,10 @@ impl Client {
         let client = self.clone();
         let cs = self.volume.chunk_size;
         st.pending.push_back(tokio::spawn(async move {
-            let id = client.next_slice_id().await?;
+            let id = match id {
+                Some(id) => id,
+                None => client.next_slice_id().await?,
+            };
             let len = data.len();
             let servers = client.store_slice(id, data, sync).await?;
             drop(permit);
@@ -382,7 +501,12 @@ impl Client {
         why: Flush,
     ) -> Result<()> {
         let result = self.store_and_commit(ino, f, st, durable, why).await;
-        if let Err(e) = &result {
+        // Kept for later closes and fsyncs when data was lost with it; what is still buffered
+        // or stored uncommitted goes with a later flush, and nothing is lost.
+        if let Err(e) = &result
+            && !st.dirty
+            && st.stored.is_empty()
+        {
             st.deferred = Some(e.clone());
         }
         if why != Flush::Caller {
@@ -404,7 +528,17 @@ impl Client {
             self.send_attrs(ino, f).await?;
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
-        self.seal(ino, st, durable).await;
+        // The slice id and a live chunk server first: while the metadata server or every
+        // chunk server is away (restarting), the buffer stays for a later flush instead of
+        // being lost with a store task that cannot succeed.
+        if st.buf.as_ref().is_some_and(|(_, b)| !b.is_empty()) {
+            let id = self.next_slice_id().await?;
+            let live = |list: &[ChunkServerInfo]| list.iter().any(|s| s.alive);
+            if !live(&self.servers(false).await?) && !live(&self.servers(true).await?) {
+                return Err(crate::ClientError::new(ErrorCode::Io, "no chunk server is live"));
+            }
+            self.seal(ino, st, durable, Some(id)).await;
+        }
         for handle in std::mem::take(&mut st.pending) {
             self.note_stored(ino, st, handle.await);
         }
@@ -567,7 +701,7 @@ pub(crate) async fn commit_loop(client: std::sync::Weak<Client>) {
             .map(|f| *f.key())
             .collect();
         for ino in dirty {
-            if let Err(e) = c.flush_and(ino, false, Flush::Background).await {
+            if let Err(e) = c.flush_in_background(ino).await {
                 tracing::warn!(ino, "background commit failed: {e}");
             }
         }

@@ -346,7 +346,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         peer: &Peer,
         req: MetaRequest,
         _payload: Vec<u8>,
-    ) -> Result<(MetaResponse, Vec<u8>), WireError> {
+    ) -> Result<(MetaResponse, cairn_net::Bytes), WireError> {
         // Leases on what the request reads are granted before it runs (see `leases`), other
         // clients' buffered writes to what it reads or changes are flushed before it runs,
         // and the other holders of what it changed are recalled before it is answered.
@@ -388,7 +388,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         if (!changed.is_empty() || !names.is_empty()) && self.leases.shared() {
             self.leases.recall(peer.conn_id, changed, names).await;
         }
-        Ok((resp, Vec::new()))
+        Ok((resp, cairn_net::Bytes::new()))
     }
 
     async fn disconnected(&self, peer: &Peer) {

@@ -6,12 +6,12 @@ use cairn_proto::WireError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Echo(Vec<u8>);
+struct Echo(cairn_net::Bytes);
 
 impl Handler<u32, u32> for Echo {
-    async fn handle(&self, _peer: &Peer, req: u32, payload: Vec<u8>) -> Result<(u32, Vec<u8>), WireError> {
+    async fn handle(&self, _peer: &Peer, req: u32, payload: Vec<u8>) -> Result<(u32, cairn_net::Bytes), WireError> {
         // Request 0 asks for a payload back; anything else uploads one.
-        Ok((payload.len() as u32, if req == 0 { self.0.clone() } else { Vec::new() }))
+        Ok((payload.len() as u32, if req == 0 { self.0.clone() } else { cairn_net::Bytes::new() }))
     }
 }
 
@@ -26,7 +26,7 @@ async fn main() {
     let id = Identity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
     let server = cairn_net::server_endpoint(&id, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap().to_string();
-    tokio::spawn(cairn_net::serve(server, Arc::new(Echo(vec![7u8; size as usize]))));
+    tokio::spawn(cairn_net::serve(server, Arc::new(Echo(vec![7u8; size as usize].into()))));
     let client = Arc::new(RpcClient::new(
         cairn_net::client_endpoint(&id).unwrap(),
         &addr,

@@ -292,7 +292,7 @@ pub trait Handler<Req, Resp>: Send + Sync + 'static {
         peer: &Peer,
         req: Req,
         payload: Vec<u8>,
-    ) -> impl Future<Output = Result<(Resp, Vec<u8>), WireError>> + Send;
+    ) -> impl Future<Output = Result<(Resp, Bytes), WireError>> + Send;
 
     /// Called once when a peer's connection ends, for whatever reason.
     fn disconnected(&self, _peer: &Peer) -> impl Future<Output = ()> + Send {
@@ -377,7 +377,7 @@ where
     };
     let (head, payload) = match result {
         Ok((resp, payload)) => (frame::encode_head(&Ok::<Resp, WireError>(resp), payload.len()), payload),
-        Err(e) => (frame::encode_head(&Err::<Resp, WireError>(e), 0), Vec::new()),
+        Err(e) => (frame::encode_head(&Err::<Resp, WireError>(e), 0), Bytes::new()),
     };
     let head = match head {
         Ok(h) => h,
@@ -390,7 +390,7 @@ where
             }
         }
     };
-    if let Err(e) = send_frame(&mut send, &head, Bytes::from(payload)).await {
+    if let Err(e) = send_frame(&mut send, &head, payload).await {
         debug!(?peer, "could not send answer: {e}");
     }
 }
