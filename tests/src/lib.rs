@@ -230,6 +230,20 @@ pub fn mount_source(dir: &Path) -> Option<String> {
         .next_back()
 }
 
+/// The block files under a chunk server's data directory (`blocks/<bucket>/<slice>-<index>`),
+/// sorted, without in-progress (`.tmp-`) files and the pool of emptied files kept for reuse
+/// (`blocks/spare`).
+pub fn block_files_of(chunk_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(buckets) = std::fs::read_dir(chunk_dir.join("blocks")) else { return out };
+    for bucket in buckets.flatten().filter(|b| b.file_name() != "spare") {
+        let Ok(files) = std::fs::read_dir(bucket.path()) else { continue };
+        out.extend(files.flatten().filter(|f| !f.file_name().to_string_lossy().starts_with('.')).map(|f| f.path()));
+    }
+    out.sort();
+    out
+}
+
 /// Lazily unmounts `dir` if anything is mounted there.
 pub fn umount_lazy(dir: &Path) {
     if mount_source(dir).is_some() {

@@ -3,18 +3,6 @@
 
 use cairn_tests::*;
 use std::io::Read;
-use std::path::PathBuf;
-
-fn block_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            block_files(&p, out);
-        } else if !p.file_name().unwrap().to_string_lossy().starts_with(".tmp") {
-            out.push(p);
-        }
-    }
-}
 
 #[test]
 fn corrupted_block_reads_as_eio_never_wrong_bytes() {
@@ -22,8 +10,7 @@ fn corrupted_block_reads_as_eio_never_wrong_bytes() {
     let data: Vec<u8> = (0..900_000u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(c.path("victim"), &data).unwrap();
     std::fs::File::open(c.path("victim")).unwrap().sync_all().unwrap();
-    let mut blocks = Vec::new();
-    block_files(&c.data.join("chunk-1/blocks"), &mut blocks);
+    let blocks = block_files_of(&c.data.join("chunk-1"));
     assert_eq!(blocks.len(), 1, "expected the file in one block: {blocks:?}");
     let mut bytes = std::fs::read(&blocks[0]).unwrap();
     let mid = bytes.len() / 2;

@@ -21,14 +21,7 @@ type NamedData = (String, Vec<u8>);
 fn block_files(c: &Cluster) -> Vec<(u64, PathBuf)> {
     let mut out = Vec::new();
     for id in 1..=8u64 {
-        let Ok(buckets) = std::fs::read_dir(c.data.join(format!("chunk-{id}/blocks"))) else { continue };
-        for bucket in buckets.flatten() {
-            for f in std::fs::read_dir(bucket.path()).unwrap().flatten() {
-                if !f.file_name().to_string_lossy().starts_with('.') {
-                    out.push((id, f.path()));
-                }
-            }
-        }
+        out.extend(block_files_of(&c.data.join(format!("chunk-{id}"))).into_iter().map(|p| (id, p)));
     }
     out.sort();
     out

@@ -5,6 +5,7 @@
 
 mod scrub;
 mod service;
+mod spares;
 mod store;
 
 pub use scrub::ScrubConfig;

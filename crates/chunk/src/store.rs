@@ -1,5 +1,6 @@
 //! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
 
+use crate::spares::Spares;
 use aligned_vec::{AVec, ConstAlign};
 use cairn_net::Bytes;
 use cairn_proto::chunk::BlockKey;
@@ -7,6 +8,7 @@ use cairn_proto::{ErrorCode, SliceId};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Blocks at least this large are written with `O_DIRECT` (see [`create_block_file`]).
 const DIRECT_MIN: usize = 256 << 10;
@@ -143,10 +145,16 @@ pub(crate) async fn off_thread<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e)))?
 }
 
+/// A block's file name: slice and index.
+fn name_of(key: BlockKey) -> String {
+    format!("{:016x}-{}", key.slice, key.index)
+}
+
 /// A directory of block files.
 #[derive(Debug, Clone)]
 pub struct BlockStore {
     root: PathBuf,
+    spares: Arc<Spares>,
 }
 
 impl BlockStore {
@@ -154,7 +162,8 @@ impl BlockStore {
     pub fn open(data_dir: &Path) -> std::io::Result<BlockStore> {
         let root = data_dir.join("blocks");
         std::fs::create_dir_all(&root)?;
-        Ok(BlockStore { root })
+        let spares = Arc::new(Spares::open(&root)?);
+        Ok(BlockStore { root, spares })
     }
 
     fn dir_of(&self, key: BlockKey) -> PathBuf {
@@ -162,7 +171,7 @@ impl BlockStore {
     }
 
     fn path_of(&self, key: BlockKey) -> PathBuf {
-        self.dir_of(key).join(format!("{:016x}-{}", key.slice, key.index))
+        self.dir_of(key).join(name_of(key))
     }
 
     /// Stores a block after checking its format; with `sync` it is on disk when this returns.
@@ -173,6 +182,11 @@ impl BlockStore {
         let path = self.path_of(key);
         let tmp = dir.join(format!(".tmp-{:016x}-{}-{:08x}", key.slice, key.index, rand::random::<u32>()));
         let write = || -> std::io::Result<()> {
+            // A spare file saves allocating an inode (see `spares`); made durable before the
+            // block is, so it cannot come back as a spare after a crash.
+            if self.spares.take(&tmp) && sync {
+                self.spares.sync()?;
+            }
             let f = create_block_file(&tmp, block)?;
             if sync {
                 f.sync_data()?;
@@ -193,6 +207,8 @@ impl BlockStore {
     /// (an fsync after thousands of small random writes) are flushed with one `syncfs` of the
     /// block filesystem instead of one fsync each, which would take seconds.
     pub fn sync(&self, keys: &[BlockKey]) -> Result<(), StoreError> {
+        // First the spare pool, which the blocks may have taken their files from.
+        self.spares.sync()?;
         let mut dirs = std::collections::BTreeSet::new();
         for key in keys {
             if let Err(e) = std::fs::symlink_metadata(self.path_of(*key)) {
@@ -236,7 +252,7 @@ impl BlockStore {
     /// Deletes blocks; missing ones are fine.
     pub fn delete(&self, keys: &[BlockKey]) -> Result<(), StoreError> {
         for key in keys {
-            match std::fs::remove_file(self.path_of(*key)) {
+            match self.spares.recycle(&self.path_of(*key), &name_of(*key)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
@@ -320,5 +336,37 @@ mod tests {
                 assert_eq!(store.get(key).unwrap(), block);
             }
         }
+    }
+
+    #[test]
+    fn deleted_block_files_are_reused_for_new_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let block = |i: u32, len: usize| {
+            let data: Vec<u8> = (0..len).map(|b| (b as u32 * 3 + i) as u8).collect();
+            cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 5, index: i }, &data)
+        };
+        let (old, new) = (BlockKey { slice: 5, index: 0 }, BlockKey { slice: 6, index: 1 });
+        store.put(old, &block(0, 5000), false).unwrap();
+        let ino = std::fs::metadata(store.path_of(old)).unwrap().ino();
+        store.delete(&[old]).unwrap();
+        assert_eq!(store.get(old).unwrap_err().code(), ErrorCode::NotFound);
+        assert_eq!(store.spares.len(), 1);
+        // The next block, large enough for the O_DIRECT path, takes the emptied file.
+        let big = block(1, DIRECT_MIN + 10);
+        store.put(new, &big, true).unwrap();
+        assert_eq!(std::fs::metadata(store.path_of(new)).unwrap().ino(), ino, "the spare inode was reused");
+        assert_eq!(store.spares.len(), 0);
+        assert_eq!(store.get(new).unwrap(), big);
+        assert_eq!(store.bucket_blocks(6).unwrap(), vec![new]);
+
+        // Reopened: empty spares are kept; a name left for a file that holds data (a crash
+        // between the moves) is dropped, and the data with it never becomes a spare.
+        store.delete(&[new]).unwrap();
+        std::fs::write(dir.path().join("blocks/spare/leftover"), b"data").unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(store.spares.len(), 1);
+        assert!(!dir.path().join("blocks/spare/leftover").exists());
     }
 }

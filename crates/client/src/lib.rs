@@ -395,6 +395,7 @@ impl Client {
         if a.kind == FileKind::File {
             if let Some(f) = self.files.get(&a.ino) {
                 a.size = a.size.max(f.buffered_size());
+                a.stored = (a.stored + f.buffered_bytes()).min(a.size);
                 if let Some(t) = f.buffered_mtime() {
                     a.mtime = a.mtime.max(t);
                     a.ctime = a.ctime.max(t);

@@ -35,6 +35,9 @@ pub(crate) struct FileState {
     handles: AtomicU32,
     /// Highest end offset written since the last commit (0 when clean).
     size: AtomicU64,
+    /// Bytes written since the last commit (overwrites count again): what `st_blocks` adds
+    /// until the commit counts them on the metadata server.
+    written: AtomicU64,
     /// Time of the last buffered write, in nanoseconds since the epoch.
     written_at: AtomicU64,
     /// Epoch of the write lease held on the file (0: none). Set and cleared under `inner`.
@@ -72,6 +75,11 @@ impl FileState {
         self.size.load(Ordering::Acquire)
     }
 
+    /// Bytes written since the last commit.
+    pub(crate) fn buffered_bytes(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
     /// Attribute changes waiting for the next flush.
     pub(crate) fn pending_attrs(&self) -> Option<SetAttrs> {
         self.attrs.lock().expect("pending attributes lock").as_ref().map(|(set, _)| set.clone())
@@ -93,6 +101,7 @@ fn drop_buffered(f: &FileState, st: &mut WriteState) {
     st.store_failed = None;
     st.dirty = false;
     f.size.store(0, Ordering::Release);
+    f.written.store(0, Ordering::Release);
 }
 
 /// Why buffered writes are flushed (see [`Client::flush_and`]).
@@ -132,6 +141,7 @@ impl Client {
                 Arc::new(FileState {
                     handles: AtomicU32::new(0),
                     size: AtomicU64::new(0),
+                    written: AtomicU64::new(0),
                     written_at: AtomicU64::new(0),
                     lease: AtomicU64::new(0),
                     recalled: AtomicU64::new(0),
@@ -395,6 +405,7 @@ impl Client {
         let now = Timestamp::now();
         f.written_at.store(now.secs as u64 * 1_000_000_000 + now.nanos as u64, Ordering::Release);
         f.size.fetch_max(end, Ordering::AcqRel);
+        f.written.fetch_add(data.len() as u64, Ordering::AcqRel);
         if append {
             // The kernel sized the file by what it knew; it must ask again. Not waited for:
             // this write is still in progress in the kernel.
@@ -583,6 +594,7 @@ impl Client {
         let attr = attr.expect("committed at least once");
         st.dirty = false;
         f.size.store(0, Ordering::Release);
+        f.written.store(0, Ordering::Release);
         self.sizes.insert(ino, attr.size);
         self.invalidate_data(ino);
         if self.send_attrs(ino, f).await? && durable {
