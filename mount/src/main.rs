@@ -15,11 +15,13 @@ use options::MountArgs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Where `cairn local up` and administrators register client settings per cluster.
 const RUN_DIR: &str = "/run/cairn/clusters";
 const ETC_CLIENT: &str = "/etc/cairn/client.toml";
+/// How long an unmounted client waits for its buffered writes to be committed before it ends.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(60);
 
 fn main() {
     // Few malloc arenas: with one per thread, freed multi-MiB block buffers pile up per
@@ -109,8 +111,11 @@ fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
     // is umount followed at once by mount): keep it from doing so.
     std::mem::forget(session);
     info!(mountpoint = %args.mountpoint.display(), "unmounted");
-    // Writes closed just before the unmount may still be on their way (write-behind).
-    rt.block_on(client.flush_all());
+    // Writes closed just before the unmount may still be on their way (write-behind); with
+    // the servers away, they are given up after a bound rather than holding the exit.
+    if rt.block_on(async { tokio::time::timeout(FLUSH_AT_EXIT, client.flush_all()).await }).is_err() {
+        warn!("writes still buffered at unmount were not committed within {FLUSH_AT_EXIT:?}: they are lost");
+    }
     // Tell the metadata server now, so it stops counting this client among lease holders.
     rt.block_on(client.disconnect());
     Ok(())

@@ -250,9 +250,9 @@ impl Client {
     /// registration, whose last one ends the lease on the server, goes after the commit).
     /// Returns whether it took the handle. `tar x`, `cp -r` and `git checkout` then wait for
     /// neither the chunk servers nor the commit once per file, and a chmod or utimes right
-    /// after the close is still merged into the commit. What fails is kept for the file's
-    /// next close or fsync, as a failed writeback; like data buffered before a close today,
-    /// it is lost if the client dies before the commit (only fsync promises more).
+    /// after the close is still merged into the commit. A failure that loses data is kept for
+    /// the file's next close or fsync, as a failed writeback; what is buffered is lost if the
+    /// client dies before the commit (only fsync promises more).
     pub(crate) fn behind_write(self: &Arc<Self>, ino: Ino) -> bool {
         let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
             return false;
@@ -269,7 +269,8 @@ impl Client {
             let _turn = turn;
             let mut tries = 0;
             loop {
-                if let Err(e) = client.flush_and(ino, false, Flush::Background).await {
+                let flushed = client.flush_and(ino, false, Flush::Background).await;
+                if let Err(e) = &flushed {
                     tracing::warn!(ino, "writes committed after close failed: {e}");
                     // A server away for a moment (restarting): the writes are still buffered
                     // under the lease, so try again before giving the handle up.
@@ -284,7 +285,7 @@ impl Client {
                 // none is buffered again, the lease being forgotten here with the handle.
                 let st = f.inner.lock().await;
                 let last = f.handles.load(Ordering::Acquire) == 1;
-                if last && st.deferred.is_none() && f.pending_attrs().is_some() {
+                if flushed.is_ok() && last && f.pending_attrs().is_some() {
                     continue;
                 }
                 f.handles.fetch_sub(1, Ordering::AcqRel);
@@ -415,9 +416,8 @@ impl Client {
         Ok((offset, data.len() as u32))
     }
 
-    /// Starts storing the current buffer in the background (waits if the budget is spent).
-    /// Starts storing the current buffer, as slice `id` or under an id the store task asks
-    /// for.
+    /// Starts storing the current buffer in the background (waits if the budget is spent),
+    /// as slice `id` or under an id the store task asks for.
     async fn seal(self: &Arc<Self>, ino: Ino, st: &mut WriteState, sync: bool, id: Option<SliceId>) {
         let Some((off, data)) = st.buf.take() else {
             return;
