@@ -40,7 +40,7 @@ fn client_config(meta: &str) -> cairn_client::ClientConfig {
 
 async fn hello(rpc: &RpcClient) -> Result<MetaResponse, NetError> {
     let req = MetaRequest::Hello { version: cairn_proto::PROTOCOL_VERSION, volume: "cairn".into() };
-    Ok(rpc.call::<_, MetaResponse>(&req, cairn_net::Bytes::new()).await?.0)
+    Ok(rpc.call::<_, MetaResponse>(&req).await?.0)
 }
 
 /// Runs `f` on another thread and returns its result, or panics if it takes longer than `limit`
@@ -88,12 +88,9 @@ fn peers_without_a_cluster_certificate_are_refused() {
                 let r = if name == cairn_net::META_SERVER_NAME {
                     hello(&rpc).await.map(|_| ())
                 } else {
-                    rpc.call::<_, cairn_proto::chunk::ChunkResponse>(
-                        &cairn_proto::chunk::ChunkRequest::Stat,
-                        cairn_net::Bytes::new(),
-                    )
-                    .await
-                    .map(|_| ())
+                    rpc.call::<_, cairn_proto::chunk::ChunkResponse>(&cairn_proto::chunk::ChunkRequest::Stat)
+                        .await
+                        .map(|_| ())
                 };
                 match r {
                     Ok(()) => panic!("{who}: {name} at {addr} answered a request"),

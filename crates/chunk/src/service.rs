@@ -2,7 +2,7 @@
 
 use crate::scrub::{BadSlices, ScrubConfig};
 use crate::store::{BlockStore, StoreError, off_thread};
-use cairn_net::{Handler, Identity, Peer, RpcClient};
+use cairn_net::{Bytes, Handler, Identity, Peer, RpcClient};
 use cairn_proto::chunk::{ChunkRequest, ChunkResponse};
 use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::*;
@@ -54,7 +54,7 @@ impl ChunkService {
     async fn replicate(&self, keys: Vec<cairn_proto::chunk::BlockKey>, from: &str) -> Result<(), WireError> {
         let rpc = self.peer(from);
         for key in keys {
-            let fetched = rpc.call::<_, ChunkResponse>(&ChunkRequest::Get { key }, cairn_net::Bytes::new()).await;
+            let fetched = rpc.call::<_, ChunkResponse>(&ChunkRequest::Get { key }).await;
             let (_, block) = fetched.map_err(|e| match e {
                 cairn_net::NetError::Remote(w) => w,
                 other => WireError::new(other.code(), format!("fetching {key:?} from {from}: {other}")),
@@ -85,12 +85,12 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
         _peer: &Peer,
         req: ChunkRequest,
         payload: Vec<u8>,
-    ) -> Result<(ChunkResponse, cairn_net::Bytes), WireError> {
+    ) -> Result<(ChunkResponse, Bytes), WireError> {
         let store = self.store.clone();
         match req {
             ChunkRequest::Put { key, sync } => {
                 blocking(move || store.put(key, &payload, sync)).await?;
-                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
+                Ok((ChunkResponse::Done, Bytes::new()))
             }
             ChunkRequest::Get { key } => {
                 let got = off_thread(move || store.get(key)).await;
@@ -101,23 +101,22 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
             }
             ChunkRequest::Sync { keys } => {
                 blocking(move || store.sync(&keys)).await?;
-                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
+                Ok((ChunkResponse::Done, Bytes::new()))
             }
             ChunkRequest::Delete { keys } => {
                 blocking(move || store.delete(&keys)).await?;
-                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
+                Ok((ChunkResponse::Done, Bytes::new()))
             }
             ChunkRequest::Replicate { keys, from } => {
                 self.replicate(keys, &from).await?;
-                Ok((ChunkResponse::Done, cairn_net::Bytes::new()))
+                Ok((ChunkResponse::Done, Bytes::new()))
             }
-            ChunkRequest::List { bucket } => Ok((
-                ChunkResponse::Blocks(blocking(move || store.bucket_blocks(bucket)).await?),
-                cairn_net::Bytes::new(),
-            )),
+            ChunkRequest::List { bucket } => {
+                Ok((ChunkResponse::Blocks(blocking(move || store.bucket_blocks(bucket)).await?), Bytes::new()))
+            }
             ChunkRequest::Stat => {
                 let (capacity, free) = blocking(move || Ok(store.usage()?)).await?;
-                Ok((ChunkResponse::Stat { capacity, free }, cairn_net::Bytes::new()))
+                Ok((ChunkResponse::Stat { capacity, free }, Bytes::new()))
             }
         }
     }
@@ -136,7 +135,7 @@ async fn heartbeat_loop(config: ChunkConfig, store: BlockStore, bad: BadSlices, 
             free,
             bad: reported.clone(),
         };
-        match meta.call::<_, MetaResponse>(&req, cairn_net::Bytes::new()).await {
+        match meta.call::<_, MetaResponse>(&req).await {
             Ok(_) => {
                 bad.reported(&reported);
                 if !announced {

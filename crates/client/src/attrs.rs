@@ -40,8 +40,7 @@ impl FileAttrs {
                 unnamed.iter().for_each(|ino| self.cache.invalidate(ino))
             }
             Some(Err(e))
-                if matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut)
-                    && matches!(req, MetaRequest::Unlink { .. } | MetaRequest::Rename { .. }) =>
+                if e.unanswered() && matches!(req, MetaRequest::Unlink { .. } | MetaRequest::Rename { .. }) =>
             {
                 self.drop_all(epoch)
             }

@@ -125,7 +125,7 @@ impl Client {
     async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: Bytes) -> Result<Vec<u8>> {
         let rpc = self.rpc(id).await?;
         self.stats.count("chunk", req.into());
-        let (_resp, data): (ChunkResponse, _) = rpc.call(req, payload).await?;
+        let (_resp, data): (ChunkResponse, _) = rpc.call_with(req, payload).await?;
         Ok(data)
     }
 

@@ -19,6 +19,13 @@ impl ClientError {
     pub fn errno(&self) -> i32 {
         self.code.errno()
     }
+
+    /// Whether the call failed for want of an answer (a server unreachable or too slow), so
+    /// that it may or may not have taken effect, and may succeed when tried again. An error
+    /// the server answered with means nothing changed.
+    pub(crate) fn unanswered(&self) -> bool {
+        matches!(self.code, ErrorCode::Io | ErrorCode::TimedOut)
+    }
 }
 
 impl From<NetError> for ClientError {

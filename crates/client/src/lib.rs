@@ -162,7 +162,7 @@ impl Client {
         let endpoint = cairn_net::client_endpoint(identity)?;
         let meta = RpcClient::new(endpoint.clone(), &config.meta, cairn_net::META_SERVER_NAME, config.timeout);
         let hello = MetaRequest::Hello { version: PROTOCOL_VERSION, volume: config.volume.clone() };
-        let (volume, codec) = hello_answer(meta.call::<_, MetaResponse>(&hello, cairn_net::Bytes::new()).await?.0)?;
+        let (volume, codec) = hello_answer(meta.call::<_, MetaResponse>(&hello).await?.0)?;
         let client = Client {
             blocks: blocks::BlockClient::new(endpoint, &config)?,
             files: DashMap::new(),
@@ -244,17 +244,12 @@ impl Client {
         self.file_attrs.forget(req, None, sent);
         self.stats.count("meta", req.into());
         let session_sent = self.session.now();
-        let resp = self
-            .meta
-            .call::<_, MetaResponse>(req, cairn_net::Bytes::new())
-            .await
-            .map(|r| r.0)
-            .map_err(ClientError::from);
+        let resp = self.meta.call::<_, MetaResponse>(req).await.map(|r| r.0).map_err(ClientError::from);
         // Any answer from the server (not a transport failure) shows the session alive; if
         // it had lapsed meanwhile, recalls may have been missed.
         let answered = match &resp {
             Ok(_) => true,
-            Err(e) => !matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut),
+            Err(e) => !e.unanswered(),
         };
         if answered && self.session.answered(session_sent) {
             self.forget_all();
@@ -376,7 +371,7 @@ impl Client {
                 Ok(MetaResponse::Changed { unnamed, .. }) => {
                     unnamed.iter().for_each(|ino| self.dir_attrs.invalidate(ino))
                 }
-                Err(e) if matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut) => self.dir_attrs.invalidate_all(),
+                Err(e) if e.unanswered() => self.dir_attrs.invalidate_all(),
                 _ => {}
             },
             _ => {}

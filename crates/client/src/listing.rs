@@ -207,7 +207,7 @@ impl Listings {
         // A change that failed for want of an answer may still have happened: retire the
         // listings. (An error from the server itself means nothing changed.)
         if let Err(e) = resp
-            && matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut)
+            && e.unanswered()
         {
             req.changed_names().into_iter().for_each(|(dir, _)| self.mark(dir, epoch));
         }
@@ -310,7 +310,7 @@ impl Client {
         let mut after = 0;
         let complete = loop {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
-            let page = match self.meta.call::<_, MetaResponse>(&req, cairn_net::Bytes::new()).await?.0 {
+            let page = match self.meta.call::<_, MetaResponse>(&req).await?.0 {
                 MetaResponse::Dir(mut page) => {
                     self.note_map_hints(&mut page);
                     page

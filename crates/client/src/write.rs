@@ -80,6 +80,11 @@ impl FileState {
         self.written.load(Ordering::Acquire)
     }
 
+    /// Whether writes or attribute changes wait for the next flush.
+    fn has_buffered(&self) -> bool {
+        self.size.load(Ordering::Acquire) > 0 || self.pending_attrs().is_some()
+    }
+
     /// Attribute changes waiting for the next flush.
     pub(crate) fn pending_attrs(&self) -> Option<SetAttrs> {
         self.attrs.lock().expect("pending attributes lock").as_ref().map(|(set, _)| set.clone())
@@ -257,8 +262,7 @@ impl Client {
         let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
             return false;
         };
-        let buffered = f.size.load(Ordering::Acquire) > 0 || f.pending_attrs().is_some();
-        if f.lease.load(Ordering::Acquire) == 0 || !buffered {
+        if f.lease.load(Ordering::Acquire) == 0 || !f.has_buffered() {
             return false;
         }
         let Ok(turn) = self.write_behind.clone().try_acquire_owned() else {
@@ -275,7 +279,7 @@ impl Client {
                     // A server away for a moment (restarting): the writes are still buffered
                     // under the lease, so try again before giving the handle up.
                     tries += 1;
-                    if tries < BEHIND_TRIES && matches!(e.code, ErrorCode::Io | ErrorCode::TimedOut) {
+                    if tries < BEHIND_TRIES && e.unanswered() {
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         continue;
                     }
@@ -303,8 +307,7 @@ impl Client {
     /// lease is kept, so that `reclaim_leases` and `commit_loop` can still commit what a lost
     /// connection held back.
     fn settle_closed(&self, ino: Ino, f: &Arc<FileState>, st: &WriteState) {
-        let committed = st.stored.is_empty() && f.size.load(Ordering::Acquire) == 0 && f.pending_attrs().is_none();
-        if f.handles.load(Ordering::Acquire) != 0 || !committed {
+        if f.handles.load(Ordering::Acquire) != 0 || f.has_buffered() || !st.stored.is_empty() {
             return;
         }
         f.lease.store(0, Ordering::Release);
@@ -706,12 +709,7 @@ pub(crate) async fn commit_loop(client: std::sync::Weak<Client>) {
     loop {
         tokio::time::sleep(COMMIT_EVERY).await;
         let Some(c) = client.upgrade() else { return };
-        let dirty: Vec<Ino> = c
-            .files
-            .iter()
-            .filter(|f| f.size.load(Ordering::Acquire) > 0 || f.pending_attrs().is_some())
-            .map(|f| *f.key())
-            .collect();
+        let dirty: Vec<Ino> = c.files.iter().filter(|f| f.has_buffered()).map(|f| *f.key()).collect();
         for ino in dirty {
             if let Err(e) = c.flush_in_background(ino).await {
                 tracing::warn!(ino, "background commit failed: {e}");

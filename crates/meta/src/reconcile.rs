@@ -62,16 +62,15 @@ impl Reconciler {
         let mut orphans = HashMap::new();
         let mut deleted = 0;
         for bucket in 0..=255u8 {
-            let blocks =
-                match client.call::<_, ChunkResponse>(&ChunkRequest::List { bucket }, cairn_net::Bytes::new()).await {
-                    Ok((ChunkResponse::Blocks(b), _)) => b,
-                    Ok(_) => return Err(crate::MetaError::fs(ErrorCode::Io, "unexpected answer to List")),
-                    Err(e) => {
-                        // Keep what was learnt: the next round picks up from there.
-                        self.orphans.insert(server, known);
-                        return Err(crate::MetaError::fs(e.code(), e.to_string()));
-                    }
-                };
+            let blocks = match client.call::<_, ChunkResponse>(&ChunkRequest::List { bucket }).await {
+                Ok((ChunkResponse::Blocks(b), _)) => b,
+                Ok(_) => return Err(crate::MetaError::fs(ErrorCode::Io, "unexpected answer to List")),
+                Err(e) => {
+                    // Keep what was learnt: the next round picks up from there.
+                    self.orphans.insert(server, known);
+                    return Err(crate::MetaError::fs(e.code(), e.to_string()));
+                }
+            };
             let slices: Vec<SliceId> = {
                 let mut v: Vec<_> = blocks.iter().map(|k| k.slice).collect();
                 v.dedup();
@@ -95,7 +94,7 @@ impl Reconciler {
             }
             let keys: Vec<BlockKey> = blocks.into_iter().filter(|k| expired.contains(&k.slice)).collect();
             client
-                .call::<_, ChunkResponse>(&ChunkRequest::Delete { keys }, cairn_net::Bytes::new())
+                .call::<_, ChunkResponse>(&ChunkRequest::Delete { keys })
                 .await
                 .map_err(|e| crate::MetaError::fs(e.code(), e.to_string()))?;
             deleted += expired.len() as u64;

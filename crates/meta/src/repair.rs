@@ -205,7 +205,7 @@ impl MetaService {
             (0..len.div_ceil(self.volume.block_size).max(1) as u32).map(|index| BlockKey { slice, index }).collect();
         let client = chunk_client(clients, endpoint, target, REPLICATE_TIMEOUT);
         let req = ChunkRequest::Replicate { keys, from: source.addr.clone() };
-        match client.call::<_, ChunkResponse>(&req, cairn_net::Bytes::new()).await {
+        match client.call::<_, ChunkResponse>(&req).await {
             Ok(_) => true,
             Err(e) => {
                 warn!(slice, from, to, "copying a slice failed: {e}");

@@ -293,7 +293,7 @@ impl MetaService {
                 let client = chunk_client(&mut clients, &endpoint, info, Duration::from_secs(30));
                 for part in keys.chunks(4096) {
                     let r: Result<(ChunkResponse, Vec<u8>), _> =
-                        client.call(&ChunkRequest::Delete { keys: part.to_vec() }, cairn_net::Bytes::new()).await;
+                        client.call(&ChunkRequest::Delete { keys: part.to_vec() }).await;
                     if let Err(e) = r {
                         warn!(server = id, "gc: {e}");
                         done = false;

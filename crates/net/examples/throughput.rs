@@ -42,7 +42,7 @@ async fn main() {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..requests / concurrency {
                     let payload = if req == 0 { cairn_net::Bytes::new() } else { upload.clone() };
-                    let _: (u32, Vec<u8>) = client.call(&req, payload).await.unwrap();
+                    let _: (u32, Vec<u8>) = client.call_with(&req, payload).await.unwrap();
                 }
             }));
         }

@@ -114,8 +114,13 @@ impl RpcClient {
         &self.addr
     }
 
+    /// Sends `req` without a payload and waits for the answer (see [`RpcClient::call_with`]).
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, req: &Req) -> Result<(Resp, Vec<u8>), NetError> {
+        self.call_with(req, Bytes::new()).await
+    }
+
     /// Sends `req` with `payload` and waits for the answer, at most the configured deadline.
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    pub async fn call_with<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         req: &Req,
         payload: Bytes,
