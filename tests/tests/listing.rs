@@ -91,13 +91,18 @@ fn another_clients_changes_show_within_the_cache_ttl() {
 /// `fstatat` of `name` in the directory open as `dir`: the errno, or 0 if it exists. Relative
 /// to an open directory, so the kernel looks up only `name`, never the directory's own path.
 fn stat_at(dir: &std::fs::File, name: &str) -> i32 {
+    stat_in(dir, name).err().unwrap_or(0)
+}
+
+/// `fstatat` of `name` in the directory open as `dir`, or the errno.
+fn stat_in(dir: &std::fs::File, name: &str) -> Result<libc::stat, i32> {
     use std::os::fd::AsRawFd;
     let name = std::ffi::CString::new(name).unwrap();
     // SAFETY: a valid descriptor, a NUL-terminated name and a stat buffer of the right type.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     match unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } {
-        0 => 0,
-        _ => errno(),
+        0 => Ok(st),
+        _ => Err(errno()),
     }
 }
 
@@ -123,4 +128,28 @@ fn names_missing_from_a_directory_just_made_are_answered_locally_until_another_c
     assert_eq!(std::fs::read(c.path("new/m0")).unwrap(), b"other");
     assert_eq!(stat_at(&dir, "m1"), libc::ENOENT);
     umount_lazy(&other);
+}
+
+#[test]
+fn files_written_since_their_directory_was_listed_are_answered_with_their_new_attributes() {
+    let c = Cluster::start(1);
+    let d = c.path("new");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..20 {
+        // Synced, so every commit is answered before the lookups (a commit still in flight
+        // after a plain close is rightly asked about).
+        let mut f = std::fs::File::create(d.join(format!("f{i}"))).unwrap();
+        std::io::Write::write_all(&mut f, format!("file {i}").as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    }
+    // Held open, the directory stays in the kernel's cache: only its entries are looked up.
+    let dir = std::fs::File::open(&d).unwrap();
+    forget_dentries();
+    let lookups = || request_count(&c.mnt, |n| ["meta.Lookup", "meta.ReadDir", "meta.GetAttr"].contains(&n));
+    let before = lookups();
+    for i in 0..20 {
+        let st = stat_in(&dir, &format!("f{i}")).unwrap();
+        assert_eq!(st.st_size, format!("file {i}").len() as i64, "size of f{i} after its write");
+    }
+    assert_eq!(lookups(), before, "names this client created and wrote were looked up on the server");
 }

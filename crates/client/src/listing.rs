@@ -57,6 +57,15 @@ pub struct Entry {
     pub ttl: Duration,
 }
 
+/// What a listing knows about a name.
+enum Listed {
+    /// The answer.
+    Entry(Entry),
+    /// The name holds inode `ino`, whose attributes changed since they were listed (a write,
+    /// a chmod): the listing answers only with attributes this client got later.
+    Changed(Ino, Duration),
+}
+
 pub(crate) struct Listings {
     pub(crate) ttl: Duration,
     epoch: AtomicU64,
@@ -132,18 +141,20 @@ impl Listings {
         (l.at.elapsed() < self.ttl && current).then_some(l)
     }
 
-    /// The lookup answer for `name` in `parent` from a listing, if one can be given.
-    fn answer(&self, parent: Ino, name: &[u8]) -> Option<Entry> {
+    /// What the listing of `parent` tells about `name`, if it tells anything.
+    fn answer(&self, parent: Ino, name: &[u8]) -> Option<Listed> {
         let l = self.usable(parent)?;
         let ttl = self.ttl.checked_sub(l.at.elapsed())?;
         let entries = l.entries.as_ref()?.lock().expect("listing");
         let attr = match entries.get(name) {
             None => None,
             Some(Slot::Unknown) => return None,
-            Some(Slot::Known(a, epoch)) if self.changed_since(a.ino, *epoch) => return None,
+            Some(Slot::Known(a, epoch)) if self.changed_since(a.ino, *epoch) => {
+                return Some(Listed::Changed(a.ino, ttl));
+            }
             Some(Slot::Known(a, _)) => Some(a.clone()),
         };
-        Some(Entry { attr, ttl })
+        Some(Listed::Entry(Entry { attr, ttl }))
     }
 
     /// Applies `f` to the entries of `dir`'s listing, if it has one; returns that listing.
@@ -283,7 +294,7 @@ impl Client {
     pub async fn listed(&self, parent: Ino, name: &[u8]) -> Option<Entry> {
         let l = &self.listings;
         if let Some(hit) = l.answer(parent, name) {
-            return Some(self.overlay(hit));
+            return self.complete(hit);
         }
         let seen = l.lookups.entry(parent).and_upsert_with(|n| n.map_or(1, |n| n.into_value() + 1)).into_value();
         if seen < LOOKUPS_BEFORE_LISTING || l.usable(parent).is_some() || !l.fetching.insert(parent) {
@@ -294,13 +305,24 @@ impl Client {
         // A listing retired early is fetched again only after as many lookups again.
         l.lookups.invalidate(&parent);
         l.listings.insert(parent, fetched.ok()?);
-        l.answer(parent, name).map(|hit| self.overlay(hit))
+        self.complete(l.answer(parent, name)?)
     }
 
-    /// Shows this client's own buffered writes and atime updates in a listed entry.
-    fn overlay(&self, mut hit: Entry) -> Entry {
+    /// The lookup answer from what a listing knows: with the attributes this client got
+    /// since for an inode that changed (the answer to its commit or chmod, which the files'
+    /// and directories' attribute caches keep until a recall), and this client's own
+    /// buffered writes and atime updates shown.
+    fn complete(&self, listed: Listed) -> Option<Entry> {
+        let mut hit = match listed {
+            Listed::Entry(hit) => hit,
+            Listed::Changed(ino, ttl) => match (self.file_attrs.get(ino), self.dir_attrs.get(&ino)) {
+                (Some((a, left)), _) => Entry { attr: Some(a), ttl: ttl.min(left) },
+                (None, Some(a)) => Entry { attr: Some(a), ttl },
+                (None, None) => return None,
+            },
+        };
         hit.attr = hit.attr.map(|a| self.note_attr(a));
-        hit
+        Some(hit)
     }
 
     async fn fetch_listing(&self, dir: Ino) -> crate::Result<Arc<Listing>> {
@@ -358,7 +380,10 @@ mod tests {
 
     /// What a lookup of `name` gets: Some(Some(ino)) found, Some(None) missing, None: ask.
     fn ask(l: &Listings, name: &str) -> Option<Option<Ino>> {
-        l.answer(DIR, name.as_bytes()).map(|e| e.attr.map(|a| a.ino))
+        match l.answer(DIR, name.as_bytes())? {
+            Listed::Entry(e) => Some(e.attr.map(|a| a.ino)),
+            Listed::Changed(..) => None,
+        }
     }
 
     fn send(l: &Listings, req: MetaRequest, resp: Result<MetaResponse, ClientError>) {
@@ -393,6 +418,10 @@ mod tests {
             Ok(MetaResponse::Attr(attr(10, FileKind::File, 1))),
         );
         assert_eq!(ask(&l, "a"), None, "changed inode: ask the server");
+        assert!(
+            matches!(l.answer(DIR, b"a"), Some(Listed::Changed(10, _))),
+            "changed inode: the name still holds it, for attributes got since"
+        );
         send(
             &l,
             MetaRequest::Lookup { parent: DIR, name: b"a".to_vec() },
@@ -449,7 +478,7 @@ mod tests {
         };
         let l = listed();
         send(&l, make.clone(), changed(Some(attr(30, FileKind::Dir, 2))));
-        assert_eq!(l.answer(30, b"x").map(|e| e.attr.is_none()), Some(true), "empty");
+        assert!(matches!(l.answer(30, b"x"), Some(Listed::Entry(Entry { attr: None, .. }))), "empty");
         l.changed_elsewhere(30);
         assert!(l.answer(30, b"x").is_none(), "recalled: ask the server");
 
