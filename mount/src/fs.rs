@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
@@ -522,7 +522,7 @@ impl Filesystem for CairnFs {
                 return reply.ok();
             }
             match next_entries(&client, &dirs, ino.0, fh.0, offset, false).await {
-                Ok(entries) => {
+                Ok((entries, _)) => {
                     for e in entries {
                         if reply.add(INodeNo(e.ino), e.cookie + 2, kind_of(e.kind), OsStr::from_bytes(&e.name)) {
                             break;
@@ -552,7 +552,7 @@ impl Filesystem for CairnFs {
                 }
             }
             match next_entries(&client, &dirs, ino.0, fh.0, offset, true).await {
-                Ok(entries) => {
+                Ok((entries, ttl)) => {
                     for e in entries {
                         let Some(a) = &e.attr else { continue };
                         let name = OsStr::from_bytes(&e.name);
@@ -797,11 +797,23 @@ struct DirBatch {
     plus: bool,
     /// True if the batch reached the end of the directory.
     complete: bool,
+    /// Set when the batch is the whole directory from the client's listing: its cookies
+    /// mean nothing to the server, so every continuation is served from it, and the kernel
+    /// may keep its entries only until then.
+    listed_until: Option<Instant>,
     entries: Vec<DirEntry>,
 }
 
+impl DirBatch {
+    /// How long the kernel may keep entries of this batch, given the client's `kernel` TTL.
+    fn ttl(&self, kernel: Duration) -> Duration {
+        self.listed_until.map_or(kernel, |until| kernel.min(until.saturating_duration_since(Instant::now())))
+    }
+}
+
 /// Entries of directory `ino` after readdir offset `offset`, served from the handle's
-/// prefetched batch when the kernel continues where the previous reply ended.
+/// prefetched batch when the kernel continues where the previous reply ended, and how long
+/// the kernel may keep them.
 async fn next_entries(
     client: &Arc<Client>,
     dirs: &DashMap<u64, Mutex<DirBatch>>,
@@ -809,29 +821,43 @@ async fn next_entries(
     fh: u64,
     offset: u64,
     plus: bool,
-) -> Result<Vec<DirEntry>, ClientError> {
+) -> Result<(Vec<DirEntry>, Duration), ClientError> {
     const PER_REPLY: usize = 256;
     let after = offset.saturating_sub(2);
+    let ttl = client.kernel_ttl();
+    let rest =
+        |b: &DirBatch| b.entries.iter().filter(|e| e.cookie > after).take(PER_REPLY).cloned().collect::<Vec<_>>();
     // Offset 0 starts a listing (opendir or rewinddir), which must show the directory as it
     // is now: the prefetched batch only serves a listing that continues.
     if offset > 0
         && let Some(cached) = dirs.get(&fh)
     {
         let b = cached.lock().expect("dir lock");
+        if b.listed_until.is_some() {
+            return Ok((rest(&b), b.ttl(ttl)));
+        }
         if b.plus == plus && (b.after == after || b.entries.iter().any(|e| e.cookie == after)) {
-            let rest: Vec<_> = b.entries.iter().filter(|e| e.cookie > after).take(PER_REPLY).cloned().collect();
+            let rest = rest(&b);
             if !rest.is_empty() || b.complete {
-                return Ok(rest);
+                return Ok((rest, ttl));
             }
         }
     }
-    let entries = client.readdir(ino, after, READDIR_BATCH, plus).await?;
-    let first: Vec<_> = entries.iter().take(PER_REPLY).cloned().collect();
+    let batch = match (after, client.listed_entries(ino)) {
+        (0, Some((entries, left))) => {
+            DirBatch { after, plus, complete: true, listed_until: Some(Instant::now() + left), entries }
+        }
+        _ => {
+            let entries = client.readdir(ino, after, READDIR_BATCH, plus).await?;
+            let complete = entries.len() < READDIR_BATCH as usize;
+            DirBatch { after, plus, complete, listed_until: None, entries }
+        }
+    };
+    let reply = (rest(&batch), batch.ttl(ttl));
     if let Some(cached) = dirs.get(&fh) {
-        let complete = entries.len() < READDIR_BATCH as usize;
-        *cached.lock().expect("dir lock") = DirBatch { after, plus, complete, entries };
+        *cached.lock().expect("dir lock") = batch;
     }
-    Ok(first)
+    Ok(reply)
 }
 
 #[cfg(test)]

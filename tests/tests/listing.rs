@@ -153,3 +153,42 @@ fn files_written_since_their_directory_was_listed_are_answered_with_their_new_at
     }
     assert_eq!(lookups(), before, "names this client created and wrote were looked up on the server");
 }
+
+#[test]
+fn a_directory_this_client_filled_is_read_from_its_listing_until_another_client_changes_it() {
+    let c = Cluster::start(1);
+    let d = c.path("made");
+    std::fs::create_dir(&d).unwrap();
+    // More than one reply's worth of entries (256), so the kernel continues the listing.
+    let mut expected: Vec<(String, u64)> = (0..300).map(|i| (format!("f{i}"), 10 + i % 7)).collect();
+    for (name, len) in &expected {
+        let mut f = std::fs::File::create(d.join(name)).unwrap();
+        std::io::Write::write_all(&mut f, &vec![b'x'; *len as usize]).unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(d.join("sub")).unwrap();
+    expected.push(("sub".into(), std::fs::metadata(d.join("sub")).unwrap().len()));
+    expected.sort();
+    let read_dirs = || request_count(&c.mnt, |n| n == "meta.ReadDir");
+    let list = |dir: &Path| {
+        let mut seen: Vec<(String, u64)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().into_string().unwrap(), e.metadata().unwrap().len())
+            })
+            .collect();
+        seen.sort();
+        seen
+    };
+    let before = read_dirs();
+    assert_eq!(list(&d), expected, "names and sizes");
+    assert_eq!(read_dirs(), before, "the listing this client made was asked of the server");
+
+    let other = c.mount_again("other", "");
+    std::fs::write(other.join("made/from-other"), b"o").unwrap();
+    expected.push(("from-other".into(), 1));
+    expected.sort();
+    assert_eq!(list(&d), expected, "another client's new file");
+    umount_lazy(&other);
+}

@@ -268,6 +268,23 @@ fn attribute_changes_kept_with_buffered_writes_reach_other_clients_in_order() {
     umount_lazy(&fresh);
 }
 
+#[test]
+fn a_write_keeps_its_mtime_when_it_is_committed_later() {
+    let c = Cluster::start(1);
+    let b = c.mount_again("b", "");
+    let mut f = std::fs::File::create(c.path("f")).unwrap();
+    f.write_all(b"buffered").unwrap();
+    let at_write = f.metadata().unwrap().modified().unwrap();
+    // Whatever commits the write later must not stamp it with its own time.
+    std::thread::sleep(Duration::from_millis(50));
+    let on_b = std::fs::metadata(b.join("f")).unwrap();
+    assert_eq!((on_b.len(), on_b.modified().unwrap()), (8, at_write), "B's stat recalled the write");
+    drop(f);
+    let after_close = std::fs::metadata(c.path("f")).unwrap().modified().unwrap();
+    assert_eq!(after_close, at_write, "the mtime moved after the close");
+    umount_lazy(&b);
+}
+
 /// Write-behind: a close leaves the buffered writes to a background commit, so a chmod and an
 /// mtime given after the close join them; an unmount right after the closes still commits
 /// everything before the client process ends.

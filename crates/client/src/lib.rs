@@ -225,11 +225,26 @@ impl Client {
         // A plain read whose answer raced with a change of what it describes (a recall, or
         // this client's own) is asked again: the answer may predate the change, and callers
         // cache what they get.
+        // (Reads clip at the size an answer leaves in `sizes`: a size from before this client's
+        // own commit would cut its newly written data short.) An open is not asked again, as
+        // it registers a handle: its attributes are.
         let raced = |r: &MetaResponse| r.described_inodes().iter().any(|i| self.listings.changed_since(*i, sent));
-        if matches!(req, MetaRequest::GetAttr { .. } | MetaRequest::Lookup { .. }) && resp.as_ref().is_ok_and(raced) {
-            return self.call_once(&req).await.0;
+        match (&req, resp) {
+            (MetaRequest::GetAttr { .. } | MetaRequest::Lookup { .. } | MetaRequest::ReadDir { .. }, Ok(r))
+                if raced(&r) =>
+            {
+                self.call_once(&req).await.0
+            }
+            (MetaRequest::Open { ino }, Ok(MetaResponse::Opened { first_map, .. }))
+                if self.listings.changed_since(*ino, sent) =>
+            {
+                match self.call_once(&MetaRequest::GetAttr { ino: *ino }).await.0? {
+                    MetaResponse::Attr(attr) => Ok(MetaResponse::Opened { attr, first_map }),
+                    other => Err(unexpected(other)),
+                }
+            }
+            (_, resp) => resp,
         }
-        resp
     }
 
     /// Sends one request and updates the caches it concerns; returns the answer and the

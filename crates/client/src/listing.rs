@@ -146,15 +146,27 @@ impl Listings {
         let l = self.usable(parent)?;
         let ttl = self.ttl.checked_sub(l.at.elapsed())?;
         let entries = l.entries.as_ref()?.lock().expect("listing");
-        let attr = match entries.get(name) {
-            None => None,
-            Some(Slot::Unknown) => return None,
-            Some(Slot::Known(a, epoch)) if self.changed_since(a.ino, *epoch) => {
-                return Some(Listed::Changed(a.ino, ttl));
-            }
-            Some(Slot::Known(a, _)) => Some(a.clone()),
-        };
-        Some(Listed::Entry(Entry { attr, ttl }))
+        match entries.get(name) {
+            None => Some(Listed::Entry(Entry { attr: None, ttl })),
+            Some(slot) => self.read_slot(slot, ttl),
+        }
+    }
+
+    /// What a listed name's slot tells, if anything.
+    fn read_slot(&self, slot: &Slot, ttl: Duration) -> Option<Listed> {
+        match slot {
+            Slot::Unknown => None,
+            Slot::Known(a, epoch) if self.changed_since(a.ino, *epoch) => Some(Listed::Changed(a.ino, ttl)),
+            Slot::Known(a, _) => Some(Listed::Entry(Entry { attr: Some(a.clone()), ttl })),
+        }
+    }
+
+    /// Every entry of `dir`'s listing with what its slot tells, if it tells something of each.
+    fn all(&self, dir: Ino) -> Option<Vec<(Vec<u8>, Listed)>> {
+        let l = self.usable(dir)?;
+        let ttl = self.ttl.checked_sub(l.at.elapsed())?;
+        let entries = l.entries.as_ref()?.lock().expect("listing");
+        entries.iter().map(|(name, slot)| Some((name.clone(), self.read_slot(slot, ttl)?))).collect()
     }
 
     /// Applies `f` to the entries of `dir`'s listing, if it has one; returns that listing.
@@ -323,6 +335,23 @@ impl Client {
         };
         hit.attr = hit.attr.map(|a| self.note_attr(a));
         Some(hit)
+    }
+
+    /// The entries of `dir` with their attributes from its listing, when it can answer for
+    /// every name, and how long the kernel may keep them (the rest of the listing's TTL);
+    /// `None`: ask the server. Cookies are positions in the returned list, which only a
+    /// reader of this list may continue from.
+    pub fn listed_entries(self: &Arc<Self>, dir: Ino) -> Option<(Vec<DirEntry>, Duration)> {
+        let mut ttl = self.listings.ttl;
+        let mut entries = Vec::new();
+        for (cookie, (name, listed)) in (1..).zip(self.listings.all(dir)?) {
+            let Entry { attr, ttl: left } = self.complete(listed)?;
+            let a = attr?;
+            ttl = ttl.min(left);
+            entries.push(DirEntry { name, ino: a.ino, kind: a.kind, cookie, attr: Some(a), first_map: None });
+        }
+        self.accessed(dir, true);
+        Some((entries, ttl))
     }
 
     async fn fetch_listing(&self, dir: Ino) -> crate::Result<Arc<Listing>> {

@@ -93,9 +93,13 @@ impl FileState {
     /// When the file was last written, while the write is still buffered: the file's mtime
     /// and ctime until the commit records them on the metadata server.
     pub(crate) fn buffered_mtime(&self) -> Option<Timestamp> {
+        self.last_write().filter(|_| self.buffered_size() > 0)
+    }
+
+    /// When this client last wrote the file, if it did.
+    fn last_write(&self) -> Option<Timestamp> {
         let nanos = self.written_at.load(Ordering::Acquire);
-        (self.buffered_size() > 0 && nanos > 0)
-            .then_some(Timestamp { secs: (nanos / 1_000_000_000) as i64, nanos: (nanos % 1_000_000_000) as u32 })
+        (nanos > 0).then_some(Timestamp { secs: (nanos / 1_000_000_000) as i64, nanos: (nanos % 1_000_000_000) as u32 })
     }
 }
 
@@ -579,6 +583,7 @@ impl Client {
                 min_size: if last { min_size } else { 0 },
                 durable: durable && last,
                 lease: f.lease.load(Ordering::Acquire),
+                written_at: f.last_write(),
             };
             match self.call_attr(req).await {
                 Ok(a) => attr = Some(a),

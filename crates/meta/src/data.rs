@@ -44,16 +44,20 @@ impl MetaService {
         b.alloc_slices(count.clamp(1, 1 << 20));
         Ok(self.store.write().await?.apply(b).await?.value()? as u64)
     }
+}
 
-    pub(crate) async fn commit(
-        &self,
-        conn: usize,
-        ino: Ino,
-        slices: &[NewSlice],
-        min_size: u64,
-        durable: bool,
-        lease: u64,
-    ) -> Result<Attr> {
+/// What a writer commits (`MetaRequest::Commit`), with the time its slices take as mtime.
+pub(crate) struct Commit<'a> {
+    pub(crate) slices: &'a [NewSlice],
+    pub(crate) min_size: u64,
+    pub(crate) durable: bool,
+    pub(crate) lease: u64,
+    pub(crate) written_at: Timestamp,
+}
+
+impl MetaService {
+    pub(crate) async fn commit(&self, conn: usize, ino: Ino, commit: Commit<'_>) -> Result<Attr> {
+        let Commit { slices, min_size, durable, lease, written_at } = commit;
         let cs = self.volume.chunk_size;
         for s in slices {
             if s.slice.len == 0 || s.slice.pos as u64 + s.slice.len as u64 > cs || s.slice.id == HOLE_SLICE {
@@ -66,7 +70,7 @@ impl MetaService {
         let mut w = self.store.write().await?;
         // One batch validates, updates and inserts: it changes nothing unless `ino` is a file.
         let mut b = Batch::durable(durable);
-        b.commit_slices(ino, slices, min_size, lease, Timestamp::now());
+        b.commit_slices(ino, slices, min_size, lease, written_at);
         match w.apply(b).await?.attr()? {
             Some(a) => {
                 // The lease is still this writer's (a restarted server, or a reconnection,

@@ -1,5 +1,6 @@
 //! Request dispatch, the server's run loop and its background tasks.
 
+use crate::data::Commit;
 use crate::error::MetaError;
 use crate::locks::{LockRequest, Owner};
 use crate::opens::Opens;
@@ -150,8 +151,10 @@ impl MetaService {
                 R::Map { slices, seq }
             }
             MetaRequest::AllocSlices { count } => R::SliceIds { first: self.alloc_slices(count).await? },
-            MetaRequest::Commit { ino, slices, min_size, durable, lease } => {
-                R::Attr(self.commit(conn, ino, &slices, min_size, durable, lease).await?)
+            MetaRequest::Commit { ino, slices, min_size, durable, lease, written_at } => {
+                let written_at = written_at.unwrap_or_else(Timestamp::now);
+                let commit = Commit { slices: &slices, min_size, durable, lease, written_at };
+                R::Attr(self.commit(conn, ino, commit).await?)
             }
             MetaRequest::WriteLease { ino } => {
                 let (epoch, attr) = self.write_lease(conn, ino).await?;

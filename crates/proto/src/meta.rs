@@ -190,6 +190,11 @@ pub enum MetaRequest {
         min_size: u64,
         durable: bool,
         lease: u64,
+        /// When the writer last wrote these slices: the file's new mtime and ctime, as a
+        /// local filesystem sets them at the write, not when write-behind commits it later
+        /// (`git` and `make` compare mtimes they saw right after the close). `None`, or no
+        /// slices: the server's clock, or times left as they are.
+        written_at: Option<Timestamp>,
     },
     /// Asks for the exclusive write lease on a file before buffering writes to it: other
     /// clients' cached state of it is recalled first (and another writer flushes), so a read
