@@ -90,6 +90,15 @@ fn transport() -> Arc<quinn::TransportConfig> {
     let mut cc = quinn::congestion::CubicConfig::default();
     cc.initial_window(INITIAL_WINDOW);
     t.congestion_controller_factory(Arc::new(cc));
+    // Ask the peer to acknowledge every packet at once. An RPC connection is idle most of the
+    // time, so its congestion window rarely grows, and after a loss (or a shrink at persistent
+    // congestion) it can hold only a datagram or two: a multi-datagram answer then advanced
+    // one delayed ACK (25 ms) at a time. A 1,024-entry readdirplus page took about 90 ms
+    // instead of 10, and a cold `ls -l` of 10,000 files 1.3 s instead of 0.4. Bulk writes
+    // and reads measured the same either way (64 KiB datagrams: few ACKs).
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(0u32.into()).max_ack_delay(Some(Duration::from_millis(1)));
+    t.ack_frequency_config(Some(acks));
     t.max_concurrent_bidi_streams(4096u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((8u32 << 20).into())
