@@ -802,6 +802,24 @@ struct DirBatch {
     /// may keep its entries only until then.
     listed_until: Option<Instant>,
     entries: Vec<DirEntry>,
+    /// The next page, fetched while the kernel consumes this one.
+    ahead: Option<Ahead>,
+}
+
+/// A directory page fetched ahead: the client's epoch before it was asked for (its entries
+/// are used only if none changed since), the cookie it continues after, and the fetch.
+struct Ahead {
+    epoch: u64,
+    after: u64,
+    fetch: tokio::task::JoinHandle<Result<Vec<DirEntry>, ClientError>>,
+}
+
+impl Drop for DirBatch {
+    fn drop(&mut self) {
+        if let Some(a) = &self.ahead {
+            a.fetch.abort();
+        }
+    }
 }
 
 impl DirBatch {
@@ -813,7 +831,8 @@ impl DirBatch {
 
 /// Entries of directory `ino` after readdir offset `offset`, served from the handle's
 /// prefetched batch when the kernel continues where the previous reply ended, and how long
-/// the kernel may keep them.
+/// the kernel may keep them. The page after a batch is fetched while the kernel consumes
+/// it, so a long listing waits for the server once, not once per page.
 async fn next_entries(
     client: &Arc<Client>,
     dirs: &DashMap<u64, Mutex<DirBatch>>,
@@ -829,10 +848,11 @@ async fn next_entries(
         |b: &DirBatch| b.entries.iter().filter(|e| e.cookie > after).take(PER_REPLY).cloned().collect::<Vec<_>>();
     // Offset 0 starts a listing (opendir or rewinddir), which must show the directory as it
     // is now: the prefetched batch only serves a listing that continues.
+    let mut ahead = None;
     if offset > 0
         && let Some(cached) = dirs.get(&fh)
     {
-        let b = cached.lock().expect("dir lock");
+        let mut b = cached.lock().expect("dir lock");
         if b.listed_until.is_some() {
             return Ok((rest(&b), b.ttl(ttl)));
         }
@@ -841,16 +861,28 @@ async fn next_entries(
             if !rest.is_empty() || b.complete {
                 return Ok((rest, ttl));
             }
+            ahead = b.ahead.take().filter(|a| a.after == after);
         }
     }
     let batch = match (after, client.listed_entries(ino)) {
         (0, Some((entries, left))) => {
-            DirBatch { after, plus, complete: true, listed_until: Some(Instant::now() + left), entries }
+            DirBatch { after, plus, complete: true, listed_until: Some(Instant::now() + left), entries, ahead: None }
         }
         _ => {
-            let entries = client.readdir(ino, after, READDIR_BATCH, plus).await?;
+            let entries = match ahead.take() {
+                Some(a) => match a.fetch.await {
+                    Ok(Ok(entries)) if client.unchanged_since(entries.iter().map(|e| e.ino), ino, a.epoch) => entries,
+                    _ => client.readdir(ino, after, READDIR_BATCH, plus).await?,
+                },
+                None => client.readdir(ino, after, READDIR_BATCH, plus).await?,
+            };
             let complete = entries.len() < READDIR_BATCH as usize;
-            DirBatch { after, plus, complete, listed_until: None, entries }
+            let ahead = entries.last().filter(|_| !complete).map(|last| {
+                let (client, after, epoch) = (client.clone(), last.cookie, client.epoch());
+                let fetch = tokio::spawn(async move { client.readdir(ino, after, READDIR_BATCH, plus).await });
+                Ahead { epoch, after, fetch }
+            });
+            DirBatch { after, plus, complete, listed_until: None, entries, ahead }
         }
     };
     let reply = (rest(&batch), batch.ttl(ttl));

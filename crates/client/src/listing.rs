@@ -354,6 +354,18 @@ impl Client {
         Some((entries, ttl))
     }
 
+    /// An epoch to check answers kept for later against (see [`Client::unchanged_since`]).
+    pub fn epoch(&self) -> u64 {
+        self.listings.next_epoch()
+    }
+
+    /// Whether neither directory `dir` nor any of `inos` changed after `epoch`, through this
+    /// client or another (a recall), so that an answer about them read since is still current.
+    pub fn unchanged_since(&self, mut inos: impl Iterator<Item = Ino>, dir: Ino, epoch: u64) -> bool {
+        let l = &self.listings;
+        !l.changed_since(dir, epoch) && !inos.any(|ino| l.changed_since(ino, epoch))
+    }
+
     async fn fetch_listing(&self, dir: Ino) -> crate::Result<Arc<Listing>> {
         let epoch = self.listings.next_epoch();
         let at = Instant::now();
