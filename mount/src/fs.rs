@@ -864,12 +864,13 @@ async fn next_entries(
             ahead = b.ahead.take().filter(|a| a.after == after);
         }
     }
-    let batch = match (after, client.listed_entries(ino)) {
-        (0, Some((entries, left))) => {
+    let listed = if after == 0 { client.listed_entries(ino) } else { None };
+    let batch = match listed {
+        Some((entries, left)) => {
             DirBatch { after, plus, complete: true, listed_until: Some(Instant::now() + left), entries, ahead: None }
         }
-        _ => {
-            let entries = match ahead.take() {
+        None => {
+            let entries = match ahead {
                 Some(a) => match a.fetch.await {
                     Ok(Ok(entries)) if client.unchanged_since(entries.iter().map(|e| e.ino), ino, a.epoch) => entries,
                     _ => client.readdir(ino, after, READDIR_BATCH, plus).await?,

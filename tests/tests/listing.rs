@@ -192,3 +192,48 @@ fn a_directory_this_client_filled_is_read_from_its_listing_until_another_client_
     assert_eq!(list(&d), expected, "another client's new file");
     umount_lazy(&other);
 }
+
+#[test]
+fn a_long_listing_read_page_by_page_shows_every_entry_once_while_another_client_changes_it() {
+    let c = Cluster::start(1);
+    let d = c.path("big");
+    std::fs::create_dir(&d).unwrap();
+    // Over two of the client's 1,024-entry pages, made by another client, so B pages from
+    // the server (fetching each next page ahead) instead of answering from a listing.
+    const N: usize = 2500;
+    for i in 0..N {
+        std::fs::File::create(d.join(format!("keep-{i:05}"))).unwrap();
+    }
+    std::fs::File::create(d.join("doomed")).unwrap();
+    let b = c.mount_again("b", "");
+    let mut seen = vec![0u32; N];
+    let (mut doomed, mut new) = (0, 0);
+    for (k, e) in std::fs::read_dir(b.join("big")).unwrap().enumerate() {
+        if k == 1100 {
+            // A changes the directory after B fetched its second page: the page B fetched
+            // ahead meanwhile may be stale, and B must neither lose nor repeat entries.
+            std::fs::remove_file(d.join("doomed")).unwrap();
+            std::fs::File::create(d.join("new")).unwrap();
+            std::fs::set_permissions(d.join("keep-02400"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        // Stat each entry, as `ls -l` does, so the kernel keeps asking for readdirplus pages.
+        let e = e.unwrap();
+        e.metadata().unwrap();
+        let name = e.file_name().into_string().unwrap();
+        match name.strip_prefix("keep-") {
+            Some(i) => seen[i.parse::<usize>().unwrap()] += 1,
+            None if name == "doomed" => doomed += 1,
+            None if name == "new" => new += 1,
+            None => panic!("unexpected entry {name}"),
+        }
+    }
+    assert!(seen.iter().all(|&n| n == 1), "every entry listed once: {:?}", seen.iter().position(|&n| n != 1));
+    assert!(doomed <= 1 && new <= 1, "a changed entry at most once");
+    let mode = std::fs::symlink_metadata(b.join("big/keep-02400")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "attributes from a page read before the chmod");
+    let mut names: Vec<_> = std::fs::read_dir(b.join("big")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names.len(), N + 1, "the next listing shows the changes");
+    assert_eq!(names.last().unwrap(), "new");
+    umount_lazy(&b);
+}

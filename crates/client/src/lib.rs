@@ -224,10 +224,9 @@ impl Client {
         let (resp, sent) = self.call_once(&req).await;
         // A plain read whose answer raced with a change of what it describes (a recall, or
         // this client's own) is asked again: the answer may predate the change, and callers
-        // cache what they get.
-        // (Reads clip at the size an answer leaves in `sizes`: a size from before this client's
-        // own commit would cut its newly written data short.) An open is not asked again, as
-        // it registers a handle: its attributes are.
+        // cache what they get (reads clip at the size an answer leaves in `sizes`, so a size
+        // from before this client's own commit would cut its new data short). An open is not
+        // asked again, as it registers a handle: its attributes are.
         let raced = |r: &MetaResponse| r.described_inodes().iter().any(|i| self.listings.changed_since(*i, sent));
         match (&req, resp) {
             (MetaRequest::GetAttr { .. } | MetaRequest::Lookup { .. } | MetaRequest::ReadDir { .. }, Ok(r))

@@ -168,9 +168,9 @@ impl Batch {
     }
 
     /// Appends written slices to regular file `ino` and grows it to at least `min_size`;
-    /// slices set its mtime and ctime to `now`. The
-    /// new attributes come back through [`super::Returned::attr`]; nothing changes (and no
-    /// attributes come back) if `ino` is not a regular file or is immutable.
+    /// slices set its mtime and ctime to `now`. The new attributes come back through
+    /// [`super::Returned::attr`]; nothing changes (and no attributes come back) if `ino` is
+    /// not a regular file or is immutable.
     pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, lease: u64, now: Timestamp) {
         self.changes(ino);
         const IMMUTABLE: u32 = inode_flags::IMMUTABLE;
