@@ -11,6 +11,13 @@ fn forget_dentries() {
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
 }
 
+/// Writes `data` to a new file at `path` and fsyncs it, so its commit is answered on return.
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    std::io::Write::write_all(&mut f, data).unwrap();
+    f.sync_all().unwrap();
+}
+
 fn stat_all(dir: &Path, n: usize) {
     for i in 0..n {
         std::fs::symlink_metadata(dir.join(format!("f{i}"))).unwrap();
@@ -138,9 +145,7 @@ fn files_written_since_their_directory_was_listed_are_answered_with_their_new_at
     for i in 0..20 {
         // Synced, so every commit is answered before the lookups (a commit still in flight
         // after a plain close is rightly asked about).
-        let mut f = std::fs::File::create(d.join(format!("f{i}"))).unwrap();
-        std::io::Write::write_all(&mut f, format!("file {i}").as_bytes()).unwrap();
-        f.sync_all().unwrap();
+        write_synced(&d.join(format!("f{i}")), format!("file {i}").as_bytes());
     }
     // Held open, the directory stays in the kernel's cache: only its entries are looked up.
     let dir = std::fs::File::open(&d).unwrap();
@@ -162,9 +167,7 @@ fn a_directory_this_client_filled_is_read_from_its_listing_until_another_client_
     // More than one reply's worth of entries (256), so the kernel continues the listing.
     let mut expected: Vec<(String, u64)> = (0..300).map(|i| (format!("f{i}"), 10 + i % 7)).collect();
     for (name, len) in &expected {
-        let mut f = std::fs::File::create(d.join(name)).unwrap();
-        std::io::Write::write_all(&mut f, &vec![b'x'; *len as usize]).unwrap();
-        f.sync_all().unwrap();
+        write_synced(&d.join(name), &vec![b'x'; *len as usize]);
     }
     std::fs::create_dir(d.join("sub")).unwrap();
     expected.push(("sub".into(), std::fs::metadata(d.join("sub")).unwrap().len()));
