@@ -1,6 +1,7 @@
 //! `cairn`: runs the servers and administers volumes.
 
 mod admin;
+mod bench;
 mod format;
 mod local;
 mod status;
@@ -51,6 +52,8 @@ enum Command {
         #[arg(long, default_value = local::DEFAULT_DATA)]
         data: PathBuf,
     },
+    /// Measure a directory (on a Cairn mount) beside others (a local disk) with one workload.
+    Bench(bench::BenchArgs),
     /// Show how many requests of each kind a mount has sent to the servers.
     Stats {
         /// The mountpoint (or any path on the mount).
@@ -82,6 +85,7 @@ fn main() {
         Command::Fsck(args) => admin::fsck(&args),
         Command::Local { command } => local::run(command),
         Command::Status(args) => status::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Stats { path } => status::mount_stats(&path),
         Command::KeyRotate { data } => rotate_key(&data),
     };

@@ -173,9 +173,8 @@ fn warm_rereads_of_an_unchanged_file_come_from_the_kernel_page_cache() {
     // The first read after the write reads through the client; the next keeps the pages.
     assert!(std::fs::read(c.path("big")).unwrap() == data);
     assert!(std::fs::read(c.path("big")).unwrap() == data);
-    // Read-ahead the reads above started in the background may still be finishing (the
-    // second read also goes through the client when the write-behind commit landed during
-    // the first): count from when nothing is fetched any more.
+    // Read-ahead the reads above started in the background may still be finishing: count
+    // from when nothing is fetched any more.
     let before = settled(|| chunk_requests(&c.mnt));
     assert!(std::fs::read(c.path("big")).unwrap() == data);
     assert_eq!(chunk_requests(&c.mnt), before, "a warm re-read of an unchanged file fetched blocks");
@@ -187,4 +186,51 @@ fn warm_rereads_of_an_unchanged_file_come_from_the_kernel_page_cache() {
     assert_eq!(&seen[..17], b"changed through B");
     assert!(seen[17..] == data[17..]);
     umount_lazy(&b);
+}
+
+/// Pages of `p` the kernel holds as a new open leaves them (an open without `keep_cache`
+/// drops them), and the file's size in pages. Counted with mincore, so nothing is read.
+fn resident_pages(p: &Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a shared read-only mapping of an open file, only passed to mincore, then unmapped.
+    unsafe {
+        let addr = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        assert_eq!(libc::mincore(addr, len, pages.as_mut_ptr()), 0, "mincore: {}", std::io::Error::last_os_error());
+        libc::munmap(addr, len);
+        (pages.iter().filter(|p| *p & 1 != 0).count(), pages.len())
+    }
+}
+
+#[test]
+fn pages_read_before_this_clients_own_commit_stay_cached() {
+    let c = Cluster::start(1);
+    let p = c.path("f");
+    let data = pattern(5, 8 << 20);
+    let mut w = std::fs::File::create(&p).unwrap();
+    std::io::Write::write_all(&mut w, &data).unwrap();
+    // Read while the writes are still buffered in the client, then commit them.
+    assert!(std::fs::read(&p).unwrap() == data);
+    w.sync_all().unwrap();
+    drop(w);
+    let (resident, pages) = resident_pages(&p);
+    assert_eq!(resident, pages, "the commit of this client's own writes dropped the pages read before it");
+}
+
+#[test]
+fn pages_stay_cached_when_the_files_map_generation_expires() {
+    let c = Cluster::start(1);
+    let p = c.path("f");
+    let data = pattern(6, 1 << 20);
+    std::fs::write(&p, &data).unwrap();
+    std::fs::File::open(&p).unwrap().sync_all().unwrap();
+    assert!(std::fs::read(&p).unwrap() == data);
+    // The client's per-file data generation lives twice the 10 s map TTL.
+    std::thread::sleep(Duration::from_secs(21));
+    let (resident, pages) = resident_pages(&p);
+    // The kernel may reclaim a few cold pages meanwhile; an open that drops them leaves none.
+    assert!(resident > 0, "an open 21 s after the last write dropped all {pages} cached pages");
 }

@@ -259,3 +259,33 @@ fn git_on_the_mount() {
         ),
     );
 }
+
+#[test]
+fn cairn_bench_measures_a_mount_beside_a_local_directory() {
+    let c = Cluster::start(1);
+    let local = c.tmp.path().join("local");
+    std::fs::create_dir(&local).unwrap();
+    let out = run(std::process::Command::new(bin("cairn"))
+        .args(["bench", "--size-mib", "4", "--files", "20", "--json"])
+        .arg(&c.mnt)
+        .arg("--against")
+        .arg(&local));
+    let mut seen = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        let field = |k: &str| line.split(&format!("\"{k}\":")).nth(1).map(|r| r.split([',', '}']).next().unwrap());
+        let target = field("target").unwrap_or_else(|| panic!("no target in {line}"));
+        let value: f64 = field("value").unwrap().parse().unwrap();
+        assert!(value > 0.0, "a measurement of nothing: {line}");
+        *seen.entry(target.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "not one set of measurements per directory:\n{out}");
+    assert!(seen.values().all(|n| *n == 10), "measurements missing:\n{out}");
+    for dir in [&c.mnt, &local] {
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().starts_with(".cairn-bench")), "left behind: {left:?}");
+    }
+    // A directory that is not there is an error that names it.
+    let bad = std::process::Command::new(bin("cairn")).args(["bench", "/nonexistent/dir"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir"), "{bad:?}");
+}

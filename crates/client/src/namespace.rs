@@ -219,7 +219,8 @@ impl Client {
             mtime: attr.mtime,
             ctime: attr.ctime,
         };
-        let keep = now.generation == generation && self.page_generations.get(&ino).as_ref() == Some(&now);
+        let keep =
+            now.generation == generation && self.page_generations.get(&ino).is_some_and(|old| old.same_pages(&now));
         self.page_generations.insert(ino, now);
         Ok((attr, keep))
     }
