@@ -93,6 +93,12 @@ fn free_port(host: &str) -> anyhow::Result<u16> {
     Ok(sock.local_addr()?.port())
 }
 
+/// A free TCP port on `host`, for a metrics endpoint.
+fn free_tcp_port(host: &str) -> anyhow::Result<String> {
+    let sock = std::net::TcpListener::bind((host, 0)).with_context(|| format!("binding a TCP port on {host}"))?;
+    Ok(format!("{host}:{}", sock.local_addr()?.port()))
+}
+
 fn with_free_port(addr: &str) -> anyhow::Result<String> {
     let (host, port) = addr.rsplit_once(':').with_context(|| format!("address {addr:?} is not HOST:PORT"))?;
     let port: u16 = port.parse().with_context(|| format!("port in {addr:?}"))?;
@@ -130,6 +136,7 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
         zone: cluster.chunk_zone.clone(),
         scrub_mib_per_sec: 16,
         scrub_interval_secs: 7 * 24 * 3600,
+        metrics_listen: Some(free_tcp_port(&cluster.chunk_host)?),
         tls: tls("chunk"),
     };
     std::fs::create_dir_all(dir.join(format!("chunk-{id}")))?;
@@ -170,6 +177,7 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         key_file: "volume.key".into(),
         orphan_grace_secs: 3600,
         rebalance_threshold_mib: 1024,
+        metrics_listen: Some(free_tcp_port(meta.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h))?),
         tls: tls("meta"),
     };
     cairn_config::save(&dir.join("meta.toml"), "Cairn metadata server", &meta_file)?;

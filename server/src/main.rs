@@ -119,11 +119,16 @@ fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
         key_file: f.key_file,
         orphan_grace: Duration::from_secs(f.orphan_grace_secs.max(1)),
         rebalance_threshold: f.rebalance_threshold_mib << 20,
+        metrics: metrics_addr(f.metrics_listen.as_deref())?,
     };
     // One thread: every SQL statement is a handoff to sqlx's SQLite worker thread, and a single
     // runtime thread on the other side of it wakes faster than a work-stealing pool.
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(cairn_meta::run(config))?;
     Ok(())
+}
+
+fn metrics_addr(listen: Option<&str>) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    listen.map(|l| l.parse().with_context(|| format!("metrics_listen address {l:?}"))).transpose()
 }
 
 fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
@@ -144,6 +149,7 @@ fn run_chunk(path: &std::path::Path) -> anyhow::Result<()> {
             bytes_per_sec: f.scrub_mib_per_sec << 20,
             interval: Duration::from_secs(f.scrub_interval_secs.max(1)),
         },
+        metrics: metrics_addr(f.metrics_listen.as_deref())?,
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(cairn_chunk::run(config))?;
     Ok(())

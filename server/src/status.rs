@@ -36,6 +36,10 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
             false => println!("replication {}", v.replication),
         }
         println!("files       {}", stats.files);
+        let endpoints = metrics_endpoints(&args.data, &cluster);
+        if !endpoints.is_empty() {
+            println!("metrics     {}", endpoints.join(", "));
+        }
         println!("capacity    {:.1} GiB, {:.1} GiB free", gib(stats.capacity), gib(stats.free));
         println!(
             "repair      {} slices short of copies, {} with no live copy, {} re-replicated since start",
@@ -66,6 +70,19 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     })
     .context("querying the metadata server")
+}
+
+/// The Prometheus endpoints the volume directory's configurations set, as `who http://…`.
+fn metrics_endpoints(dir: &std::path::Path, cluster: &ClusterFile) -> Vec<String> {
+    let url = |l: Option<String>| l.map(|l| format!("http://{l}/metrics"));
+    let meta = cairn_config::load::<cairn_config::MetaFile>(&dir.join("meta.toml")).ok();
+    let mut out: Vec<String> =
+        url(meta.and_then(|m| m.metrics_listen)).map(|u| format!("meta {u}")).into_iter().collect();
+    for id in &cluster.chunk_servers {
+        let chunk = cairn_config::load::<cairn_config::ChunkFile>(&dir.join(format!("chunk-{id}.toml"))).ok();
+        out.extend(url(chunk.and_then(|c| c.metrics_listen)).map(|u| format!("chunk {id} {u}")));
+    }
+    out
 }
 
 fn gib(b: u64) -> f64 {

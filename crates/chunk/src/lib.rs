@@ -3,6 +3,7 @@
 //! Blocks never change after they are written, so a chunk server needs no locking beyond the
 //! filesystem's own: a block is written to a temporary file and renamed into place.
 
+mod metrics;
 mod scrub;
 mod service;
 mod spares;

@@ -28,6 +28,8 @@ pub struct ChunkConfig {
     /// Failure domain reported to the metadata server.
     pub zone: String,
     pub scrub: ScrubConfig,
+    /// TCP address serving Prometheus metrics at `/metrics`; none serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 struct ChunkService {
@@ -36,6 +38,8 @@ struct ChunkService {
     /// Connections to other chunk servers, for `Replicate`, by address.
     peers: std::sync::Mutex<std::collections::HashMap<String, Arc<RpcClient>>>,
     endpoint: quinn::Endpoint,
+    metrics: Arc<cairn_metrics::Metrics>,
+    gauges: crate::metrics::ChunkGauges,
 }
 
 /// Deadline of each block fetched from another chunk server.
@@ -59,8 +63,9 @@ impl ChunkService {
                 cairn_net::NetError::Remote(w) => w,
                 other => WireError::new(other.code(), format!("fetching {key:?} from {from}: {other}")),
             })?;
-            let store = self.store.clone();
+            let (store, len) = (self.store.clone(), block.len());
             blocking(move || store.put(key, &block, true)).await?;
+            self.gauges.stored.inc_by(len as u64);
         }
         Ok(())
     }
@@ -86,16 +91,34 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
         req: ChunkRequest,
         payload: Vec<u8>,
     ) -> Result<(ChunkResponse, Bytes), WireError> {
+        let (kind, started) = (<&'static str>::from(&req), std::time::Instant::now());
+        let answer = self.handle_request(req, payload).await;
+        self.metrics.request(kind, started, answer.is_ok());
+        answer
+    }
+}
+
+impl ChunkService {
+    async fn handle_request(&self, req: ChunkRequest, payload: Vec<u8>) -> Result<(ChunkResponse, Bytes), WireError> {
         let store = self.store.clone();
         match req {
             ChunkRequest::Put { key, sync } => {
+                let len = payload.len() as u64;
                 blocking(move || store.put(key, &payload, sync)).await?;
+                self.gauges.stored.inc_by(len);
                 Ok((ChunkResponse::Done, Bytes::new()))
             }
             ChunkRequest::Get { key } => {
                 let got = off_thread(move || store.get(key)).await;
-                if let Err(StoreError::Corrupt { key, .. }) = &got {
-                    self.bad.add(key.slice);
+                match &got {
+                    Ok(block) => {
+                        self.gauges.served.inc_by(block.len() as u64);
+                    }
+                    Err(StoreError::Corrupt { key, .. }) => {
+                        self.gauges.corrupt.inc();
+                        self.bad.add(key.slice);
+                    }
+                    Err(_) => {}
                 }
                 Ok((ChunkResponse::Block, got.map_err(wire)?))
             }
@@ -180,7 +203,19 @@ pub async fn run(config: ChunkConfig) -> Result<(), RunError> {
     tokio::spawn(heartbeat_loop(config.clone(), store.clone(), bad.clone(), meta));
     let scrub_state = config.data_dir.join("scrub.last");
     tokio::spawn(crate::scrub::scrub_loop(store.clone(), bad.clone(), config.scrub, scrub_state));
-    let service = ChunkService { store, bad, peers: Default::default(), endpoint: client_endpoint };
+    let mut metrics = cairn_metrics::Metrics::new("cairn_chunk");
+    let gauges = crate::metrics::ChunkGauges::register(&mut metrics);
+    let metrics = Arc::new(metrics);
+    if let Some(addr) = config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        info!(listen = %listener.local_addr()?, "metrics at /metrics");
+        let (g, s) = (gauges.clone(), store.clone());
+        tokio::spawn(cairn_metrics::serve(listener, metrics.clone(), move || {
+            g.refresh(&s);
+            async {}
+        }));
+    }
+    let service = ChunkService { store, bad, peers: Default::default(), endpoint: client_endpoint, metrics, gauges };
     cairn_net::serve(endpoint, Arc::new(service)).await;
     Ok(())
 }

@@ -56,6 +56,10 @@ pub struct MetaFile {
     /// equal capacity, differ by more than this many MiB; 0 turns it off.
     #[serde(default = "default_rebalance_threshold")]
     pub rebalance_threshold_mib: u64,
+    /// TCP address serving Prometheus metrics over plain HTTP at `/metrics`, e.g.
+    /// "127.0.0.1:9470"; unset serves none. Unauthenticated: keep it on a trusted network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     pub tls: Tls,
 }
 
@@ -87,6 +91,10 @@ pub struct ChunkFile {
     /// Seconds from the start of one scrub pass over every block to the start of the next.
     #[serde(default = "default_scrub_interval")]
     pub scrub_interval_secs: u64,
+    /// TCP address serving Prometheus metrics over plain HTTP at `/metrics`; unset serves
+    /// none. Unauthenticated: keep it on a trusted network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     pub tls: Tls,
 }
 

@@ -260,6 +260,11 @@ impl Leases {
         });
     }
 
+    /// Client connections, inodes with read leases and files with a write lease, for metrics.
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        (self.sessions.len(), self.readers.len(), self.writers.len())
+    }
+
     /// Whether more than one client is connected (only then can a change need a recall).
     pub(crate) fn shared(&self) -> bool {
         self.sessions.len() > 1

@@ -10,6 +10,7 @@ mod error;
 mod fsck;
 mod leases;
 mod locks;
+mod metrics;
 mod namespace;
 mod opens;
 mod rebalance;

@@ -35,6 +35,8 @@ pub struct MetaConfig {
     pub orphan_grace: Duration,
     /// Imbalance in bytes that starts the rebalancer; 0 turns it off.
     pub rebalance_threshold: u64,
+    /// TCP address serving Prometheus metrics at `/metrics`; none serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The metadata service state shared by all connections.
@@ -58,6 +60,9 @@ pub struct MetaService {
     /// Inodes that lost their last link while nothing had them open, with when to free them.
     pub(crate) removed: std::sync::Mutex<std::collections::VecDeque<(Ino, tokio::time::Instant)>>,
     pub(crate) removed_wakeup: Notify,
+    /// Requests by kind and the server's state, for Prometheus (see `metrics`).
+    metrics: Arc<cairn_metrics::Metrics>,
+    pub(crate) gauges: crate::metrics::MetaGauges,
 }
 
 impl MetaService {
@@ -66,7 +71,11 @@ impl MetaService {
         let volume = store.volume().await?;
         let draining = crate::store::reads::volume_setting(&store.readers, DRAINING_SETTING).await?;
         let draining = draining.map(|d| crate::store::servers_from_text(&d)).unwrap_or_default();
+        let mut metrics = cairn_metrics::Metrics::new("cairn_meta");
+        let gauges = crate::metrics::MetaGauges::register(&mut metrics);
         let svc = MetaService {
+            metrics: Arc::new(metrics),
+            gauges,
             store,
             volume,
             key_file: config.key_file.clone(),
@@ -250,7 +259,7 @@ impl MetaService {
 
     /// Capacity and free bytes of the volume: the live chunk servers' space divided by the
     /// number of copies each block takes.
-    fn space(&self) -> (u64, u64) {
+    pub(crate) fn space(&self) -> (u64, u64) {
         let alive: Vec<_> = self.registry.list().into_iter().filter(|s| s.alive).collect();
         let r = u64::from(self.volume.replication.max(1)).min(alive.len().max(1) as u64);
         (alive.iter().map(|s| s.capacity).sum::<u64>() / r, alive.iter().map(|s| s.free).sum::<u64>() / r)
@@ -350,6 +359,27 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         req: MetaRequest,
         _payload: Vec<u8>,
     ) -> Result<(MetaResponse, cairn_net::Bytes), WireError> {
+        let (kind, started) = (<&'static str>::from(&req), std::time::Instant::now());
+        let answer = self.handle_request(peer, req).await;
+        self.metrics.request(kind, started, answer.is_ok());
+        answer
+    }
+
+    async fn disconnected(&self, peer: &Peer) {
+        self.connection_lost(peer.conn_id);
+        // The client is gone (unmounted, crashed, or cut off for the idle timeout): its
+        // processes' locks go with it, and whoever waits for them may go on.
+        self.locks.drop_conn(peer.conn_id);
+        self.leases.disconnected(peer.conn_id);
+    }
+}
+
+impl MetaService {
+    async fn handle_request(
+        &self,
+        peer: &Peer,
+        req: MetaRequest,
+    ) -> Result<(MetaResponse, cairn_net::Bytes), WireError> {
         // Leases on what the request reads are granted before it runs (see `leases`), other
         // clients' buffered writes to what it reads or changes are flushed before it runs,
         // and the other holders of what it changed are recalled before it is answered.
@@ -393,14 +423,6 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         }
         Ok((resp, cairn_net::Bytes::new()))
     }
-
-    async fn disconnected(&self, peer: &Peer) {
-        self.connection_lost(peer.conn_id);
-        // The client is gone (unmounted, crashed, or cut off for the idle timeout): its
-        // processes' locks go with it, and whoever waits for them may go on.
-        self.locks.drop_conn(peer.conn_id);
-        self.leases.disconnected(peer.conn_id);
-    }
 }
 
 /// Runs the metadata server until the process is stopped.
@@ -425,6 +447,15 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
             leases.leases.expire();
         }
     });
+    if let Some(addr) = config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        info!(listen = %listener.local_addr()?, "metrics at /metrics");
+        let scraped = svc.clone();
+        tokio::spawn(cairn_metrics::serve(listener, svc.metrics.clone(), move || {
+            let svc = scraped.clone();
+            async move { svc.refresh_metrics().await }
+        }));
+    }
     cairn_net::serve(endpoint, svc).await;
     Ok(())
 }
