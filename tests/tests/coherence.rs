@@ -217,7 +217,11 @@ fn pages_read_before_this_clients_own_commit_stay_cached() {
     w.sync_all().unwrap();
     drop(w);
     let (resident, pages) = resident_pages(&p);
-    assert_eq!(resident, pages, "the commit of this client's own writes dropped the pages read before it");
+    // An open that drops the pages leaves none; the kernel may reclaim a cold page or two.
+    assert!(
+        resident * 10 >= pages * 9,
+        "the commit of this client's own writes dropped the pages read before it: {resident} of {pages} left"
+    );
 }
 
 #[test]
