@@ -176,8 +176,8 @@ impl Client {
     /// file for writing, or an append-only one for writing without `O_APPEND`, is EPERM (the
     /// kernel leaves these checks to FUSE). Returns the attributes, and whether the kernel may
     /// keep the pages it cached at earlier opens: only if the file's data generation (a
-    /// recall, a commit of this client, a lapsed session) and its size, mtime and ctime on the
-    /// server are what they were at the previous open.
+    /// recall, a lapsed session; not changes its kernel saw, see `Client::retire_maps`) and
+    /// its size, mtime and ctime on the server are what they were at the previous open.
     pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<(Attr, bool)> {
         let generation = self.data_generation(ino);
         if !write {
