@@ -382,7 +382,14 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        run!(self, reply, |c| c.read(ino.0, offset, size), |data| reply.data(&data))
+        let c = self.client.clone();
+        self.spawn(async move {
+            let _reading = c.reading(ino.0);
+            match c.read(ino.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn write(

@@ -6,7 +6,7 @@
 
 use cairn_tests::*;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -330,4 +330,28 @@ fn files_closed_just_before_an_unmount_keep_their_data_and_later_attributes() {
         assert_eq!(m.mtime(), mtime, "{}: mtime", p.display());
     }
     assert!(read(&c.path("d/big")) == big, "the file closed last");
+}
+
+#[test]
+fn a_reader_that_keeps_its_file_open_sees_each_write_without_stalling_the_recall() {
+    let c = Cluster::start(1);
+    let b = c.mount_again("b", "");
+    let writer =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(c.path("log")).unwrap();
+    writer.write_all_at(&[b'-'; 4096], 0).unwrap();
+    writer.sync_all().unwrap();
+    let reader = std::fs::File::open(b.join("log")).unwrap();
+    for i in 0..20u32 {
+        let record = format!("record {i:04}");
+        writer.write_all_at(record.as_bytes(), 0).unwrap();
+        // B's read recalls A's write lease; A's commit then recalls B's read lease while B's
+        // kernel still holds the page being read locked.
+        let mut seen = vec![0u8; record.len()];
+        reader.read_exact_at(&mut seen, 0).unwrap();
+        assert_eq!(seen, record.as_bytes(), "B read stale data");
+    }
+    let stalled = request_count(&b, |n| n == "kernel.slow_invalidations");
+    assert_eq!(stalled, 0, "recalls waited for B's kernel to drop pages it was reading into");
+    drop(reader);
+    umount_lazy(&b);
 }

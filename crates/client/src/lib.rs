@@ -23,6 +23,7 @@ pub use atime::AtimeMode;
 pub use error::{ClientError, Result};
 pub use listing::Entry;
 pub use locks::LockCall;
+pub use read::Reading;
 pub use recall::KernelInvalidator;
 
 use cairn_net::{Identity, RpcClient};
@@ -144,6 +145,8 @@ pub struct Client {
     /// Write lease recalls (file, epoch) that arrived before the answer to the create that
     /// brought the lease (see `Client::created`).
     pub(crate) early_recalls: moka::sync::Cache<Ino, u64>,
+    /// Kernel reads in progress per file (see [`Client::reading`]).
+    pub(crate) reads_in_flight: DashMap<Ino, u32>,
 }
 
 /// What a file looked like when it was last opened: the kernel may keep its pages only if a
@@ -207,6 +210,7 @@ impl Client {
             page_generations: moka::sync::Cache::builder().max_capacity(100_000).build(),
             dir_pages: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             early_recalls: moka::sync::Cache::builder().time_to_live(Duration::from_secs(60)).build(),
+            reads_in_flight: DashMap::new(),
         };
         let client = Arc::new(client);
         client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));

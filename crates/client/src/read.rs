@@ -9,7 +9,32 @@ use std::sync::Arc;
 /// How far past a sequential read blocks are fetched in advance, in blocks.
 const READAHEAD_BLOCKS: u64 = 4;
 
+/// A kernel read of a file in progress, from its request until its reply (see
+/// [`Client::reading`]).
+pub struct Reading {
+    client: Arc<Client>,
+    ino: Ino,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.client.reads_in_flight.remove_if_mut(&self.ino, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
 impl Client {
+    /// Marks a kernel read of `ino` in progress until the returned guard drops, which the
+    /// mount does after replying. The kernel keeps the pages being read locked until then, so
+    /// dropping the file's pages waits for the reply: a recall that this very read caused
+    /// (it made another client commit) must not wait for that (see `recall`).
+    pub fn reading(self: &Arc<Self>, ino: Ino) -> Reading {
+        *self.reads_in_flight.entry(ino).or_insert(0) += 1;
+        Reading { client: self.clone(), ino }
+    }
+
     async fn chunk_map(self: &Arc<Self>, ino: Ino, chunk: u64) -> Result<Arc<Vec<SliceRef>>> {
         self.check_session();
         let key = (ino, self.data_generation(ino), chunk);
