@@ -119,20 +119,31 @@ fn up(
     let exe = std::env::current_exe()?;
     start(&data, "meta", &exe, &["meta", "--config", &data.join("meta.toml").to_string_lossy()])?;
     let rt = crate::runtime()?;
-    let client = rt.block_on(wait_for(START_TIMEOUT, "the metadata server", || {
-        connect(&data, &cluster, Duration::from_secs(3))
-    }))?;
+    let meta = ["meta".to_string()];
+    let client = rt.block_on(wait_for(
+        START_TIMEOUT,
+        "the metadata server",
+        || exited(&data, &meta),
+        || connect(&data, &cluster, Duration::from_secs(3)),
+    ))?;
     for id in cluster.chunk_servers.iter().take(chunk_servers as usize) {
         let config = data.join(format!("chunk-{id}.toml"));
         start(&data, &format!("chunk-{id}"), &exe, &["chunk", "--config", &config.to_string_lossy()])?;
     }
-    rt.block_on(wait_for(START_TIMEOUT, "the chunk servers", || async {
-        let alive = client.list_servers().await?.iter().filter(|s| s.alive).count();
-        if alive < chunk_servers as usize {
-            bail!("{alive} of {chunk_servers} chunk servers registered");
-        }
-        Ok(())
-    }))?;
+    let chunks: Vec<String> =
+        cluster.chunk_servers.iter().take(chunk_servers as usize).map(|id| format!("chunk-{id}")).collect();
+    rt.block_on(wait_for(
+        START_TIMEOUT,
+        "the chunk servers",
+        || exited(&data, &chunks),
+        || async {
+            let alive = client.list_servers().await?.iter().filter(|s| s.alive).count();
+            if alive < chunk_servers as usize {
+                bail!("{alive} of {chunk_servers} chunk servers registered");
+            }
+            Ok(())
+        },
+    ))?;
     let reg = registration(&cluster);
     std::fs::create_dir_all(RUN_DIR)?;
     let _ = std::fs::remove_file(&reg);
@@ -166,13 +177,23 @@ fn up(
     Ok(())
 }
 
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+/// Retries `f` until it succeeds or `limit` passes; fails at once if `dead` names a process
+/// that exited meanwhile.
+async fn wait_for<T, F, Fut>(
+    limit: Duration,
+    what: &str,
+    dead: impl Fn() -> Option<String>,
+    mut f: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
     let start = Instant::now();
     loop {
+        if let Some(why) = dead() {
+            bail!("waiting for {what}: {why}");
+        }
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) if start.elapsed() > limit => {
@@ -223,6 +244,29 @@ fn running_pid(data: &Path, name: &str) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(pid_path(data, name)).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     String::from_utf8_lossy(&cmdline).contains("cairn").then_some(pid)
+}
+
+/// The first of `names` started here whose process has exited, with the last line of its log.
+fn exited(data: &Path, names: &[String]) -> Option<String> {
+    let name = names.iter().find(|n| running_pid(data, n).is_none())?;
+    let log = data.join("logs").join(format!("{name}.log"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Some(format!("{name} exited: {} (log: {})", strip_ansi(last), log.display()))
+}
+
+/// `line` without terminal color sequences (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Starts `exe args` in its own session with output to `logs/<name>.log`, unless running.

@@ -35,3 +35,22 @@ fn write_read_and_survive_restart() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_server_that_cannot_start_fails_local_up_at_once_naming_it() {
+    let tmp = tempfile::Builder::new().prefix("cairn-test-").tempdir().unwrap();
+    let (data, mnt) = (tmp.path().join("data"), tmp.path().join("mnt"));
+    run(std::process::Command::new(bin("cairn")).args(["format", "--data"]).arg(&data));
+    let config = data.join("chunk-2.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("no_such_key = 1\n{text}")).unwrap();
+    let out =
+        std::process::Command::new(bin("cairn")).args(["local", "up"]).arg(&mnt).arg("--data").arg(&data).output();
+    let down =
+        || run(std::process::Command::new(bin("cairn")).args(["local", "down"]).arg(&mnt).arg("--data").arg(&data));
+    let out = out.unwrap();
+    down();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "local up succeeded without chunk server 2");
+    assert!(err.contains("chunk-2 exited") && err.contains("no_such_key") && err.contains("chunk-2.log"), "{err}");
+}

@@ -207,13 +207,11 @@ pub async fn run(config: ChunkConfig) -> Result<(), RunError> {
     let gauges = crate::metrics::ChunkGauges::register(&mut metrics);
     let metrics = Arc::new(metrics);
     if let Some(addr) = config.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        info!(listen = %listener.local_addr()?, "metrics at /metrics");
         let (g, s) = (gauges.clone(), store.clone());
-        tokio::spawn(cairn_metrics::serve(listener, metrics.clone(), move || {
+        cairn_metrics::spawn(addr, metrics.clone(), move || {
             g.refresh(&s);
             async {}
-        }));
+        });
     }
     let service = ChunkService { store, bad, peers: Default::default(), endpoint: client_endpoint, metrics, gauges };
     cairn_net::serve(endpoint, Arc::new(service)).await;

@@ -448,13 +448,11 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
         }
     });
     if let Some(addr) = config.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        info!(listen = %listener.local_addr()?, "metrics at /metrics");
         let scraped = svc.clone();
-        tokio::spawn(cairn_metrics::serve(listener, svc.metrics.clone(), move || {
+        cairn_metrics::spawn(addr, svc.metrics.clone(), move || {
             let svc = scraped.clone();
             async move { svc.refresh_metrics().await }
-        }));
+        });
     }
     cairn_net::serve(endpoint, svc).await;
     Ok(())

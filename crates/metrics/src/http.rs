@@ -4,6 +4,7 @@
 
 use crate::Metrics;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,6 +16,24 @@ const DEADLINE: Duration = Duration::from_secs(10);
 const MAX_REQUEST: usize = 8 << 10;
 /// Connections answered at once; more wait in the listen queue.
 const MAX_CONNECTIONS: usize = 16;
+
+/// Serves `metrics` at `addr` in a background task. A port that cannot be bound is logged and
+/// the server goes on without metrics: they are not worth an outage.
+pub fn spawn<F, Fut>(addr: SocketAddr, metrics: Arc<Metrics>, refresh: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(listen = %addr, "metrics at /metrics");
+                serve(listener, metrics, refresh).await
+            }
+            Err(e) => tracing::error!("cannot serve metrics on {addr}: {e}; running without them"),
+        }
+    });
+}
 
 /// Serves `metrics` on `listener` until the process ends, calling `refresh` before each
 /// scrape so the server can set the gauges that describe its state.

@@ -4,7 +4,7 @@
 
 mod http;
 
-pub use http::serve;
+pub use http::{serve, spawn};
 pub use prometheus_client::metrics::counter::Counter;
 pub use prometheus_client::metrics::gauge::Gauge;
 
