@@ -382,9 +382,10 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let c = self.client.clone();
+        // Counted from here, before a recall handled meanwhile on the runtime could miss it.
+        let (c, reading) = (self.client.clone(), self.client.reading(ino.0));
         self.spawn(async move {
-            let _reading = c.reading(ino.0);
+            let _reading = reading;
             match c.read(ino.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
