@@ -177,7 +177,10 @@ fn warm_rereads_of_an_unchanged_file_come_from_the_kernel_page_cache() {
     // from when nothing is fetched any more.
     let before = settled(|| chunk_requests(&c.mnt));
     assert!(std::fs::read(c.path("big")).unwrap() == data);
-    assert_eq!(chunk_requests(&c.mnt), before, "a warm re-read of an unchanged file fetched blocks");
+    // Dropped pages would cost at least the 32 blocks the client's own cache cannot hold;
+    // the kernel may reclaim a few cold pages meanwhile (this machine does, within seconds).
+    let fetched = chunk_requests(&c.mnt) - before;
+    assert!(fetched <= 4, "a warm re-read of an unchanged file fetched {fetched} blocks");
     // A change through another client drops the kept pages.
     let mut f = std::fs::OpenOptions::new().write(true).open(b.join("big")).unwrap();
     std::io::Write::write_all(&mut f, b"changed through B").unwrap();
