@@ -248,7 +248,10 @@ fn running_pid(data: &Path, name: &str) -> Option<i32> {
 
 /// The first of `names` started here whose process has exited, with the last line of its log.
 fn exited(data: &Path, names: &[String]) -> Option<String> {
-    let name = names.iter().find(|n| running_pid(data, n).is_none())?;
+    // Zombie or gone, not "its command line lacks cairn": that is also true for a moment
+    // while the new process runs exec.
+    let pid = |n: &String| std::fs::read_to_string(pid_path(data, n)).ok()?.trim().parse::<i32>().ok();
+    let name = names.iter().find(|n| pid(n).is_some_and(is_zombie))?;
     let log = data.join("logs").join(format!("{name}.log"));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
