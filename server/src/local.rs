@@ -255,21 +255,7 @@ fn exited(data: &Path, names: &[String]) -> Option<String> {
     let log = data.join("logs").join(format!("{name}.log"));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Some(format!("{name} exited: {} (log: {})", strip_ansi(last), log.display()))
-}
-
-/// `line` without terminal color sequences (`ESC [ … m`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|c| c.is_ascii_alphabetic());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    Some(format!("{name} exited: {last} (log: {})", log.display()))
 }
 
 /// Starts `exe args` in its own session with output to `logs/<name>.log`, unless running.

@@ -91,10 +91,7 @@ impl Handler<ChunkRequest, ChunkResponse> for ChunkService {
         req: ChunkRequest,
         payload: Vec<u8>,
     ) -> Result<(ChunkResponse, Bytes), WireError> {
-        let (kind, started) = (<&'static str>::from(&req), std::time::Instant::now());
-        let answer = self.handle_request(req, payload).await;
-        self.metrics.request(kind, started, answer.is_ok());
-        answer
+        self.metrics.request((&req).into(), self.handle_request(req, payload)).await
     }
 }
 

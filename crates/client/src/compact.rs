@@ -65,7 +65,7 @@ impl Client {
             let servers = self.store_slice(id, data, true).await?;
             let slice = SliceRef { pos: from as u32, len: (to - from) as u32, id, servers };
             self.call_empty(MetaRequest::Compact { ino, chunk, seq, slice }).await?;
-            self.retire_maps(ino);
+            self.invalidate_data(ino);
             // The replaced slices' blocks will be deleted: an fsync must not wait for them
             // any more (their bytes are in the new slice, stored with fsync).
             let replaced: HashSet<SliceId> = inside(&map, from, to).map(|s| s.id).collect();

@@ -135,9 +135,9 @@ pub struct Client {
     session: session::Session,
     /// Bumped when every cached map must go (see `Client::data_generation`).
     map_epoch: std::sync::atomic::AtomicU64,
-    /// The data generation of each file when it was last opened: the kernel keeps the pages it
-    /// cached (`keep_cache`) only when a new open finds the same one (see `Client::open`).
-    pub(crate) page_generations: moka::sync::Cache<Ino, PageState>,
+    /// Each file's server attributes when it was last opened: the kernel keeps the pages it
+    /// cached (`keep_cache`) only when a new open finds the same (see `Client::open`).
+    pub(crate) page_states: moka::sync::Cache<Ino, PageState>,
     /// Directories' generations when the kernel was last let list them into its own cache,
     /// kept for the map TTL (well within the read lease the listing brought); see
     /// `Client::open_dir`.
@@ -149,26 +149,14 @@ pub struct Client {
     pub(crate) reads_in_flight: DashMap<Ino, u32>,
 }
 
-/// What a file looked like when it was last opened: the kernel may keep its pages only if a
-/// new open finds the same (see `Client::open`).
-#[derive(Clone)]
+/// What a file looked like on the server when it was last opened: the kernel may keep its
+/// pages only if a new open finds the same (see `Client::open`). Changes the kernel did not
+/// see (a recall, a lapsed session) drop the entry instead (`forget_inode`, `forget_all`).
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct PageState {
-    pub(crate) generation: u64,
     pub(crate) size: u64,
     pub(crate) mtime: Timestamp,
     pub(crate) ctime: Timestamp,
-}
-
-impl PageState {
-    /// True if pages cached under `self` are still good under `now`: the server shows the same
-    /// size and times, and the data generation is the same. A file's own generation that
-    /// expired (it reads 0 again, see `Client::generations`) is no change by itself; without
-    /// this, every file's pages were dropped at the first open 20 s after its last write.
-    pub(crate) fn same_pages(&self, now: &PageState) -> bool {
-        let expired = now.generation >> 32 == self.generation >> 32 && now.generation as u32 == 0;
-        (self.generation == now.generation || expired)
-            && (self.size, self.mtime, self.ctime) == (now.size, now.mtime, now.ctime)
-    }
 }
 
 impl Client {
@@ -207,7 +195,7 @@ impl Client {
             kernel_invalidator: Default::default(),
             session: session::Session::new(),
             map_epoch: Default::default(),
-            page_generations: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            page_states: moka::sync::Cache::builder().max_capacity(100_000).build(),
             dir_pages: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             early_recalls: moka::sync::Cache::builder().time_to_live(Duration::from_secs(60)).build(),
             reads_in_flight: DashMap::new(),
@@ -234,21 +222,6 @@ impl Client {
     /// Forgets cached maps of a file whose data changed.
     pub(crate) fn invalidate_data(&self, ino: Ino) {
         self.generations.entry(ino).and_upsert_with(|g| g.map_or(1, |g| g.into_value() + 1));
-    }
-
-    /// Forgets cached maps of a file after a change this client made that its kernel saw
-    /// (a commit of writes made through it, a compaction, a map gone stale): the pages the
-    /// kernel cached still hold the file's data, so the next open may keep them.
-    pub(crate) fn retire_maps(&self, ino: Ino) {
-        let before = self.data_generation(ino);
-        self.invalidate_data(ino);
-        let after = self.data_generation(ino);
-        self.page_generations.entry(ino).and_compute_with(|old| match old {
-            Some(old) if old.value().generation == before => {
-                moka::ops::compute::Op::Put(PageState { generation: after, ..old.into_value() })
-            }
-            _ => moka::ops::compute::Op::Nop,
-        });
     }
 
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
@@ -503,27 +476,5 @@ pub(crate) fn test_attr(ino: Ino, kind: FileKind, nlink: u32) -> Attr {
         has_xattrs: false,
         stored: 0,
         flags: 0,
-    }
-}
-
-#[cfg(test)]
-mod page_state_tests {
-    use super::*;
-
-    fn state(generation: u64, size: u64) -> PageState {
-        let t = Timestamp { secs: 1, nanos: 0 };
-        PageState { generation, size, mtime: t, ctime: t }
-    }
-
-    #[test]
-    fn pages_stay_when_only_the_file_generation_expired() {
-        assert!(state(3, 10).same_pages(&state(3, 10)));
-        assert!(state(3, 10).same_pages(&state(0, 10)), "an expired generation alone is no change");
-        assert!(!state(3, 10).same_pages(&state(4, 10)), "a bumped generation is a change");
-        assert!(!state(3, 10).same_pages(&state(0, 11)), "a new size is a change");
-        assert!(!state(3, 10).same_pages(&state(1 << 32, 10)), "a new map epoch is a change");
-        let mut later = state(0, 10);
-        later.ctime.nanos = 5;
-        assert!(!state(0, 10).same_pages(&later), "a new ctime is a change");
     }
 }

@@ -175,9 +175,10 @@ impl Client {
     /// Opens a file: registers the handle with the metadata server. Opening an immutable
     /// file for writing, or an append-only one for writing without `O_APPEND`, is EPERM (the
     /// kernel leaves these checks to FUSE). Returns the attributes, and whether the kernel may
-    /// keep the pages it cached at earlier opens: only if the file's data generation (a
-    /// recall, a lapsed session; not changes its kernel saw, see `Client::retire_maps`) and
-    /// its size, mtime and ctime on the server are what they were at the previous open.
+    /// keep the pages it cached at earlier opens: only if no recall or lapsed session came
+    /// since (they drop the file's `PageState`) and its size, mtime and ctime on the server
+    /// are what they were at the previous open. This client's own changes went through the
+    /// kernel, so they do not count.
     pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<(Attr, bool)> {
         let generation = self.data_generation(ino);
         if !write {
@@ -213,15 +214,10 @@ impl Client {
         }
         // The attributes come from the server, which commits change with mtime or ctime: a
         // change this client missed (its read lease ended, its session lapsed) shows there.
-        let now = crate::PageState {
-            generation: self.data_generation(ino),
-            size: attr.size,
-            mtime: attr.mtime,
-            ctime: attr.ctime,
-        };
-        let keep =
-            now.generation == generation && self.page_generations.get(&ino).is_some_and(|old| old.same_pages(&now));
-        self.page_generations.insert(ino, now);
+        let now = crate::PageState { size: attr.size, mtime: attr.mtime, ctime: attr.ctime };
+        // A recall during the open may have come after the attributes were read.
+        let keep = self.data_generation(ino) == generation && self.page_states.get(&ino) == Some(now.clone());
+        self.page_states.insert(ino, now);
         Ok((attr, keep))
     }
 

@@ -90,7 +90,7 @@ impl Client {
             // A cached map can name blocks whose slices were since replaced (compaction,
             // truncation) and garbage-collected: read again with a fresh map.
             Err(e) if e.code == ErrorCode::NotFound => {
-                self.retire_maps(ino);
+                self.invalidate_data(ino);
                 out.fill(0);
                 let jobs = self.plan(ino, offset, out.len() as u64).await?;
                 self.fill(&jobs, out).await

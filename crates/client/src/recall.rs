@@ -99,6 +99,7 @@ impl Client {
         self.file_attrs.drop(ino);
         self.dir_attrs.invalidate(&ino);
         self.invalidate_data(ino);
+        self.page_states.invalidate(&ino);
         self.sizes.invalidate(&ino);
         self.no_xattrs.invalidate(&ino);
         self.map_hints.invalidate(&ino);
@@ -115,6 +116,7 @@ impl Client {
         self.map_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.dir_attrs.invalidate_all();
         self.maps.invalidate_all();
+        self.page_states.invalidate_all();
         self.sizes.invalidate_all();
         self.no_xattrs.invalidate_all();
         self.xattr_misses.invalidate_all();

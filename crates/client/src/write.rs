@@ -604,7 +604,7 @@ impl Client {
         f.size.store(0, Ordering::Release);
         f.written.store(0, Ordering::Release);
         self.sizes.insert(ino, attr.size);
-        self.retire_maps(ino);
+        self.invalidate_data(ino);
         if self.send_attrs(ino, f).await? && durable {
             self.sync_metadata().await?;
         }

@@ -359,10 +359,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         req: MetaRequest,
         _payload: Vec<u8>,
     ) -> Result<(MetaResponse, cairn_net::Bytes), WireError> {
-        let (kind, started) = (<&'static str>::from(&req), std::time::Instant::now());
-        let answer = self.handle_request(peer, req).await;
-        self.metrics.request(kind, started, answer.is_ok());
-        answer
+        self.metrics.request((&req).into(), self.handle_request(peer, req)).await
     }
 
     async fn disconnected(&self, peer: &Peer) {

@@ -43,8 +43,19 @@ impl Metrics {
         Metrics { registry, requests, failures, seconds }
     }
 
-    /// Records a request of `kind` that started at `started` and succeeded or not.
-    pub fn request(&self, kind: &'static str, started: Instant, ok: bool) {
+    /// Runs the handling of a request of `kind` and records it: count, failure, duration.
+    pub async fn request<T, E>(
+        &self,
+        kind: &'static str,
+        handling: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let answer = handling.await;
+        self.record(kind, started, answer.is_ok());
+        answer
+    }
+
+    fn record(&self, kind: &'static str, started: Instant, ok: bool) {
         let k = Kind { kind };
         self.requests.get_or_create(&k).inc();
         if !ok {
@@ -90,8 +101,8 @@ mod tests {
         let mut m = Metrics::new("cairn_test");
         let bytes = m.counter("bytes", "Bytes stored");
         let up = m.gauge("servers", "Servers up");
-        m.request("Lookup", Instant::now(), true);
-        m.request("Lookup", Instant::now(), false);
+        m.record("Lookup", Instant::now(), true);
+        m.record("Lookup", Instant::now(), false);
         catch_up(&bytes, 4096);
         catch_up(&bytes, 10);
         up.set(3);
