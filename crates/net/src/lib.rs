@@ -7,6 +7,7 @@ mod error;
 pub mod pki;
 mod rpc;
 mod tls;
+mod udp;
 
 /// Request and answer payloads: shared, so a block sent to several servers is never copied.
 pub use bytes::Bytes;

@@ -166,6 +166,12 @@ impl RpcClient {
         }
     }
 
+    /// Transport statistics of the current connection (datagrams, path MTU, losses), if any:
+    /// what to look at when bulk transfers are slower than the link.
+    pub fn connection_stats(&self) -> Option<quinn::ConnectionStats> {
+        self.live_connection().map(|c| c.stats())
+    }
+
     fn forget(&self, conn: &quinn::Connection) {
         let mut guard = self.conn.lock().expect("conn lock");
         if guard.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {

@@ -91,7 +91,10 @@ const INITIAL_WINDOW: u64 = 16 << 20;
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    // Losses of large datagrams in congestion look like a black hole to quinn: it then falls
+    // back to 1,200-byte datagrams and by default probes again only a minute later, while
+    // every block costs 50 times the datagrams (see `udp`). Probe again soon.
+    mtu.upper_bound(MAX_UDP_PAYLOAD).black_hole_cooldown(Duration::from_secs(1));
     t.mtu_discovery_config(Some(mtu));
     // Start with a window that holds a few whole blocks. The default (about ten 1,200-byte
     // datagrams) is less than one datagram once MTU discovery reaches 64 KiB on loopback or
@@ -156,7 +159,8 @@ fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<qui
     let mut config = quinn::EndpointConfig::default();
     config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(tls_err)?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
-    Ok(quinn::Endpoint::new(config, server, socket, runtime)?)
+    let socket = Arc::new(crate::udp::BoundedBatches(runtime.wrap_udp_socket(socket)?));
+    Ok(quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)?)
 }
 
 /// A client endpoint presenting this node's certificate and trusting only the cluster CA.
