@@ -407,7 +407,7 @@ impl Filesystem for CairnFs {
     ) {
         let data = data.to_vec();
         let append = flags.0 & libc::O_APPEND != 0;
-        run!(self, reply, |c| c.write(ino.0, offset, &data, append), |w| reply.written(w.1))
+        run!(self, reply, |c| c.write(ino.0, offset, data, append), |w| reply.written(w.1))
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {

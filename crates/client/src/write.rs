@@ -350,7 +350,7 @@ impl Client {
     /// Buffers `data` at `offset`, or with `append` at the end of the file (which another
     /// client may have moved since the kernel last heard). Returns the offset written and the
     /// bytes taken, once they are buffered (not yet stored).
-    pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, data: &[u8], append: bool) -> Result<(u64, u32)> {
+    pub async fn write(self: &Arc<Self>, ino: Ino, offset: u64, mut data: Vec<u8>, append: bool) -> Result<(u64, u32)> {
         self.check_up()?;
         if self.flags_of(ino) & inode_flags::IMMUTABLE != 0 {
             return Err(crate::ClientError::new(ErrorCode::Perm, "the file is immutable"));
@@ -376,33 +376,43 @@ impl Client {
             return Err(crate::ClientError::new(ErrorCode::FileTooBig, "write past the maximum file size"));
         }
         // Like Linux at a filesystem's size limit: a write crossing it is cut short.
-        let data = &data[..data.len().min((MAX_FILE_SIZE - offset) as usize)];
-        let end = offset + data.len() as u64;
+        data.truncate(data.len().min((MAX_FILE_SIZE - offset) as usize));
+        let len = data.len() as u64;
+        let end = offset + len;
         let cs = self.volume.chunk_size;
         let bs = self.volume.block_size;
-        let (mut off, mut rest) = (offset, data);
+        let appendable = |buf: &Option<(u64, Vec<u8>)>, off: u64| match buf {
+            Some((b_off, b)) => off >= *b_off && off <= *b_off + b.len() as u64 && off / cs == *b_off / cs,
+            None => false,
+        };
+        let chunk_end = |off: u64| (off / cs + 1) * cs;
+        // A write that starts a buffer and fits one (what sequential writers send: the
+        // kernel's 1 MiB requests) becomes the buffer as it is, without a copy.
+        if len > 0 && len <= bs.min(chunk_end(offset) - offset) && !appendable(&st.buf, offset) {
+            self.seal(ino, &mut st, false, None).await;
+            st.buf = Some((offset, std::mem::take(&mut data)));
+            if len == bs || end == chunk_end(offset) {
+                self.seal(ino, &mut st, false, None).await;
+            }
+        }
+        let (mut off, mut rest) = (offset, &data[..]);
         while !rest.is_empty() {
-            let chunk_end = (off / cs + 1) * cs;
-            let mut n = (rest.len() as u64).min(chunk_end - off);
-            let appendable = match &st.buf {
-                Some((b_off, b)) => off >= *b_off && off <= *b_off + b.len() as u64 && off / cs == *b_off / cs,
-                None => false,
-            };
-            if !appendable {
+            let mut n = (rest.len() as u64).min(chunk_end(off) - off);
+            if !appendable(&st.buf, off) {
                 self.seal(ino, &mut st, false, None).await;
                 // Sequential writers fill whole blocks: reserve one so the buffer never regrows.
-                let cap = if rest.len() as u64 >= bs / 8 { bs.min(chunk_end - off) as usize } else { rest.len() };
+                let cap = if rest.len() as u64 >= bs / 8 { bs.min(chunk_end(off) - off) as usize } else { rest.len() };
                 st.buf = Some((off, Vec::with_capacity(cap)));
             }
             let (b_off, b) = st.buf.as_mut().expect("buffer exists");
             let at = (off - *b_off) as usize;
             n = n.min(bs - at as u64);
             let n_us = n as usize;
-            if b.len() < at + n_us {
-                b.resize(at + n_us, 0);
-            }
-            b[at..at + n_us].copy_from_slice(&rest[..n_us]);
-            let full = b.len() as u64 >= bs || *b_off + b.len() as u64 == chunk_end;
+            // Overwrite what the buffer holds, append the rest (`at` is at most its length).
+            let overlap = (b.len() - at).min(n_us);
+            b[at..at + overlap].copy_from_slice(&rest[..overlap]);
+            b.extend_from_slice(&rest[overlap..n_us]);
+            let full = b.len() as u64 >= bs || *b_off + b.len() as u64 == chunk_end(off);
             if full {
                 self.seal(ino, &mut st, false, None).await;
             }
@@ -413,14 +423,14 @@ impl Client {
         let now = Timestamp::now();
         f.written_at.store(now.secs as u64 * 1_000_000_000 + now.nanos as u64, Ordering::Release);
         f.size.fetch_max(end, Ordering::AcqRel);
-        f.written.fetch_add(data.len() as u64, Ordering::AcqRel);
+        f.written.fetch_add(len, Ordering::AcqRel);
         if append {
             // The kernel sized the file by what it knew; it must ask again. Not waited for:
             // this write is still in progress in the kernel.
             let client = self.clone();
             tokio::spawn(async move { client.invalidate_kernel_for(vec![ino], Vec::new()).await });
         }
-        Ok((offset, data.len() as u32))
+        Ok((offset, len as u32))
     }
 
     /// Starts storing the current buffer in the background (waits if the budget is spent),
