@@ -125,6 +125,11 @@ fn name_of(key: BlockKey) -> String {
     format!("{:016x}-{}", key.slice, key.index)
 }
 
+/// The directory of the blocks of slices whose id modulo 256 is `bucket`.
+fn bucket_dir(root: &Path, bucket: u8) -> PathBuf {
+    root.join(format!("{bucket:02x}"))
+}
+
 /// A directory of block files.
 #[derive(Debug, Clone)]
 pub struct BlockStore {
@@ -137,12 +142,27 @@ impl BlockStore {
     pub fn open(data_dir: &Path) -> std::io::Result<BlockStore> {
         let root = data_dir.join("blocks");
         std::fs::create_dir_all(&root)?;
+        // Every bucket directory now, and durably, rather than at a bucket's first block: a
+        // directory costs ext4 an inode allocation, which on a filesystem without a journal
+        // steps over every inode freed lately (see `spares`), and a fresh server's first
+        // gigabyte of writes would make all 256 of them.
+        let mut made = false;
+        for bucket in 0..=u8::MAX {
+            match std::fs::create_dir(bucket_dir(&root, bucket)) {
+                Ok(()) => made = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if made {
+            std::fs::File::open(&root)?.sync_all()?;
+        }
         let spares = Arc::new(Spares::open(&root)?);
         Ok(BlockStore { root, spares })
     }
 
     fn dir_of(&self, key: BlockKey) -> PathBuf {
-        self.root.join(format!("{:02x}", key.slice % 256))
+        bucket_dir(&self.root, (key.slice % 256) as u8)
     }
 
     fn path_of(&self, key: BlockKey) -> PathBuf {
@@ -153,7 +173,6 @@ impl BlockStore {
     pub fn put(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
         cairn_block::verify(block).map_err(|e| StoreError::Malformed { key, reason: e.to_string() })?;
         let dir = self.dir_of(key);
-        std::fs::create_dir_all(&dir)?;
         let path = self.path_of(key);
         let tmp = dir.join(format!(".tmp-{:016x}-{}-{:08x}", key.slice, key.index, rand::random::<u32>()));
         let write = || -> std::io::Result<()> {
@@ -238,7 +257,7 @@ impl BlockStore {
 
     /// The blocks stored in bucket `bucket` (slice id modulo 256), sorted; in-progress (`.tmp-`) files are skipped.
     pub fn bucket_blocks(&self, bucket: u8) -> Result<Vec<BlockKey>, StoreError> {
-        let entries = match std::fs::read_dir(self.root.join(format!("{bucket:02x}"))) {
+        let entries = match std::fs::read_dir(bucket_dir(&self.root, bucket)) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
