@@ -386,14 +386,12 @@ impl Client {
             None => false,
         };
         let chunk_end = |off: u64| (off / cs + 1) * cs;
-        // A write that starts a buffer and fits one (what sequential writers send: the
-        // kernel's 1 MiB requests) becomes the buffer as it is, without a copy.
-        if len > 0 && len <= bs.min(chunk_end(offset) - offset) && !appendable(&st.buf, offset) {
+        // A write that fills a whole buffer by itself (what sequential writers send: the
+        // kernel's 1 MiB requests) is stored as it is, without a copy.
+        if len == bs.min(chunk_end(offset) - offset) && !appendable(&st.buf, offset) {
             self.seal(ino, &mut st, false, None).await;
             st.buf = Some((offset, std::mem::take(&mut data)));
-            if len == bs || end == chunk_end(offset) {
-                self.seal(ino, &mut st, false, None).await;
-            }
+            self.seal(ino, &mut st, false, None).await;
         }
         let (mut off, mut rest) = (offset, &data[..]);
         while !rest.is_empty() {
