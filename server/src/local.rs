@@ -239,9 +239,14 @@ fn pid_path(data: &Path, name: &str) -> PathBuf {
     data.join("run").join(format!("{name}.pid"))
 }
 
+/// The process id recorded in `name`'s pid file.
+fn recorded_pid(data: &Path, name: &str) -> Option<i32> {
+    std::fs::read_to_string(pid_path(data, name)).ok()?.trim().parse().ok()
+}
+
 /// The process recorded in a pid file, if it still runs a cairn program.
 fn running_pid(data: &Path, name: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_path(data, name)).ok()?.trim().parse().ok()?;
+    let pid = recorded_pid(data, name)?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     String::from_utf8_lossy(&cmdline).contains("cairn").then_some(pid)
 }
@@ -250,8 +255,7 @@ fn running_pid(data: &Path, name: &str) -> Option<i32> {
 fn exited(data: &Path, names: &[String]) -> Option<String> {
     // Zombie or gone, not "its command line lacks cairn": that is also true for a moment
     // while the new process runs exec.
-    let pid = |n: &String| std::fs::read_to_string(pid_path(data, n)).ok()?.trim().parse::<i32>().ok();
-    let name = names.iter().find(|n| pid(n).is_some_and(is_zombie))?;
+    let name = names.iter().find(|n| recorded_pid(data, n).is_some_and(is_zombie))?;
     let log = data.join("logs").join(format!("{name}.log"));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
