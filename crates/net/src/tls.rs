@@ -82,8 +82,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Largest UDP payload: MTU discovery probes up to it, so loopback and jumbo-frame links carry
 /// far fewer packets per block while ordinary 1500-byte paths settle at their own size.
 const MAX_UDP_PAYLOAD: u16 = 65_527;
-/// Socket buffers for bursts of large blocks (the kernel caps them at net.core.[rw]mem_max).
-const SOCKET_BUFFER: libc::c_int = 8 << 20;
+/// Bytes of stream data a peer may send on one connection before the application reads them;
+/// the UDP receive buffer is sized to hold as much (see `udp::bind`).
+pub(crate) const RECEIVE_WINDOW: u32 = 32 << 20;
 
 /// Bytes a connection may have in flight before its first ACK (see `transport`).
 const INITIAL_WINDOW: u64 = 16 << 20;
@@ -119,7 +120,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(4096u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((8u32 << 20).into())
-        .receive_window((32u32 << 20).into())
+        .receive_window(RECEIVE_WINDOW.into())
         .send_window(16 << 20)
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("valid idle timeout")));
@@ -145,21 +146,9 @@ pub fn server_endpoint(identity: &Identity, addr: SocketAddr) -> Result<quinn::E
     endpoint(Some(config), addr)
 }
 
-/// A UDP socket with large buffers wrapped in a quinn endpoint.
+/// A UDP socket with large buffers (see `udp`) wrapped in a quinn endpoint.
 fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt on a socket we own with a valid c_int option value.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                opt,
-                (&SOCKET_BUFFER as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    let socket = crate::udp::bind(addr)?;
     let mut config = quinn::EndpointConfig::default();
     config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(tls_err)?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
