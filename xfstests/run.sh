@@ -93,8 +93,8 @@ export TEST_DEV=${SRC[test]}
 export TEST_DIR=$WORK/test
 export SCRATCH_DEV=${SRC[scratch]}
 export SCRATCH_MNT=$WORK/scratch
-export MOUNT_OPTIONS="-o dev,suid"
-export TEST_FS_MOUNT_OPTS="-o dev,suid"
+export MOUNT_OPTIONS="-o dev,suid,acl"
+export TEST_FS_MOUNT_OPTS="-o dev,suid,acl"
 export RESULT_BASE=$WORK/results
 EOF
 

@@ -30,11 +30,13 @@ pub struct CairnFs {
     dirs: Arc<DashMap<u64, Mutex<DirBatch>>>,
     /// Tells the kernel to drop what it caches; set once the session is mounted.
     notifier: Arc<OnceLock<Notifier>>,
+    /// POSIX ACLs enforced (`-o acl`); without them `system.posix_acl_*` is `EOPNOTSUPP`.
+    acl: bool,
 }
 
 impl CairnFs {
     /// The filesystem, and the slot where the caller puts the session's notifier once mounted.
-    pub fn new(client: Arc<Client>, rt: tokio::runtime::Handle) -> (CairnFs, Arc<OnceLock<Notifier>>) {
+    pub fn new(client: Arc<Client>, rt: tokio::runtime::Handle, acl: bool) -> (CairnFs, Arc<OnceLock<Notifier>>) {
         let notifier = Arc::new(OnceLock::new());
         let fs = CairnFs {
             client,
@@ -42,8 +44,15 @@ impl CairnFs {
             next_fh: AtomicU64::new(1),
             dirs: Arc::new(DashMap::new()),
             notifier: notifier.clone(),
+            acl,
         };
         (fs, notifier)
+    }
+
+    /// An ACL xattr on a mount without `acl`: `EOPNOTSUPP`, so `ls -l` stops asking after
+    /// the first file and `setfacl` says ACLs are not supported.
+    fn refuses(&self, name: &[u8]) -> bool {
+        !self.acl && is_acl(name)
     }
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
@@ -145,6 +154,11 @@ fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid(), groups: Vec::new() }
 }
 
+/// `system.posix_acl_access` and `system.posix_acl_default`.
+fn is_acl(name: &[u8]) -> bool {
+    name.starts_with(b"system.posix_acl_")
+}
+
 /// The caller with its supplementary groups (read from /proc; FUSE passes only uid and gid),
 /// for the few decisions that depend on group membership. Root needs none.
 fn caller_with_groups(req: &Request) -> Caller {
@@ -200,23 +214,23 @@ impl Filesystem for CairnFs {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.set_max_background(64);
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_PARALLEL_DIROPS
-                // The kernel may look up "." and ".." (below), so file handles stay valid after
-                // the kernel drops an inode (NFS export, open_by_handle_at).
-                | InitFlags::FUSE_EXPORT_SUPPORT
-                // The kernel enforces POSIX ACLs stored as system.posix_acl_* xattrs; the
-                // metadata server keeps them in step with the mode and applies the umask
-                // itself, since a default ACL replaces it.
-                | InitFlags::FUSE_POSIX_ACL
-                | InitFlags::FUSE_DONT_MASK
-                // fcntl (POSIX and OFD) and flock locks come here, for the metadata server
-                // to enforce across clients, instead of staying local to this kernel.
-                | InitFlags::FUSE_POSIX_LOCKS
-                | InitFlags::FUSE_FLOCK_LOCKS,
-        );
+        let mut flags = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            // The kernel may look up "." and ".." (below), so file handles stay valid after
+            // the kernel drops an inode (NFS export, open_by_handle_at).
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // fcntl (POSIX and OFD) and flock locks come here, for the metadata server
+            // to enforce across clients, instead of staying local to this kernel.
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
+        if self.acl {
+            // The kernel enforces POSIX ACLs stored as system.posix_acl_* xattrs; the
+            // metadata server keeps them in step with the mode and applies the umask
+            // itself, since a default ACL replaces it.
+            flags |= InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        }
+        let _ = config.add_capabilities(flags);
         Ok(())
     }
 
@@ -615,13 +629,19 @@ impl Filesystem for CairnFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let (name, value) = (name_bytes(name), value.to_vec());
+        if self.refuses(&name) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
         // Setting an access ACL may clear setgid, depending on the caller's groups.
-        let who = if name.starts_with(b"system.posix_acl_") { caller_with_groups(req) } else { caller(req) };
+        let who = if is_acl(&name) { caller_with_groups(req) } else { caller(req) };
         run!(self, reply, |c| c.set_xattr(ino.0, &name, &value, mode, who), |_v| reply.ok())
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name_bytes(name);
+        if self.refuses(&name) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
         // Misses known locally (ls -l asks every file for security.selinux) are answered on
         // the FUSE thread: no task, no round trip.
         if let Some(e) = self.client.known_xattr_miss(ino.0, &name) {
@@ -631,9 +651,11 @@ impl Filesystem for CairnFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let acl = self.acl;
         run!(self, reply, |c| c.list_xattr(ino.0), |names| {
             let mut buf = Vec::new();
-            for n in names {
+            // ACLs set through an `acl` mount are not this mount's to copy (cp -a, tar).
+            for n in names.into_iter().filter(|n| acl || !is_acl(n)) {
                 buf.extend_from_slice(&n);
                 buf.push(0);
             }
@@ -643,6 +665,9 @@ impl Filesystem for CairnFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name_bytes(name);
+        if self.refuses(&name) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
         run!(self, reply, |c| c.remove_xattr(ino.0, &name), |_v| reply.ok())
     }
 

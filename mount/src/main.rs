@@ -159,7 +159,7 @@ fn mount(args: &MountArgs) -> anyhow::Result<(fuser::BackgroundSession, Arc<Clie
     }
     fuse_config.n_threads = Some(args.opts.threads.max(1));
     fuse_config.clone_fd = true;
-    let (fs, notifier) = fs::CairnFs::new(client.clone(), handle.clone());
+    let (fs, notifier) = fs::CairnFs::new(client.clone(), handle.clone(), args.opts.acl);
     let session = fuser::spawn_mount(fs, &args.mountpoint, &fuse_config)
         .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     let _ = notifier.set(session.notifier());

@@ -38,6 +38,10 @@ pub struct CairnOptions {
     pub atime: AtimeMode,
     /// `nodiratime` turns off atime updates by directory listings.
     pub diratime: bool,
+    /// `acl`: POSIX ACLs enforced by the kernel. Off by default, as in JuiceFS and ceph-fuse:
+    /// the kernel then asks for each file's ACL once (a round trip per file of a cold `ls -l`),
+    /// while without them `ls` learns from one `EOPNOTSUPP` that the mount has none.
+    pub acl: bool,
 }
 
 impl Default for CairnOptions {
@@ -56,6 +60,7 @@ impl Default for CairnOptions {
             remount: false,
             atime: AtimeMode::default(),
             diratime: true,
+            acl: false,
         }
     }
 }
@@ -122,6 +127,8 @@ pub fn apply_options(opts: &mut CairnOptions, list: &str) -> anyhow::Result<()> 
             "strictatime" | "norelatime" => opts.atime = AtimeMode::Always,
             "diratime" => opts.diratime = true,
             "nodiratime" => opts.diratime = false,
+            "acl" => opts.acl = true,
+            "noacl" => opts.acl = false,
             "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "sync" | "async" | "dirsync" => {
                 opts.kernel.push(key.to_string())
             }

@@ -211,7 +211,7 @@ fn as_other_user(dir: &std::path::Path, script: &str) -> bool {
 /// follows named entries. The same script must give the same answers as the local disk.
 #[test]
 fn posix_acls_behave_as_on_a_local_filesystem() {
-    let c = Cluster::start(1);
+    let c = Cluster::start_with(1, &["-o", "acl"]);
     let local = tempfile::tempdir_in("/tmp").unwrap();
     const SCRIPT: &str = r#"
         umask 022
@@ -231,6 +231,26 @@ fn posix_acls_behave_as_on_a_local_filesystem() {
     let got = sh(&c.path(""), SCRIPT);
     assert_eq!(got, want, "on Cairn (left) and on the local disk (right)");
     assert!(want.contains("other-may-write") && want.contains("mask-denies"), "{want}");
+}
+
+/// Without `-o acl` (the default) a mount has no ACLs: `setfacl` and `getfacl` say so, `ls -l`
+/// asks once and stops, ACLs set through an `acl` mount of the same volume are neither shown
+/// nor copied, and the umask applies as on any filesystem without ACLs.
+#[test]
+fn without_the_acl_option_acls_are_not_supported() {
+    let c = Cluster::start(1);
+    let dir = c.path("");
+    sh(&dir, "umask 027 && mkdir d && touch d/f");
+    let err = std::process::Command::new("setfacl").args(["-m", "u:2002:rwx"]).arg(dir.join("d")).output().unwrap();
+    assert!(!err.status.success(), "setfacl succeeded without -o acl");
+    assert!(String::from_utf8_lossy(&err.stderr).contains("Operation not supported"), "{err:?}");
+    assert_eq!(sh(&dir, "stat -c '%a' d d/f"), "750\n640\n");
+    let with_acl = c.mount_again("acl", "acl");
+    sh(&with_acl, "setfacl -m u:2002:rwx d/f");
+    assert!(sh(&with_acl, "getfacl -n --omit-header d/f").contains("user:2002:rwx"));
+    assert!(sh(&dir, "ls -l d/f").starts_with("-rw-rwx---"), "no '+' without ACL support");
+    let names = sh(&dir, "getfattr -d -m - d/f 2>&1; echo done");
+    assert!(!names.contains("posix_acl"), "ACL listed without -o acl: {names}");
 }
 
 /// generic/683, 684, 685: fallocate (allocate, punch, zero) by a user other than root drops
