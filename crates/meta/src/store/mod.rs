@@ -40,9 +40,65 @@ struct Writer {
     unfinished: bool,
     /// Directory attributes as this connection last read or wrote them (see `dir_attrs`).
     dirs: DirAttrs,
+    /// The thread sqlx runs this connection's SQLite calls on (see [`Writer::follow`]), and
+    /// the CPU it was last kept on.
+    worker: Option<libc::pid_t>,
+    cpu: libc::c_int,
+}
+
+/// The sqlx worker thread `connect` started: the one thread named like sqlx's SQLite workers
+/// that was not there before (none if that is ambiguous, as when stores open concurrently).
+async fn connect_writer(opts: &SqliteConnectOptions) -> Result<(SqliteConnection, Option<libc::pid_t>)> {
+    fn workers() -> Vec<libc::pid_t> {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+        tasks
+            .filter_map(|t| {
+                let t = t.ok()?;
+                let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                comm.starts_with("sqlx-sqlite").then(|| t.file_name().to_str()?.parse().ok())?
+            })
+            .collect()
+    }
+    let before = workers();
+    let conn = sqlx::ConnectOptions::connect(opts).await?;
+    let new: Vec<_> = workers().into_iter().filter(|t| !before.contains(t)).collect();
+    Ok((conn, (new.len() == 1).then(|| new[0])))
 }
 
 impl Writer {
+    /// Moves the connection's worker thread to the CPU of the thread about to hand it work.
+    ///
+    /// Every statement is a hand-off to that worker and back (see the module doc), and both
+    /// sides sleep in between. On different CPUs each hand-off is a cross-CPU wake-up (an
+    /// interrupt, and on a VM an exit); on one CPU it is a plain switch. The caller waits for
+    /// the worker anyway, so they seldom want to run at the same time. The worker follows
+    /// the caller, whom the scheduler still moves freely. Measured on a 2-core VM with a
+    /// local cluster: mkdir+rmdir 1,022 → 1,127 pairs/s from one process, 1,960 → 2,840
+    /// from four.
+    fn follow(&mut self) {
+        let Some(tid) = self.worker else { return };
+        // SAFETY: sched_getcpu has no arguments.
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu < 0 || cpu == self.cpu || cpu as usize >= libc::CPU_SETSIZE as usize {
+            return;
+        }
+        // The worker lives as long as its connection, which this holds; a thread id is only
+        // ever pinned while it is still one of this process's threads.
+        if !Path::new(&format!("/proc/self/task/{tid}")).exists() {
+            self.worker = None;
+            return;
+        }
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it (checked above).
+        let done = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        };
+        if done {
+            self.cpu = cpu;
+        }
+    }
+
     async fn recover(&mut self) {
         let _ = self.conn.execute("ROLLBACK").await;
         let _ = self.conn.execute("PRAGMA synchronous = NORMAL").await;
@@ -63,8 +119,11 @@ impl Store {
         let readers =
             SqlitePoolOptions::new().max_connections(4).test_before_acquire(false).connect_with(opts.clone()).await?;
         MIGRATOR.run(&readers).await?;
-        let conn = sqlx::ConnectOptions::connect(&opts).await?;
-        Ok(Store { readers, writer: Mutex::new(Writer { conn, unfinished: false, dirs: DirAttrs::default() }) })
+        let (conn, worker) = connect_writer(&opts).await?;
+        Ok(Store {
+            readers,
+            writer: Mutex::new(Writer { conn, unfinished: false, dirs: DirAttrs::default(), worker, cpu: -1 }),
+        })
     }
 
     /// Writes the volume settings and the root directory of a new volume.
@@ -109,6 +168,7 @@ impl Store {
     /// Takes the writer connection; every mutation happens while holding it.
     pub(crate) async fn write(&self) -> Result<WriteGuard<'_>> {
         let mut w = self.writer.lock().await;
+        w.follow();
         if w.unfinished {
             w.recover().await;
         }
