@@ -1,4 +1,5 @@
-//! Admin commands that ask the metadata server to act: `cairn chunk drain`, `cairn fsck`.
+//! Admin commands that ask the metadata server to act: `cairn chunk drain`, `cairn fsck`,
+//! `cairn gc`.
 
 use crate::format::ClusterFile;
 use anyhow::Context;
@@ -88,6 +89,46 @@ pub fn fsck(args: &FsckArgs) -> anyhow::Result<()> {
         println!("  {p}");
     }
     anyhow::ensure!(report.problems.is_empty(), "the volume has {} inconsistencies", report.problems.len());
+    Ok(())
+}
+
+/// Options of `cairn gc`.
+#[derive(clap::Args, Debug)]
+pub struct GcArgs {
+    /// Volume directory written by `cairn format` / `cairn local up`.
+    #[arg(long, default_value = crate::local::DEFAULT_DATA)]
+    pub data: PathBuf,
+}
+
+/// Has every live chunk server reconciled now and prints what is left to delete.
+pub fn gc(args: &GcArgs) -> anyhow::Result<()> {
+    let (rt, cluster) = setup(&args.data)?;
+    let report = rt.block_on(async {
+        let client = crate::local::connect(&args.data, &cluster, Duration::from_secs(600)).await?;
+        anyhow::Ok(client.gc().await?)
+    })?;
+    let mut failed = 0;
+    for s in &report.servers {
+        match &s.error {
+            Some(e) => {
+                failed += 1;
+                println!("chunk server {}: not reconciled: {e}", s.id);
+            }
+            None => println!(
+                "chunk server {}: {} slices stored, {} deleted now, {} unreferenced waiting (oldest seen {} s ago)",
+                s.id, s.slices, s.deleted, s.waiting, s.oldest_secs
+            ),
+        }
+    }
+    println!(
+        "{} removed files about to be freed, {} slices of their data queued for deletion",
+        report.removed, report.queued
+    );
+    println!(
+        "copies no file references are deleted {} s after they are first seen (orphan_grace_secs)",
+        report.grace_secs
+    );
+    anyhow::ensure!(failed == 0, "{failed} chunk servers could not be reconciled");
     Ok(())
 }
 

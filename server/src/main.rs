@@ -46,6 +46,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Check the volume's metadata for inconsistencies (exit status 1 if any).
     Fsck(admin::FsckArgs),
+    /// Delete now what reconciliation would delete in turn: copies no file references whose
+    /// grace period is over; report what still waits.
+    Gc(admin::GcArgs),
     /// Add a volume key: new data is encrypted with it (see docs/KEYS.md).
     KeyRotate {
         /// Volume directory holding meta.toml.
@@ -85,6 +88,7 @@ fn main() {
             Err(anyhow::anyhow!("`cairn chunk` needs --config FILE (run a server) or a command (drain)"))
         }
         Command::Fsck(args) => admin::fsck(&args),
+        Command::Gc(args) => admin::gc(&args),
         Command::Local { command } => local::run(command),
         Command::Status(args) => status::run(&args),
         Command::Bench(args) => bench::run(&args),

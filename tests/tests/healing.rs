@@ -320,3 +320,52 @@ fn full_chunk_server_leaves_the_copies_to_the_others() {
     assert!(on_full < good.len(), "{on_full} blocks on an 8 MiB server");
     fsck_clean(c);
 }
+
+/// `cairn gc` reconciles every chunk server at once and says what waits: a copy left on a
+/// server that was down while its file was removed is found, kept for the grace period, and
+/// the other server's copies are gone with the file.
+#[test]
+fn gc_finds_copies_left_on_a_server_that_was_down() {
+    let c = Cluster::start_with(2, &["--replication", "2", "--separate-zones"]);
+    let data = pattern(11, 3 * MIB);
+    for name in ["gone", "kept"] {
+        let mut f = std::fs::File::create(c.path(name)).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let before = block_files_of(&c.data.join("chunk-2")).len();
+    assert!(before >= 6, "two files of three blocks each on server 2, found {before}");
+    c.kill9("chunk-2");
+    c.wait_status("chunk server 2 to be declared dead", Duration::from_secs(60), |s| {
+        s.lines().any(|l| l.trim_start().starts_with("2 ") && l.contains("DEAD"))
+    });
+    std::fs::remove_file(c.path("gone")).unwrap();
+    // The file is freed and its copies on server 1 deleted (server 2 is skipped while dead).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = c.cairn(&["gc"]);
+        assert!(!out.contains("chunk server 2:"), "a dead server is not reconciled: {out}");
+        if out.contains("0 removed files about to be freed, 0 slices of their data queued") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the removed file's data was not deleted: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(block_files_of(&c.data.join("chunk-1")).len(), before / 2, "server 1 still holds the removed file");
+
+    c.up(2, &[]);
+    c.wait_status("chunk server 2 to be back", Duration::from_secs(60), |s| {
+        s.lines().any(|l| l.trim_start().starts_with("2 ") && l.contains("alive"))
+    });
+    let out = c.cairn(&["gc"]);
+    let line = out.lines().find(|l| l.starts_with("chunk server 2:")).unwrap_or_else(|| panic!("{out}"));
+    // "chunk server 2: S slices stored, D deleted now, W unreferenced waiting (…)"
+    let numbers: Vec<u64> = line.split([' ', ',']).filter_map(|w| w.parse().ok()).collect();
+    let (stored, deleted, waiting) = (numbers[0], numbers[1], numbers[2]);
+    assert!(waiting >= 1 && deleted == 0 && stored >= waiting, "{out}");
+    assert!(out.contains("deleted 3600 s after"), "{out}");
+    assert_eq!(block_files_of(&c.data.join("chunk-2")).len(), before, "nothing is deleted within the grace period");
+    let cold = c.mount_again("cold", "");
+    assert_same(&cold.join("kept"), &data);
+    umount_lazy(&cold);
+}

@@ -48,19 +48,48 @@ impl Reconciler {
             if !rejoined && self.last.get(&s.id).is_some_and(|t| t.elapsed() < every) {
                 continue;
             }
-            self.last.insert(s.id, Instant::now());
-            let client = chunk_client(clients, endpoint, s, CALL_TIMEOUT);
-            if let Err(e) = self.reconcile(svc, s.id, client).await {
-                warn!(server = s.id, "reconcile: {e}");
-            }
+            self.visit(svc, s, endpoint, clients).await;
         }
     }
 
+    /// Reconciles every live server now (`cairn gc`), whatever its turn.
+    pub(crate) async fn run_all(
+        &mut self,
+        svc: &MetaService,
+        servers: &[ChunkServerInfo],
+        endpoint: &quinn::Endpoint,
+        clients: &mut HashMap<ServerId, RpcClient>,
+    ) -> Vec<GcServer> {
+        let mut report = Vec::new();
+        for s in servers.iter().filter(|s| s.alive) {
+            self.alive.insert(s.id);
+            report.push(self.visit(svc, s, endpoint, clients).await);
+        }
+        report
+    }
+
+    /// Reconciles one server and says what it found (a failure is logged and reported).
+    async fn visit(
+        &mut self,
+        svc: &MetaService,
+        s: &ChunkServerInfo,
+        endpoint: &quinn::Endpoint,
+        clients: &mut HashMap<ServerId, RpcClient>,
+    ) -> GcServer {
+        self.last.insert(s.id, Instant::now());
+        let client = chunk_client(clients, endpoint, s, CALL_TIMEOUT);
+        self.reconcile(svc, s.id, client).await.unwrap_or_else(|e| {
+            warn!(server = s.id, "reconcile: {e}");
+            GcServer { id: s.id, error: Some(e.to_string()), ..GcServer::default() }
+        })
+    }
+
     /// Lists one server's blocks a bucket at a time and deletes the orphans whose grace is over.
-    async fn reconcile(&mut self, svc: &MetaService, server: ServerId, client: &RpcClient) -> crate::Result<()> {
+    async fn reconcile(&mut self, svc: &MetaService, server: ServerId, client: &RpcClient) -> crate::Result<GcServer> {
         let known = self.orphans.remove(&server).unwrap_or_default();
         let mut orphans = HashMap::new();
         let mut deleted = 0;
+        let mut listed = 0;
         for bucket in 0..=255u8 {
             let blocks = match client.call::<_, ChunkResponse>(&ChunkRequest::List { bucket }).await {
                 Ok((ChunkResponse::Blocks(b), _)) => b,
@@ -79,6 +108,7 @@ impl Reconciler {
             if slices.is_empty() {
                 continue;
             }
+            listed += slices.len() as u64;
             let held = reads::held_on(&svc.store.readers, server, &slices).await?;
             let mut expired = HashSet::new();
             for slice in slices.into_iter().filter(|s| !held.contains(s)) {
@@ -103,7 +133,15 @@ impl Reconciler {
             svc.repair_stats.orphans.fetch_add(deleted, Ordering::Relaxed);
             info!(server, slices = deleted, "reconcile: deleted orphaned slices");
         }
+        let report = GcServer {
+            id: server,
+            slices: listed,
+            waiting: orphans.len() as u64,
+            oldest_secs: orphans.values().map(|seen| seen.elapsed().as_secs()).max().unwrap_or(0),
+            deleted,
+            error: None,
+        };
         self.orphans.insert(server, orphans);
-        Ok(())
+        Ok(report)
     }
 }

@@ -38,7 +38,47 @@ struct Short {
     want: usize,
 }
 
+/// Where the repair loop sends a `cairn gc` run's findings.
+type GcReply = tokio::sync::oneshot::Sender<Vec<GcServer>>;
+
+/// The channel `cairn gc` runs reach the repair loop through.
+pub(crate) struct GcRequests {
+    tx: tokio::sync::mpsc::Sender<GcReply>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<GcReply>>>,
+}
+
+impl Default for GcRequests {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        GcRequests { tx, rx: std::sync::Mutex::new(Some(rx)) }
+    }
+}
+
+impl GcRequests {
+    /// The receiving end, for the one repair loop.
+    fn take(&self) -> tokio::sync::mpsc::Receiver<GcReply> {
+        self.rx.lock().expect("gc requests lock").take().expect("one repair loop")
+    }
+}
+
 impl MetaService {
+    /// `cairn gc`: the repair loop reconciles every live chunk server at its next turn (after
+    /// the repair it may be doing), and the deletion queue is worked off now.
+    pub(crate) async fn gc(&self) -> crate::Result<GcReport> {
+        self.gc_wakeup.notify_one();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || crate::MetaError::fs(ErrorCode::Io, "the repair loop is not running");
+        self.gc_requests.tx.send(tx).await.map_err(|_| gone())?;
+        let servers = rx.await.map_err(|_| gone())?;
+        let removed = self.removed.lock().expect("removed lock").len() as u64;
+        Ok(GcReport {
+            removed,
+            queued: crate::store::reads::gc_queued(&self.store.readers).await?,
+            grace_secs: self.orphan_grace.as_secs(),
+            servers,
+        })
+    }
+
     /// Keeps the data placed as it should be, forever, in the background: re-replicates
     /// slices short of copies (and moves those off draining servers); when none is short,
     /// evens out the servers (rebalance); and now and then drops the copies no file
@@ -51,9 +91,15 @@ impl MetaService {
         let mut last_alive: Vec<ServerId> = Vec::new();
         let mut work_left = false;
         let mut reconcile = crate::reconcile::Reconciler::default();
+        let mut gc_requests = self.gc_requests.take();
         loop {
             let woken = tokio::select! {
                 _ = self.repair_wakeup.notified() => true,
+                Some(reply) = gc_requests.recv() => {
+                    let servers = self.registry.list();
+                    let _ = reply.send(reconcile.run_all(&self, &servers, &endpoint, &mut clients).await);
+                    continue;
+                }
                 _ = tokio::time::sleep(Duration::from_secs(2)) => false,
             };
             let servers = self.registry.list();

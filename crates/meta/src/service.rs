@@ -57,6 +57,9 @@ pub struct MetaService {
     /// Corrupt copies reported by chunk servers, `(server, slice)`, for the repair loop.
     pub(crate) bad_reports: std::sync::Mutex<Vec<(ServerId, SliceId)>>,
     pub(crate) gc_wakeup: Notify,
+    /// `cairn gc` runs, for the repair loop (which owns reconciliation), each with where to
+    /// send its report.
+    pub(crate) gc_requests: crate::repair::GcRequests,
     /// Inodes that lost their last link while nothing had them open, with when to free them.
     pub(crate) removed: std::sync::Mutex<std::collections::VecDeque<(Ino, tokio::time::Instant)>>,
     pub(crate) removed_wakeup: Notify,
@@ -89,6 +92,7 @@ impl MetaService {
             repair_wakeup: Notify::new(),
             bad_reports: Default::default(),
             gc_wakeup: Notify::new(),
+            gc_requests: Default::default(),
             removed: Default::default(),
             removed_wakeup: Notify::new(),
         };
@@ -209,6 +213,7 @@ impl MetaService {
                 R::Empty
             }
             MetaRequest::Fsck => R::Fsck(self.fsck().await?),
+            MetaRequest::Gc => R::Gc(self.gc().await?),
             MetaRequest::GetLock { ino, owner, start, end, kind } => {
                 check_range(start, end)?;
                 R::Lock(self.locks.get(ino, Owner { conn, id: owner }, start, end, kind))

@@ -260,6 +260,10 @@ pub enum MetaRequest {
     },
     /// Checks the namespace and the slice tables for inconsistencies (`cairn fsck`).
     Fsck,
+    /// Reconciles every live chunk server now instead of in turn: lists its blocks and
+    /// deletes the copies no file references that have waited out the grace period
+    /// (`cairn gc`).
+    Gc,
     /// Records read accesses: the kernel leaves atime to FUSE filesystems, and the client
     /// applies the mount's atime rule before sending this, gathering many in one request.
     /// Never changes ctime.
@@ -342,6 +346,7 @@ impl MetaRequest {
             | R::Heartbeat { .. }
             | R::Drain { .. }
             | R::Fsck
+            | R::Gc
             | R::GetLock { .. }
             | R::SetLock { .. } => Vec::new(),
         }
@@ -439,6 +444,7 @@ pub enum MetaResponse {
     StatFs(FsStats),
     Servers(Vec<ChunkServerInfo>),
     Fsck(FsckReport),
+    Gc(GcReport),
     /// `GetLock`: the conflicting lock, or `None` if the asked lock could be set now.
     Lock(Option<LockInfo>),
     /// `SetLock` succeeded; whether the owner still holds any lock of that kind of lock

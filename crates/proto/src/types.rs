@@ -284,6 +284,36 @@ pub struct FsStats {
     pub scans: u64,
 }
 
+/// What `cairn gc` found and deleted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct GcReport {
+    /// Files removed moments ago (nothing had them open) whose data is not queued yet: an
+    /// inode is freed a few seconds after its last link goes.
+    pub removed: u64,
+    /// Slices of removed or overwritten data whose blocks are still queued for deletion.
+    pub queued: u64,
+    /// How long a copy no file references is kept before it is deleted (`orphan_grace_secs`).
+    pub grace_secs: u64,
+    /// One entry per live chunk server.
+    pub servers: Vec<GcServer>,
+}
+
+/// One chunk server's part of a [`GcReport`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct GcServer {
+    pub id: ServerId,
+    /// Slices with blocks on the server.
+    pub slices: u64,
+    /// Slices no file references on this server that are still within the grace period.
+    pub waiting: u64,
+    /// The longest any of those has been seen unreferenced, in seconds.
+    pub oldest_secs: u64,
+    /// Unreferenced slices whose blocks this run deleted.
+    pub deleted: u64,
+    /// Why the server could not be listed or cleaned, if so.
+    pub error: Option<String>,
+}
+
 /// What `cairn fsck` found.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct FsckReport {

@@ -279,6 +279,12 @@ pub(crate) async fn gc_queue<'e>(
     Ok(rows.into_iter().map(|(s, len, servers)| (s as u64, len as u64, servers_from_text(&servers))).collect())
 }
 
+/// How many slices wait in the deletion queue (`cairn gc`).
+pub(crate) async fn gc_queued<'e>(ex: impl SqliteExecutor<'e>) -> Result<u64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM gc_slices").fetch_one(ex).await?;
+    Ok(n as u64)
+}
+
 /// Slice rows after `after_seq` in `seq` order, at most `limit`: `(seq, slice, len,
 /// servers)`, for the re-replication scan.
 pub(crate) async fn slice_holders<'e>(
