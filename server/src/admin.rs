@@ -63,21 +63,30 @@ pub fn chunk(command: ChunkCommand) -> anyhow::Result<()> {
     })
 }
 
-/// Options of `cairn fsck`.
+/// Options of `cairn fsck` and `cairn gc`.
 #[derive(clap::Args, Debug)]
-pub struct FsckArgs {
+pub struct VolumeDir {
     /// Volume directory written by `cairn format` / `cairn local up`.
     #[arg(long, default_value = crate::local::DEFAULT_DATA)]
     pub data: PathBuf,
 }
 
+/// Runs one long admin request against the volume in `data` (up to 600 s: both walk the
+/// whole volume).
+fn ask<T>(
+    data: &Path,
+    request: impl AsyncFnOnce(&cairn_client::Client) -> cairn_client::Result<T>,
+) -> anyhow::Result<T> {
+    let (rt, cluster) = setup(data)?;
+    rt.block_on(async {
+        let client = crate::local::connect(data, &cluster, Duration::from_secs(600)).await?;
+        Ok(request(&client).await?)
+    })
+}
+
 /// Prints what the metadata server's checks found; fails if they found anything.
-pub fn fsck(args: &FsckArgs) -> anyhow::Result<()> {
-    let (rt, cluster) = setup(&args.data)?;
-    let report = rt.block_on(async {
-        let client = crate::local::connect(&args.data, &cluster, Duration::from_secs(600)).await?;
-        anyhow::Ok(client.fsck().await?)
-    })?;
+pub fn fsck(args: &VolumeDir) -> anyhow::Result<()> {
+    let report = ask(&args.data, async |c| c.fsck().await)?;
     println!(
         "checked {} inodes, {} directory entries, {} slice rows: {} problems",
         report.inodes,
@@ -92,21 +101,9 @@ pub fn fsck(args: &FsckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Options of `cairn gc`.
-#[derive(clap::Args, Debug)]
-pub struct GcArgs {
-    /// Volume directory written by `cairn format` / `cairn local up`.
-    #[arg(long, default_value = crate::local::DEFAULT_DATA)]
-    pub data: PathBuf,
-}
-
 /// Has every live chunk server reconciled now and prints what is left to delete.
-pub fn gc(args: &GcArgs) -> anyhow::Result<()> {
-    let (rt, cluster) = setup(&args.data)?;
-    let report = rt.block_on(async {
-        let client = crate::local::connect(&args.data, &cluster, Duration::from_secs(600)).await?;
-        anyhow::Ok(client.gc().await?)
-    })?;
+pub fn gc(args: &VolumeDir) -> anyhow::Result<()> {
+    let report = ask(&args.data, async |c| c.gc().await)?;
     let mut failed = 0;
     for s in &report.servers {
         match &s.error {

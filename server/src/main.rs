@@ -45,10 +45,10 @@ enum Command {
     /// Show servers, capacity and files of a volume.
     Status(status::StatusArgs),
     /// Check the volume's metadata for inconsistencies (exit status 1 if any).
-    Fsck(admin::FsckArgs),
+    Fsck(admin::VolumeDir),
     /// Delete now what reconciliation would delete in turn: copies no file references whose
     /// grace period is over; report what still waits.
-    Gc(admin::GcArgs),
+    Gc(admin::VolumeDir),
     /// Add a volume key: new data is encrypted with it (see docs/KEYS.md).
     KeyRotate {
         /// Volume directory holding meta.toml.
