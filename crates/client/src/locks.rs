@@ -123,6 +123,12 @@ impl Client {
         }
     }
 
+    /// Whether this client has seen `owner` take a byte-range lock on `ino` that a close
+    /// would have to release.
+    pub(crate) fn may_hold_locks(&self, ino: Ino, owner: u64) -> bool {
+        self.locks.inner.lock().expect("held lock").contains_key(&(ino, owner, false))
+    }
+
     /// A close (FUSE `FLUSH`) by `owner`: POSIX says closing any descriptor of a file
     /// releases all of the process's byte-range locks on it. No round trip unless this
     /// client has seen `owner` lock `ino`.
