@@ -70,6 +70,23 @@ struct WriteState {
     deferred: Option<crate::ClientError>,
 }
 
+impl WriteState {
+    /// Nothing written waits to be committed: no buffer being filled or stored, no slice
+    /// stored and not committed.
+    fn committed(&self) -> bool {
+        !self.dirty && self.stored.is_empty()
+    }
+
+    /// Committed, and no failure waits to be reported: a close has nothing to do.
+    fn quiet(&self) -> bool {
+        self.committed()
+            && self.buf.is_none()
+            && self.pending.is_empty()
+            && self.store_failed.is_none()
+            && self.deferred.is_none()
+    }
+}
+
 impl FileState {
     pub(crate) fn buffered_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -269,14 +286,7 @@ impl Client {
         if f.has_buffered() {
             return false;
         }
-        f.inner.try_lock().is_ok_and(|st| {
-            st.buf.is_none()
-                && st.pending.is_empty()
-                && st.stored.is_empty()
-                && st.store_failed.is_none()
-                && !st.dirty
-                && st.deferred.is_none()
-        })
+        f.inner.try_lock().is_ok_and(|st| st.quiet())
     }
 
     /// Write-behind: if `ino` has writes or attribute changes buffered under its write lease,
@@ -555,8 +565,7 @@ impl Client {
         // Kept for later closes and fsyncs when data was lost with it; what is still buffered
         // or stored uncommitted goes with a later flush, and nothing is lost.
         if let Err(e) = &result
-            && !st.dirty
-            && st.stored.is_empty()
+            && st.committed()
         {
             st.deferred = Some(e.clone());
         }
@@ -575,7 +584,7 @@ impl Client {
         durable: bool,
         why: Flush,
     ) -> Result<()> {
-        if !st.dirty && st.stored.is_empty() {
+        if st.committed() {
             self.send_attrs(ino, f).await?;
             return if durable { self.sync_file(ino).await } else { Ok(()) };
         }
