@@ -88,15 +88,35 @@ impl cairn_config::HasTls for ClusterFile {
     fn resolve_paths(&mut self, _dir: &Path) {}
 }
 
+/// A port on `host` that `bind` finds free now, for a server to bind later. Taken at random
+/// below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), which is where a
+/// socket asking for any free port gets one: a port from that range could be handed to some
+/// client socket (a mount, another test's cluster) before the server starts, which then
+/// failed with "Address already in use". With no room below the range, any free port.
+fn kept_port(host: &str, bind: impl Fn(u16) -> std::io::Result<u16>) -> anyhow::Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_low > LOWEST {
+        for _ in 0..1000 {
+            if let Ok(port) = bind(rand::random_range(LOWEST..ephemeral_low)) {
+                return Ok(port);
+            }
+        }
+    }
+    bind(0).with_context(|| format!("binding a port on {host}"))
+}
+
 fn free_port(host: &str) -> anyhow::Result<u16> {
-    let sock = std::net::UdpSocket::bind((host, 0)).with_context(|| format!("binding a UDP port on {host}"))?;
-    Ok(sock.local_addr()?.port())
+    kept_port(host, |p| std::net::UdpSocket::bind((host, p))?.local_addr().map(|a| a.port()))
 }
 
 /// A free TCP port on `host`, for a metrics endpoint.
 fn free_tcp_port(host: &str) -> anyhow::Result<String> {
-    let sock = std::net::TcpListener::bind((host, 0)).with_context(|| format!("binding a TCP port on {host}"))?;
-    Ok(format!("{host}:{}", sock.local_addr()?.port()))
+    let port = kept_port(host, |p| std::net::TcpListener::bind((host, p))?.local_addr().map(|a| a.port()))?;
+    Ok(format!("{host}:{port}"))
 }
 
 fn with_free_port(addr: &str) -> anyhow::Result<String> {
