@@ -196,6 +196,7 @@ pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
         dead_after_secs: 5,
         key_file: "volume.key".into(),
         orphan_grace_secs: 3600,
+        lock_grace_secs: 15,
         rebalance_threshold_mib: 1024,
         metrics_listen: Some(free_tcp_port(meta.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h))?),
         tls: tls("meta"),

@@ -124,6 +124,7 @@ fn run_meta(path: &std::path::Path) -> anyhow::Result<()> {
         dead_after: Duration::from_secs(f.dead_after_secs.max(1)),
         key_file: f.key_file,
         orphan_grace: Duration::from_secs(f.orphan_grace_secs.max(1)),
+        lock_grace: Duration::from_secs(f.lock_grace_secs),
         rebalance_threshold: f.rebalance_threshold_mib << 20,
         metrics: metrics_addr(f.metrics_listen.as_deref())?,
     };

@@ -370,6 +370,40 @@ fn locks_of_a_dead_client_are_released() {
     umount_lazy(&b);
 }
 
+#[test]
+fn locks_survive_a_metadata_server_restart() {
+    let c = Cluster::start_with(1, &["-o", "timeout=2"]);
+    let b = c.mount_again("b", "timeout=2");
+    let (mut pa, mut pb) = two_openers(&c, &b);
+    pa.ok("lk(f, fcntl.F_SETLK, fcntl.F_WRLCK, 0, 10)");
+    pa.ok("lk(f, fcntl.F_SETLK, fcntl.F_RDLCK, 20, 5)");
+    pa.ok("fcntl.flock(f, fcntl.LOCK_SH)");
+    assert_eq!(pb.run("lk(g, fcntl.F_SETLK, fcntl.F_WRLCK, 5, 1)"), err(libc::EAGAIN));
+
+    // The metadata server dies and comes back: A's mount reconnects and takes its locks back
+    // within the grace period, during which B's requests wait rather than take them.
+    c.set_config("meta.toml", "lock_grace_secs", "10");
+    c.kill9("meta");
+    c.up(1, &[]);
+    let wr = |start: u64, len: u64| format!("lk(g, fcntl.F_SETLK, fcntl.F_WRLCK, {start}, {len})");
+    assert_eq!(pb.run(&wr(5, 1)), err(libc::EAGAIN), "A's write lock was lost with the restart");
+    assert_eq!(pb.run(&wr(22, 1)), err(libc::EAGAIN), "A's read lock was lost with the restart");
+    let reported = pb.ok("lk(g, fcntl.F_GETLK, fcntl.F_WRLCK, 0, 0)");
+    assert_eq!(reported, format!("ok ({}, 0, 0, 10, {})", libc::F_WRLCK, pa.pid), "F_GETLK after the restart");
+    assert_eq!(pb.run(&format!("fcntl.flock(g, {EX_NB})")), err(libc::EWOULDBLOCK), "A's flock was lost");
+    assert_eq!(pb.run(&format!("fcntl.flock(g, {SH_NB})")), "ok None", "a shared flock beside A's");
+    assert_eq!(pb.run(&wr(10, 10)), "ok (1, 0, 10, 10, 0)", "the free range between A's locks");
+
+    // Released as before: by A's unlock and by A's close.
+    pa.ok("lk(f, fcntl.F_SETLK, fcntl.F_UNLCK, 0, 10)");
+    assert_eq!(pb.run(&wr(5, 1)), "ok (1, 0, 5, 1, 0)", "A's unlock after the restart");
+    pa.ok("os.close(f)");
+    eventually(&mut pb, &wr(20, 5), "ok (1, 0, 20, 5, 0)");
+    eventually(&mut pb, &format!("fcntl.flock(g, {EX_NB})"), "ok None");
+    drop((pa, pb));
+    umount_lazy(&b);
+}
+
 /// One client's share of the sqlite3 test: `n` transactions, each inserting a row and
 /// incrementing a counter (a read-modify-write that a stale read would lose). Prints the
 /// number of commits.

@@ -2,18 +2,27 @@
 //! cluster (see `cairn-meta`'s `locks`). This side waits in short rounds, so a signal can
 //! interrupt a blocked request between them; keeps data coherent with the locks (buffered
 //! writes are committed before a range is released, cached data is dropped when one is
-//! taken, as NFS does); and remembers which owners may hold locks, so that only their
-//! closes cost a round trip.
+//! taken, as NFS does); and remembers what each owner holds, so that only their closes
+//! cost a round trip and a restarted metadata server gets the locks back (`reclaim_locks`).
 
 use crate::{Client, ClientError, Result, unexpected};
-use cairn_proto::meta::{LockInfo, LockKind, MetaRequest, MetaResponse};
+use cairn_proto::meta::{LockInfo, LockKind, MetaRequest, MetaResponse, OwnedLocks};
 use cairn_proto::{ErrorCode, Ino};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// How long the server waits in one round of a blocking request. Between rounds the caller
 /// checks for signals, so this bounds how late an interruption is noticed.
 const WAIT_ROUND_MS: u32 = 200;
+
+/// How long to wait before asking again a server that grants no new lock yet (it restarted
+/// and waits for other clients to reclaim theirs).
+const GRACE_RETRY: Duration = Duration::from_millis(250);
+
+/// How long a client keeps trying to reach the metadata server to reclaim its locks after
+/// losing the connection; the server grants reclaims only shortly after its own start.
+const RECLAIM_FOR: Duration = Duration::from_secs(60);
 
 /// The whole file, as an unlock range.
 const WHOLE: (u64, u64) = (0, u64::MAX);
@@ -39,24 +48,33 @@ pub struct LockCall {
     pub sleep: bool,
 }
 
-/// (inode, lock owner, flock) triples this client may hold locks for, with the handles
-/// the locks were taken through.
+/// The locks this client's owners hold, by (inode, lock owner, flock), as the server last
+/// reported them, with the handles they were taken through.
 #[derive(Default)]
 pub(crate) struct Held {
-    inner: Mutex<HashMap<(Ino, u64, bool), HashSet<u64>>>,
+    inner: Mutex<HashMap<(Ino, u64, bool), Owned>>,
+    /// Lock requests hold it shared; a reclaim holds it alone, so the server learns of no
+    /// change between the reclaim's snapshot and its answer.
+    gate: tokio::sync::RwLock<()>,
+}
+
+/// One owner's locks of one namespace on one inode.
+#[derive(Default)]
+struct Owned {
+    handles: HashSet<u64>,
+    locks: Vec<LockInfo>,
 }
 
 impl Held {
-    fn note(&self, call: &LockCall, still_held: bool) {
+    fn note(&self, call: &LockCall, held: Vec<LockInfo>) {
         let mut g = self.inner.lock().expect("held lock");
         let key = (call.ino, call.owner, call.flock);
-        match still_held {
-            true => {
-                g.entry(key).or_default().insert(call.fh);
-            }
-            false => {
-                g.remove(&key);
-            }
+        if held.is_empty() {
+            g.remove(&key);
+        } else {
+            let owned = g.entry(key).or_default();
+            owned.handles.insert(call.fh);
+            owned.locks = held;
         }
     }
 }
@@ -72,9 +90,13 @@ impl Client {
         end: u64,
         kind: LockKind,
     ) -> Result<Option<LockInfo>> {
-        match self.call(MetaRequest::GetLock { ino, owner, start, end, kind }).await? {
-            MetaResponse::Lock(l) => Ok(l),
-            other => Err(unexpected(other)),
+        loop {
+            match self.call(MetaRequest::GetLock { ino, owner, start, end, kind }).await {
+                Ok(MetaResponse::Lock(l)) => return Ok(l),
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) if e.code == ErrorCode::Grace => tokio::time::sleep(GRACE_RETRY).await,
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -104,18 +126,26 @@ impl Client {
             wait_ms: if call.sleep { WAIT_ROUND_MS } else { 0 },
         };
         loop {
-            match self.call(req.clone()).await {
-                Ok(MetaResponse::LockHeld(held)) => {
-                    self.locks.note(&call, held);
+            let gate = self.locks.gate.read().await;
+            let answer = self.call(req.clone()).await;
+            if let Ok(MetaResponse::LockHeld(held)) = &answer {
+                self.locks.note(&call, held.clone());
+            }
+            drop(gate);
+            match answer {
+                Ok(MetaResponse::LockHeld(_)) => {
                     if call.kind != LockKind::Unlock {
                         self.lock_taken(call.ino).await;
                     }
                     return flushed;
                 }
                 Ok(other) => return Err(unexpected(other)),
-                Err(e) if e.code == ErrorCode::WouldBlock && call.sleep => {
+                Err(e) if (e.code == ErrorCode::WouldBlock && call.sleep) || e.code == ErrorCode::Grace => {
                     if interrupted() {
                         return Err(ClientError::new(ErrorCode::Interrupted, "interrupted while waiting for a lock"));
+                    }
+                    if e.code == ErrorCode::Grace {
+                        tokio::time::sleep(GRACE_RETRY).await;
                     }
                 }
                 Err(e) => return Err(e),
@@ -148,7 +178,7 @@ impl Client {
             let mut g = self.locks.inner.lock().expect("held lock");
             let keys: Vec<_> = g
                 .iter()
-                .filter(|(k, fhs)| k.0 == ino && (fhs.contains(&fh) || Some(k.1) == flock_owner))
+                .filter(|(k, o)| k.0 == ino && (o.handles.contains(&fh) || Some(k.1) == flock_owner))
                 .map(|(k, _)| *k)
                 .collect();
             keys.iter().for_each(|k| {
@@ -174,9 +204,58 @@ impl Client {
             flock,
             wait_ms: 0,
         };
+        let _gate = self.locks.gate.read().await;
         match self.call(req).await? {
             MetaResponse::LockHeld(_) => Ok(()),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Takes back, on a new connection to the metadata server, every lock this client's
+    /// owners held on the lost one. A restarted server grants them during its grace period;
+    /// otherwise (the connection was lost but the server kept running and dropped them, so
+    /// another client may have taken them since) they are lost: logged and counted, as NFS
+    /// does, since the processes holding them cannot be told.
+    pub(crate) async fn reclaim_locks(&self) {
+        let _gate = self.locks.gate.write().await;
+        let locks: Vec<OwnedLocks> = {
+            let g = self.locks.inner.lock().expect("held lock");
+            g.iter().map(|(&(ino, owner, flock), o)| OwnedLocks { ino, owner, flock, held: o.locks.clone() }).collect()
+        };
+        if locks.is_empty() {
+            return;
+        }
+        let until = Instant::now() + RECLAIM_FOR;
+        let got = loop {
+            match self.call(MetaRequest::ReclaimLocks { locks: locks.clone() }).await {
+                Ok(MetaResponse::Reclaimed(got)) if got.len() == locks.len() => break got,
+                Ok(other) => {
+                    tracing::error!("cannot reclaim locks: {}", unexpected(other));
+                    break vec![false; locks.len()];
+                }
+                Err(e) if Instant::now() < until => {
+                    tracing::debug!("reclaiming locks: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    tracing::error!("cannot reclaim locks: {e}");
+                    break vec![false; locks.len()];
+                }
+            }
+        };
+        let mut g = self.locks.inner.lock().expect("held lock");
+        for (set, _) in locks.iter().zip(got).filter(|(_, ok)| !ok) {
+            tracing::error!(
+                ino = set.ino,
+                owner = set.owner,
+                flock = set.flock,
+                "a lock was lost with the connection to the metadata server; its holder no longer has it"
+            );
+            self.stats.count("locks", "lost");
+            let key = (set.ino, set.owner, set.flock);
+            if g.get(&key).is_some_and(|o| o.locks == set.held) {
+                g.remove(&key);
+            }
         }
     }
 

@@ -44,6 +44,14 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
         Ok((CallbackResponse::Done, cairn_net::Bytes::new()))
     }
 
+    /// A new connection to the metadata server (after the first) must hold the locks the
+    /// lost one held: they are asked for again.
+    async fn connected(&self, _peer: &Peer) {
+        if let Some(client) = self.0.upgrade() {
+            tokio::spawn(async move { client.reclaim_locks().await });
+        }
+    }
+
     /// Read leases end with the connection, and recalls sent meanwhile were missed: forget
     /// all. Write leases are claimed again by committing what they cover.
     async fn disconnected(&self, _peer: &Peer) {

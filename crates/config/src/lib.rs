@@ -52,6 +52,12 @@ pub struct MetaFile {
     /// is kept before reconciliation deletes it. Must exceed the time any write takes.
     #[serde(default = "default_orphan_grace")]
     pub orphan_grace_secs: u64,
+    /// Seconds after a restart during which the metadata server grants only the locks that
+    /// clients held before it (they reclaim them when they reconnect), if any lock may have
+    /// been held when it stopped. Must exceed the time clients take to notice a restart and
+    /// reconnect: their `timeout` mount option (10 s by default) and a second.
+    #[serde(default = "default_lock_grace")]
+    pub lock_grace_secs: u64,
     /// The rebalancer moves slices between live servers while the bytes they hold, scaled to
     /// equal capacity, differ by more than this many MiB; 0 turns it off.
     #[serde(default = "default_rebalance_threshold")]
@@ -130,6 +136,9 @@ fn default_dead_after() -> u64 {
 }
 fn default_orphan_grace() -> u64 {
     3600
+}
+fn default_lock_grace() -> u64 {
+    15
 }
 fn default_rebalance_threshold() -> u64 {
     1024

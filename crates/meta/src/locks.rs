@@ -10,10 +10,12 @@
 //! whole-file locks in a namespace of their own: on Linux flock and fcntl locks do not see
 //! each other.
 //!
-//! Nothing here is durable: a restarted metadata server starts with no locks (see
-//! `docs/SEMANTICS.md`).
+//! The table lives in memory. Clients keep what their owners hold and take it back after a
+//! restart: a server that may have had locks when it stopped (see `MetaService::record_locks`)
+//! starts with a grace period in which it grants only such reclaims, so nobody else can take
+//! a lock before its holder had time to reconnect (as NFSv4 does).
 
-use cairn_proto::meta::{LockInfo, LockKind};
+use cairn_proto::meta::{LockInfo, LockKind, OwnedLocks};
 use cairn_proto::{ErrorCode, Ino};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -112,26 +114,54 @@ pub(crate) struct LockRequest {
 #[derive(Default)]
 pub(crate) struct Locks {
     inner: Mutex<Inner>,
+    /// Until when only reclaims are granted (none: no grace period).
+    grace_until: Option<Instant>,
 }
 
 impl Locks {
+    /// An empty table that grants only reclaims for `grace` (zero: none).
+    pub(crate) fn new(grace: Duration) -> Locks {
+        let grace_until = (!grace.is_zero()).then(|| Instant::now() + grace);
+        Locks { grace_until, ..Default::default() }
+    }
+
+    /// Refuses new locks with `Grace` while reclaims are awaited.
+    fn check_grace(&self) -> Result<(), ErrorCode> {
+        match self.grace_until.is_some_and(|until| Instant::now() < until) {
+            true => Err(ErrorCode::Grace),
+            false => Ok(()),
+        }
+    }
+
     /// `F_GETLK`: the first byte-range lock of another owner that a `kind` lock on
-    /// `[start, end]` would conflict with.
-    pub(crate) fn get(&self, ino: Ino, owner: Owner, start: u64, end: u64, kind: LockKind) -> Option<LockInfo> {
+    /// `[start, end]` would conflict with (`Grace` while locks may still be reclaimed).
+    pub(crate) fn get(
+        &self,
+        ino: Ino,
+        owner: Owner,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+    ) -> Result<Option<LockInfo>, ErrorCode> {
         let write = match kind {
-            LockKind::Unlock => return None,
+            LockKind::Unlock => return Ok(None),
             k => k == LockKind::Write,
         };
+        self.check_grace()?;
         let g = self.inner.lock().expect("locks lock");
-        let file = g.files.get(&ino)?;
-        file.posix.iter().find(|l| conflicts(l, owner, start, end, write)).map(Lock::info)
+        let Some(file) = g.files.get(&ino) else { return Ok(None) };
+        Ok(file.posix.iter().find(|l| conflicts(l, owner, start, end, write)).map(Lock::info))
     }
 
     /// Sets, changes or releases a lock; waits up to `wait` for conflicting locks to go.
-    /// Returns whether the owner still holds any lock of that namespace on the inode.
-    /// Refuses with `WouldBlock` when the wait ends (or at once without a wait), and with
-    /// `Deadlock` when waiting would close a cycle of byte-range lock owners.
-    pub(crate) async fn set(&self, req: &LockRequest, wait: Duration) -> Result<bool, ErrorCode> {
+    /// Returns the locks of that namespace the owner now holds on the inode. Refuses with
+    /// `WouldBlock` when the wait ends (or at once without a wait), with `Deadlock` when
+    /// waiting would close a cycle of byte-range lock owners, and with `Grace` (but for an
+    /// unlock) during the grace period.
+    pub(crate) async fn set(&self, req: &LockRequest, wait: Duration) -> Result<Vec<LockInfo>, ErrorCode> {
+        if req.kind != LockKind::Unlock {
+            self.check_grace()?;
+        }
         let deadline = Instant::now() + wait.min(MAX_WAIT);
         loop {
             let mut changed = {
@@ -167,6 +197,42 @@ impl Locks {
         }
     }
 
+    /// Takes back locks a client held before the server restarted, for connection `conn`.
+    /// Each owner's set is granted whole or not at all: not after the grace period (another
+    /// owner may have held them since), nor where it conflicts with what others reclaimed.
+    pub(crate) fn reclaim(&self, conn: usize, locks: &[OwnedLocks]) -> Vec<bool> {
+        if self.check_grace().is_ok() {
+            return vec![false; locks.len()];
+        }
+        let mut g = self.inner.lock().expect("locks lock");
+        locks
+            .iter()
+            .map(|set| {
+                let owner = Owner { conn, id: set.owner };
+                let req = |l: &LockInfo| LockRequest {
+                    ino: set.ino,
+                    owner,
+                    start: l.start,
+                    end: l.end,
+                    kind: l.kind,
+                    pid: l.pid,
+                    flock: set.flock,
+                };
+                let whole = LockInfo { kind: LockKind::Unlock, start: 0, end: u64::MAX, pid: 0 };
+                let ok = set.held.iter().all(|l| l.kind != LockKind::Unlock && g.try_set(&req(l)).is_ok());
+                if !ok {
+                    let _ = g.try_set(&req(&whole));
+                }
+                ok
+            })
+            .collect()
+    }
+
+    /// Whether no lock is held.
+    pub(crate) fn idle(&self) -> bool {
+        self.inner.lock().expect("locks lock").files.is_empty()
+    }
+
     /// Drops every lock and wait of a connection (the client is gone) and wakes the waiters
     /// of the inodes it held locks on.
     pub(crate) fn drop_conn(&self, conn: usize) {
@@ -186,10 +252,11 @@ impl Locks {
 }
 
 impl Inner {
-    /// Applies the request if nothing conflicts; otherwise returns the owners in the way.
-    fn try_set(&mut self, req: &LockRequest) -> Result<bool, Vec<Owner>> {
+    /// Applies the request if nothing conflicts and returns the owner's locks of that
+    /// namespace on the inode; otherwise returns the owners in the way.
+    fn try_set(&mut self, req: &LockRequest) -> Result<Vec<LockInfo>, Vec<Owner>> {
         if self.gone.contains(&req.owner.conn) {
-            return Ok(false);
+            return Ok(Vec::new());
         }
         let file = self.files.entry(req.ino).or_default();
         let list = if req.flock { &mut file.flock } else { &mut file.posix };
@@ -207,7 +274,7 @@ impl Inner {
         }
         let before = list.clone();
         apply(list, req);
-        let held = list.iter().any(|l| l.owner == req.owner);
+        let held = list.iter().filter(|l| l.owner == req.owner).map(Lock::info).collect();
         let changed = *list != before;
         if changed {
             file.wake();
@@ -301,7 +368,7 @@ mod tests {
     }
 
     async fn set(l: &Locks, r: LockRequest) -> Result<bool, ErrorCode> {
-        l.set(&r, Duration::ZERO).await
+        l.set(&r, Duration::ZERO).await.map(|held| !held.is_empty())
     }
 
     #[tokio::test]
@@ -310,8 +377,8 @@ mod tests {
         assert_eq!(set(&l, req(A, 0, 9, LockKind::Write)).await, Ok(true));
         assert_eq!(set(&l, req(B, 10, 19, LockKind::Write)).await, Ok(true), "disjoint ranges coexist");
         assert_eq!(set(&l, req(B, 5, 12, LockKind::Read)).await, Err(ErrorCode::WouldBlock));
-        assert_eq!(l.get(5, B, 5, 5, LockKind::Read).map(|i| (i.start, i.end, i.pid)), Some((0, 9, 1)));
-        assert_eq!(l.get(5, A, 5, 5, LockKind::Write), None, "own locks never conflict");
+        assert_eq!(l.get(5, B, 5, 5, LockKind::Read).unwrap().map(|i| (i.start, i.end, i.pid)), Some((0, 9, 1)));
+        assert_eq!(l.get(5, A, 5, 5, LockKind::Write), Ok(None), "own locks never conflict");
         // Unlocking the middle splits A's lock.
         assert_eq!(set(&l, req(A, 3, 6, LockKind::Unlock)).await, Ok(true));
         assert_eq!(held(&l, A), vec![(0, 2, true), (7, 9, true)]);
@@ -343,7 +410,7 @@ mod tests {
         l.drop_conn(1);
         assert_eq!(set(&l, whole(B, LockKind::Read, true)).await, Ok(true), "gone with A's connection");
         assert_eq!(set(&l, whole(A, LockKind::Read, false)).await, Ok(false), "nothing for a closed connection");
-        assert_eq!(l.get(5, C, 0, 0, LockKind::Write).map(|i| i.pid), Some(2), "only B's lock");
+        assert_eq!(l.get(5, C, 0, 0, LockKind::Write).unwrap().map(|i| i.pid), Some(2), "only B's lock");
     }
 
     #[tokio::test]
@@ -351,12 +418,14 @@ mod tests {
         let l = std::sync::Arc::new(Locks::default());
         assert_eq!(set(&l, req(A, 0, 9, LockKind::Write)).await, Ok(true));
         let l2 = l.clone();
-        let waiter = tokio::spawn(async move { l2.set(&req(B, 5, 5, LockKind::Write), Duration::from_secs(5)).await });
+        let waiter = tokio::spawn(async move {
+            l2.set(&req(B, 5, 5, LockKind::Write), Duration::from_secs(5)).await.map(|h| !h.is_empty())
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         assert_eq!(set(&l, req(A, 0, 9, LockKind::Unlock)).await, Ok(false));
         assert_eq!(waiter.await.unwrap(), Ok(true));
-        let timed = l.set(&req(A, 5, 5, LockKind::Read), Duration::from_millis(50)).await;
+        let timed = l.set(&req(A, 5, 5, LockKind::Read), Duration::from_millis(50)).await.map(|h| !h.is_empty());
         assert_eq!(timed, Err(ErrorCode::WouldBlock), "a wait ends");
     }
 
@@ -368,14 +437,39 @@ mod tests {
         assert_eq!(set(&l, req(C, 3, 3, LockKind::Write)).await, Ok(true));
         let l2 = l.clone();
         // A waits for B, B waits for C; C asking for A's byte closes the cycle.
-        let a = tokio::spawn(async move { l2.set(&req(A, 2, 2, LockKind::Write), Duration::from_secs(5)).await });
+        let a = tokio::spawn(async move {
+            l2.set(&req(A, 2, 2, LockKind::Write), Duration::from_secs(5)).await.map(|h| !h.is_empty())
+        });
         let l3 = l.clone();
-        let b = tokio::spawn(async move { l3.set(&req(B, 3, 3, LockKind::Write), Duration::from_secs(5)).await });
+        let b = tokio::spawn(async move {
+            l3.set(&req(B, 3, 3, LockKind::Write), Duration::from_secs(5)).await.map(|h| !h.is_empty())
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(l.set(&req(C, 1, 1, LockKind::Write), Duration::from_secs(1)).await, Err(ErrorCode::Deadlock));
+        assert_eq!(
+            l.set(&req(C, 1, 1, LockKind::Write), Duration::from_secs(1)).await.map(|h| !h.is_empty()),
+            Err(ErrorCode::Deadlock)
+        );
         assert_eq!(set(&l, req(C, 3, 3, LockKind::Unlock)).await, Ok(false));
         assert_eq!(b.await.unwrap(), Ok(true));
         assert_eq!(set(&l, req(B, 0, 10, LockKind::Unlock)).await, Ok(false));
         assert_eq!(a.await.unwrap(), Ok(true));
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_only_reclaims_are_granted_until_the_grace_period_ends() {
+        let l = Locks::new(Duration::from_millis(300));
+        let held = |kind, start, end| LockInfo { kind, start, end, pid: 4 };
+        let a = OwnedLocks { ino: 5, owner: 7, flock: false, held: vec![held(LockKind::Write, 0, 9)] };
+        let b = OwnedLocks { ino: 5, owner: 8, flock: false, held: vec![held(LockKind::Read, 5, 5)] };
+        let c = OwnedLocks { ino: 5, owner: 9, flock: true, held: vec![held(LockKind::Read, 0, u64::MAX)] };
+        assert_eq!(set(&l, req(B, 20, 29, LockKind::Write)).await, Err(ErrorCode::Grace));
+        assert_eq!(l.get(5, B, 0, 0, LockKind::Read), Err(ErrorCode::Grace));
+        assert_eq!(l.reclaim(1, &[a, b.clone()]), vec![true, false], "a conflicting reclaim is refused");
+        assert_eq!(l.reclaim(2, &[b.clone(), c.clone()]), vec![false, true]);
+        assert_eq!(set(&l, req(A, 0, 9, LockKind::Unlock)).await, Ok(false), "unlocks go through");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(l.reclaim(3, &[b]), vec![false], "no reclaim after the grace period");
+        assert_eq!(set(&l, req(B, 20, 29, LockKind::Write)).await, Ok(true));
+        assert_eq!(l.get(5, C, 25, 25, LockKind::Read).unwrap().map(|i| i.pid), Some(2));
     }
 }

@@ -5,10 +5,10 @@ use crate::error::MetaError;
 use crate::locks::{LockRequest, Owner};
 use crate::opens::Opens;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{Batch, Store};
 use cairn_net::{Handler, Identity, Peer, RpcClient};
 use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
-use cairn_proto::meta::{MetaRequest, MetaResponse};
+use cairn_proto::meta::{LockKind, MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +33,8 @@ pub struct MetaConfig {
     pub key_file: PathBuf,
     /// How long a slice stored where no file references it is kept (reconciliation).
     pub orphan_grace: Duration,
+    /// How long a restarted server waits for clients to reclaim their locks (see `locks`).
+    pub lock_grace: Duration,
     /// Imbalance in bytes that starts the rebalancer; 0 turns it off.
     pub rebalance_threshold: u64,
     /// TCP address serving Prometheus metrics at `/metrics`; none serves none.
@@ -51,6 +53,9 @@ pub struct MetaService {
     pub(crate) leases: crate::leases::Leases,
     /// File locks of every client, in memory only (see `locks`).
     pub(crate) locks: crate::locks::Locks,
+    /// Whether the database says locks may be held ([`LOCKS_SETTING`]), so that a restart
+    /// gives their holders a grace period to reclaim them; and how many locks were asked for.
+    locks_recorded: tokio::sync::Mutex<(bool, u64)>,
     pub(crate) repair_stats: crate::repair::RepairStats,
     /// Wakes the repair loop for a scan now (a corrupt copy was reported, a drain started).
     pub(crate) repair_wakeup: Notify,
@@ -74,6 +79,12 @@ impl MetaService {
         let volume = store.volume().await?;
         let draining = crate::store::reads::volume_setting(&store.readers, DRAINING_SETTING).await?;
         let draining = draining.map(|d| crate::store::servers_from_text(&d)).unwrap_or_default();
+        let locks_recorded = crate::store::reads::volume_setting(&store.readers, LOCKS_SETTING).await?;
+        let locks_recorded = locks_recorded.as_deref() == Some("1");
+        let lock_grace = if locks_recorded { config.lock_grace } else { Duration::ZERO };
+        if !lock_grace.is_zero() {
+            info!("granting only reclaimed locks for {lock_grace:?}: clients may have held locks before this start");
+        }
         let mut metrics = cairn_metrics::Metrics::new("cairn_meta");
         let gauges = crate::metrics::MetaGauges::register(&mut metrics);
         let svc = MetaService {
@@ -87,7 +98,8 @@ impl MetaService {
             opens: Opens::default(),
             registry: Registry::new(config.dead_after, draining),
             leases: Default::default(),
-            locks: Default::default(),
+            locks: crate::locks::Locks::new(lock_grace),
+            locks_recorded: tokio::sync::Mutex::new((locks_recorded, 0)),
             repair_stats: Default::default(),
             repair_wakeup: Notify::new(),
             bad_reports: Default::default(),
@@ -216,19 +228,28 @@ impl MetaService {
             MetaRequest::Gc => R::Gc(self.gc().await?),
             MetaRequest::GetLock { ino, owner, start, end, kind } => {
                 check_range(start, end)?;
-                R::Lock(self.locks.get(ino, Owner { conn, id: owner }, start, end, kind))
+                R::Lock(self.locks.get(ino, Owner { conn, id: owner }, start, end, kind).map_err(lock_error)?)
             }
             MetaRequest::SetLock { ino, owner, start, end, kind, pid, flock, wait_ms } => {
                 check_range(start, end)?;
+                if kind != LockKind::Unlock {
+                    self.record_locks().await?;
+                }
                 let req = LockRequest { ino, owner: Owner { conn, id: owner }, start, end, kind, pid, flock };
                 let wait = Duration::from_millis(wait_ms.into());
-                R::LockHeld(self.locks.set(&req, wait).await.map_err(|code| {
-                    let why = match code {
-                        ErrorCode::Deadlock => "waiting for this lock would deadlock",
-                        _ => "the range is locked by another owner",
-                    };
-                    MetaError::fs(code, why)
-                })?)
+                R::LockHeld(self.locks.set(&req, wait).await.map_err(lock_error)?)
+            }
+            MetaRequest::ReclaimLocks { locks } => {
+                let got = self.locks.reclaim(conn, &locks);
+                let lost = got.iter().filter(|g| !**g).count();
+                if lost > 0 {
+                    warn!(
+                        conn,
+                        lost,
+                        "refused to give back locks a client held before (outside the grace period, or in conflict)"
+                    );
+                }
+                R::Reclaimed(got)
             }
         })
     }
@@ -333,6 +354,53 @@ impl MetaService {
         }
     }
 }
+
+/// A refused lock request, with its reason.
+fn lock_error(code: ErrorCode) -> MetaError {
+    let why = match code {
+        ErrorCode::Deadlock => "waiting for this lock would deadlock",
+        ErrorCode::Grace => "the metadata server restarted and waits for clients to reclaim their locks",
+        _ => "the range is locked by another owner",
+    };
+    MetaError::fs(code, why)
+}
+
+impl MetaService {
+    /// Records in the database, before the first lock is granted, that locks may be held,
+    /// so that a restart waits for their holders to reclaim them.
+    async fn record_locks(&self) -> crate::Result<()> {
+        let mut rec = self.locks_recorded.lock().await;
+        rec.1 += 1;
+        if !rec.0 {
+            self.set_locks_record(true).await?;
+            rec.0 = true;
+        }
+        Ok(())
+    }
+
+    /// Clears the record of [`MetaService::record_locks`] once no lock is held and none was
+    /// asked for since `asked` (the count this returned last time): a lock asked for before
+    /// that is granted or refused within one wait round, far sooner than the next check.
+    async fn forget_locks_record(&self, asked: u64) -> u64 {
+        let mut rec = self.locks_recorded.lock().await;
+        if rec.0 && rec.1 == asked && self.locks.idle() {
+            match self.set_locks_record(false).await {
+                Ok(()) => rec.0 = false,
+                Err(e) => warn!("cannot record that no lock is held: {e}"),
+            }
+        }
+        rec.1
+    }
+
+    async fn set_locks_record(&self, held: bool) -> crate::Result<()> {
+        let mut b = Batch::default();
+        b.set_volume_setting(LOCKS_SETTING, if held { "1" } else { "0" }.to_string());
+        self.store.write().await?.apply(b).await.map(drop)
+    }
+}
+
+/// The volume setting saying whether clients may hold locks ("1") or not.
+const LOCKS_SETTING: &str = "locks_held";
 
 /// Refuses a lock range that ends before it starts.
 fn check_range(start: u64, end: u64) -> crate::Result<()> {
@@ -444,9 +512,11 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     tokio::spawn(svc.clone().removed_loop());
     let leases = svc.clone();
     tokio::spawn(async move {
+        let mut granted = u64::MAX;
         loop {
             tokio::time::sleep(crate::leases::LEASE).await;
             leases.leases.expire();
+            granted = leases.forget_locks_record(granted).await;
         }
     });
     if let Some(addr) = config.metrics {

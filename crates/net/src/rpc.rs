@@ -172,10 +172,14 @@ impl RpcClient {
         self.live_connection().map(|c| c.stats())
     }
 
+    /// Stops using `conn`, and closes it so that both sides drop what it held (a peer that
+    /// is still there then forgets this client's locks and leases at once, rather than keep
+    /// them on a connection nobody uses).
     fn forget(&self, conn: &quinn::Connection) {
         let mut guard = self.conn.lock().expect("conn lock");
         if guard.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {
             *guard = None;
+            conn.close(0u32.into(), b"unresponsive");
         }
     }
 
@@ -305,6 +309,11 @@ pub trait Handler<Req, Resp>: Send + Sync + 'static {
         payload: Vec<u8>,
     ) -> impl Future<Output = Result<(Resp, Bytes), WireError>> + Send;
 
+    /// Called once when a connection to a peer starts, before its first request.
+    fn connected(&self, _peer: &Peer) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Called once when a peer's connection ends, for whatever reason.
     fn disconnected(&self, _peer: &Peer) -> impl Future<Output = ()> + Send {
         async {}
@@ -340,6 +349,7 @@ where
     let is_client = crate::tls::peer_is_named(&conn, crate::CLIENT_NAME);
     let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address(), is_client, conn: conn.clone() };
     debug!(?peer.remote, "peer connected");
+    handler.connected(&peer).await;
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {

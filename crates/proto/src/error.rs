@@ -43,6 +43,9 @@ pub enum ErrorCode {
     Deadlock,
     /// A blocked call was interrupted by a signal; produced by the client, never sent.
     Interrupted,
+    /// The metadata server restarted moments ago and gives clients time to reclaim the locks
+    /// they held before granting new ones; the client asks again shortly, never reports it.
+    Grace,
 }
 
 impl ErrorCode {
@@ -72,7 +75,7 @@ impl ErrorCode {
             ErrorCode::NoDevice => libc::ENODEV,
             ErrorCode::Unauthorized => libc::EACCES,
             ErrorCode::Mismatch => libc::EPROTO,
-            ErrorCode::WouldBlock => libc::EAGAIN,
+            ErrorCode::WouldBlock | ErrorCode::Grace => libc::EAGAIN,
             ErrorCode::Deadlock => libc::EDEADLK,
             ErrorCode::Interrupted => libc::EINTR,
         }

@@ -296,7 +296,8 @@ pub enum MetaRequest {
     /// long for a conflicting lock to go away before refusing with `WouldBlock`; the client
     /// repeats short waits (so a signal can interrupt it between them) instead of one long
     /// one. A wait that would close a cycle of waiting owners is refused with `Deadlock`.
-    /// Answered with `LockHeld`.
+    /// Answered with `LockHeld`. While the server waits for clients to reclaim their locks
+    /// after a restart, a lock (not an unlock) is refused with `Grace`: ask again shortly.
     SetLock {
         ino: Ino,
         owner: u64,
@@ -307,6 +308,22 @@ pub enum MetaRequest {
         flock: bool,
         wait_ms: u32,
     },
+    /// Takes back, on a new connection, the locks this client held on its previous one
+    /// (as `LockHeld` answers reported them). Granted only during the grace period that
+    /// follows a metadata server's start, when nobody else may take a lock, so no other
+    /// owner can have held one of them in between. Answered with `Reclaimed`.
+    ReclaimLocks {
+        locks: Vec<OwnedLocks>,
+    },
+}
+
+/// One owner's locks of one namespace (flock or byte range) on one inode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OwnedLocks {
+    pub ino: Ino,
+    pub owner: u64,
+    pub flock: bool,
+    pub held: Vec<LockInfo>,
 }
 
 impl MetaRequest {
@@ -348,7 +365,8 @@ impl MetaRequest {
             | R::Fsck
             | R::Gc
             | R::GetLock { .. }
-            | R::SetLock { .. } => Vec::new(),
+            | R::SetLock { .. }
+            | R::ReclaimLocks { .. } => Vec::new(),
         }
     }
 
@@ -447,9 +465,11 @@ pub enum MetaResponse {
     Gc(GcReport),
     /// `GetLock`: the conflicting lock, or `None` if the asked lock could be set now.
     Lock(Option<LockInfo>),
-    /// `SetLock` succeeded; whether the owner still holds any lock of that kind of lock
-    /// (flock or byte range) on the inode, so the client knows when to stop tracking it.
-    LockHeld(bool),
+    /// `SetLock` succeeded; the locks of that kind (flock or byte range) the owner now holds
+    /// on the inode, which the client keeps to reclaim them after a server restart.
+    LockHeld(Vec<LockInfo>),
+    /// `ReclaimLocks`: for each owner's locks, in the order asked, whether they are held again.
+    Reclaimed(Vec<bool>),
 }
 
 impl MetaResponse {
