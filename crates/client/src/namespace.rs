@@ -139,12 +139,13 @@ impl Client {
 
     /// Up to `limit` entries after `cookie` (0 to start).
     pub async fn readdir(self: &Arc<Self>, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
+        let epoch = self.listings.next_epoch();
         match self.call(MetaRequest::ReadDir { ino, after, limit, plus }).await? {
             MetaResponse::Dir(mut entries) => {
                 if after == 0 {
                     self.accessed(ino, true);
                 }
-                self.note_map_hints(&mut entries);
+                self.note_map_hints(&mut entries, epoch);
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         e.attr = Some(self.note_attr(a));
@@ -183,6 +184,9 @@ impl Client {
         let generation = self.data_generation(ino);
         if !write {
             self.prefetch_hinted(ino);
+            if let Some(attr) = self.open_known(ino, generation).await {
+                return Ok(self.keep_pages(ino, generation, attr));
+            }
         }
         let attr = match self.call(MetaRequest::Open { ino }).await? {
             MetaResponse::Opened { attr, first_map } => {
@@ -212,13 +216,38 @@ impl Client {
             self.release(ino).await?;
             return Err(ClientError::new(ErrorCode::Perm, "the file is immutable or append-only"));
         }
+        Ok(self.keep_pages(ino, generation, attr))
+    }
+
+    /// Whether the kernel may keep the pages it cached of `ino` at earlier opens, given the
+    /// file's current attributes (see [`Client::open`]); returns them with the answer.
+    fn keep_pages(&self, ino: Ino, generation: u64, attr: Attr) -> (Attr, bool) {
         // The attributes come from the server, which commits change with mtime or ctime: a
         // change this client missed (its read lease ended, its session lapsed) shows there.
         let now = crate::PageState { size: attr.size, mtime: attr.mtime, ctime: attr.ctime };
         // A recall during the open may have come after the attributes were read.
         let keep = self.data_generation(ino) == generation && self.page_states.get(&ino).as_ref() == Some(&now);
         self.page_states.insert(ino, now);
-        Ok((attr, keep))
+        (attr, keep)
+    }
+
+    /// Opens a small file for reading without the server, when a listing gave its attributes
+    /// and whole data map and nothing changed it since: the read lease on the file would
+    /// have recalled them, and this client's own changes mark it (see `listing`). A file
+    /// with write state here takes the usual way. The handle is registered only if it stays
+    /// open (see `handles`).
+    async fn open_known(self: &Arc<Self>, ino: Ino, generation: u64) -> Option<Attr> {
+        self.check_session();
+        let hint = self.map_hints.get(&ino)?;
+        if self.listings.changed_since(ino, hint.epoch) || self.files.contains_key(&ino) {
+            return None;
+        }
+        self.maps.insert((ino, generation, 0), hint.map.clone()).await;
+        let attr = self.note_attr(hint.attr.clone());
+        self.stats.count("local", "Open");
+        self.opened(ino);
+        self.register_later(ino);
+        Some(attr)
     }
 
     /// Closes a handle: flushes buffered writes, then drops the registration. Writes still
@@ -232,19 +261,6 @@ impl Client {
         self.closed(ino);
         self.send_close(ino);
         flushed
-    }
-
-    /// Drops a handle's registration with the metadata server. Needs no answer: the server
-    /// orders it after every earlier request of this client that could observe it, and a
-    /// lost one is cleaned up with the connection. Not waiting saves a round trip on every
-    /// close.
-    pub(crate) fn send_close(self: &Arc<Self>, ino: Ino) {
-        let client = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.call_empty(MetaRequest::Close { ino }).await {
-                tracing::debug!(ino, "close registration: {e}");
-            }
-        });
     }
 
     pub async fn fallocate(
