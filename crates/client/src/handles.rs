@@ -70,16 +70,15 @@ impl Client {
         });
     }
 
-    /// A handle of `ino` was closed: true if it (or another handle of the file) was never
-    /// registered, so there is nothing to tell the server; otherwise the registration in
-    /// flight, if any, that the `Close` must follow.
-    fn close_unregistered(&self, ino: Ino) -> Result<(), Option<Shared<BoxFuture<'static, ()>>>> {
-        let Some(mut u) = self.unregistered.get_mut(&ino) else { return Err(None) };
+    /// What a close of a handle of `ino` must send: nothing if that handle (or another of
+    /// the file's) was never registered, else a `Close` after the registration in flight.
+    fn closing(&self, ino: Ino) -> Closing {
+        let Some(mut u) = self.unregistered.get_mut(&ino) else { return Closing::Send(None) };
         if u.count > 0 {
             u.count -= 1;
-            return Ok(());
+            return Closing::Nothing;
         }
-        Err(u.in_flight.clone())
+        Closing::Send(u.in_flight.clone())
     }
 
     /// Drops a handle's registration with the metadata server. Needs no answer: the server
@@ -87,10 +86,7 @@ impl Client {
     /// lost one is cleaned up with the connection. Not waiting saves a round trip on every
     /// close.
     pub(crate) fn send_close(self: &Arc<Self>, ino: Ino) {
-        let registering = match self.close_unregistered(ino) {
-            Ok(()) => return,
-            Err(r) => r,
-        };
+        let Closing::Send(registering) = self.closing(ino) else { return };
         let client = self.clone();
         tokio::spawn(async move {
             if let Some(r) = registering {
@@ -101,4 +97,12 @@ impl Client {
             }
         });
     }
+}
+
+/// What closing a handle takes (see [`Client::closing`]).
+enum Closing {
+    /// Nothing: the server never heard of the handle.
+    Nothing,
+    /// A `Close`, once the late registration given, if any, was answered.
+    Send(Option<Shared<BoxFuture<'static, ()>>>),
 }

@@ -236,18 +236,29 @@ impl Client {
     /// have recalled them, and this client's own changes mark it (see `listing`). A file
     /// with write state here takes the usual way. The handle is registered only if it stays
     /// open (see `handles`).
+    ///
+    /// It changes nothing this client knew: a size it holds for the file must be the hint's,
+    /// and a map it holds is kept.
     async fn open_known(self: &Arc<Self>, ino: Ino, generation: u64) -> Option<Attr> {
-        self.check_session();
-        let hint = self.map_hints.get(&ino)?;
-        if self.listings.changed_since(ino, hint.epoch) || self.files.contains_key(&ino) {
+        // A lapsed session may have missed recalls.
+        if self.kernel_ttl().is_zero() {
             return None;
         }
-        self.maps.insert((ino, generation, 0), hint.map.clone()).await;
-        let attr = self.note_attr(hint.attr.clone());
+        let hint = self.map_hints.get(&ino)?;
+        let size = hint.attr.size;
+        if self.listings.changed_since(ino, hint.epoch)
+            || self.files.contains_key(&ino)
+            || self.sizes.get(&ino).is_some_and(|s| s != size)
+        {
+            return None;
+        }
+        let map = hint.map.clone();
+        self.maps.get_with((ino, generation, 0), async move { map }).await;
+        self.sizes.get_with(ino, || size);
         self.stats.count("local", "Open");
         self.opened(ino);
         self.register_later(ino);
-        Some(attr)
+        Some(hint.attr.clone())
     }
 
     /// Closes a handle: flushes buffered writes, then drops the registration. Writes still

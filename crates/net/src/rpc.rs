@@ -160,6 +160,10 @@ impl RpcClient {
                 {
                     debug!(addr = %self.addr, "peer silent for {:?}, reconnecting", self.timeout);
                     self.forget(&conn);
+                    // Closed too, so that a peer that is still there drops at once what it
+                    // held for this client (its locks, its leases) instead of keeping it on
+                    // a connection nobody uses.
+                    conn.close(0u32.into(), b"unresponsive");
                 }
                 Err(NetError::Timeout { addr: self.addr.clone(), secs: self.timeout.as_secs_f64() })
             }
@@ -172,14 +176,10 @@ impl RpcClient {
         self.live_connection().map(|c| c.stats())
     }
 
-    /// Stops using `conn`, and closes it so that both sides drop what it held (a peer that
-    /// is still there then forgets this client's locks and leases at once, rather than keep
-    /// them on a connection nobody uses).
     fn forget(&self, conn: &quinn::Connection) {
         let mut guard = self.conn.lock().expect("conn lock");
         if guard.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {
             *guard = None;
-            conn.close(0u32.into(), b"unresponsive");
         }
     }
 
