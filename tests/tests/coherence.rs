@@ -241,6 +241,12 @@ fn listed_small_files_open_for_reading_without_the_server_and_stay_coherent() {
     }
     assert_eq!(count(&a, "meta.Open"), opens, "reading listed small files asked the server to open them");
     assert_eq!(count(&a, "local.Open"), 20);
+    // A read drops the kernel's atime: `tar` then stats the file, which needs no server either.
+    let getattrs = count(&a, "meta.GetAttr");
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(std::fs::metadata(a.join(f)).unwrap().len(), pattern(i as u64, 4096).len() as u64);
+    }
+    assert_eq!(count(&a, "meta.GetAttr"), getattrs, "stats after the reads asked the server");
 
     // Changed through the other mount, or through this one: the next open asks the server.
     std::fs::write(b.join("d/f0"), b"changed elsewhere").unwrap();

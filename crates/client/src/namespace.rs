@@ -139,13 +139,13 @@ impl Client {
 
     /// Up to `limit` entries after `cookie` (0 to start).
     pub async fn readdir(self: &Arc<Self>, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
-        let epoch = self.listings.next_epoch();
+        let (epoch, at) = (self.listings.next_epoch(), std::time::Instant::now());
         match self.call(MetaRequest::ReadDir { ino, after, limit, plus }).await? {
             MetaResponse::Dir(mut entries) => {
                 if after == 0 {
                     self.accessed(ino, true);
                 }
-                self.note_map_hints(&mut entries, epoch);
+                self.note_map_hints(&mut entries, epoch, at);
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         e.attr = Some(self.note_attr(a));
@@ -255,6 +255,9 @@ impl Client {
         let map = hint.map.clone();
         self.maps.get_with((ino, generation, 0), async move { map }).await;
         self.sizes.get_with(ino, || size);
+        // As an answer to a request sent when the listing was: for the getattr the kernel
+        // sends after the read (`tar` stats every file it read).
+        self.file_attrs.keep(&hint.attr, hint.epoch, hint.at);
         self.stats.count("local", "Open");
         self.opened(ino);
         self.register_later(ino);

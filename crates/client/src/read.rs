@@ -6,6 +6,7 @@ use cairn_proto::chunk::BlockKey;
 use cairn_proto::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 /// How far past a sequential read blocks are fetched in advance, in blocks.
 const READAHEAD_BLOCKS: u64 = 4;
@@ -13,12 +14,13 @@ const READAHEAD_BLOCKS: u64 = 4;
 /// How many small files past one opened in listing order are fetched in advance.
 const FILES_AHEAD: usize = 8;
 
-/// A small file's attributes and chunk 0 map from a listing, the listing epoch of the
-/// request that brought them, and its place among the page's small files.
+/// A small file's attributes and chunk 0 map from a listing, the listing epoch and instant
+/// of the request that brought them, and its place among the page's small files.
 pub(crate) struct MapHint {
     pub(crate) attr: Attr,
     pub(crate) map: Arc<Vec<SliceRef>>,
     pub(crate) epoch: u64,
+    pub(crate) at: Instant,
     run: Arc<HintRun>,
     index: usize,
 }
@@ -149,9 +151,9 @@ impl Client {
         futures::future::join_all(keys.iter().map(|(k, s)| self.block(*k, s))).await;
     }
 
-    /// Remembers the small files' maps a directory page asked for at `epoch` carries (see
-    /// `map_hints`), with their order in the page.
-    pub(crate) fn note_map_hints(&self, entries: &mut [DirEntry], epoch: u64) {
+    /// Remembers the small files' maps a directory page asked for at `epoch` (and instant
+    /// `at`) carries (see `map_hints`), with their order in the page.
+    pub(crate) fn note_map_hints(&self, entries: &mut [DirEntry], epoch: u64, at: Instant) {
         let hinted: Vec<(Attr, Vec<SliceRef>)> =
             entries.iter_mut().filter_map(|e| Some((e.attr.clone()?, e.first_map.take()?))).collect();
         if hinted.is_empty() {
@@ -163,7 +165,7 @@ impl Client {
             fetched: AtomicUsize::new(0),
         });
         for (index, (attr, map)) in hinted.into_iter().enumerate() {
-            let hint = MapHint { attr, map: Arc::new(map), epoch, run: run.clone(), index };
+            let hint = MapHint { attr, map: Arc::new(map), epoch, at, run: run.clone(), index };
             self.map_hints.insert(hint.attr.ino, Arc::new(hint));
         }
     }
