@@ -256,8 +256,12 @@ impl Client {
         self.maps.get_with((ino, generation, 0), async move { map }).await;
         self.sizes.get_with(ino, || size);
         // As an answer to a request sent when the listing was: for the getattr the kernel
-        // sends after the read (`tar` stats every file it read).
+        // sends after the read (`tar` stats every file it read). A change answered since the
+        // check above marked the inode before dropping its attributes: look again.
         self.file_attrs.keep(&hint.attr, hint.epoch, hint.at);
+        if self.listings.changed_since(ino, hint.epoch) {
+            self.file_attrs.drop(ino);
+        }
         self.stats.count("local", "Open");
         self.opened(ino);
         self.register_later(ino);
