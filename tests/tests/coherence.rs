@@ -4,7 +4,6 @@
 //! before it answers the change.
 
 use cairn_tests::*;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -220,83 +219,4 @@ fn pages_stay_cached_when_the_files_map_generation_expires() {
     let (resident, pages) = resident_pages(&p);
     // The kernel may reclaim a few cold pages meanwhile; an open that drops them leaves none.
     assert!(resident > 0, "an open 21 s after the last write dropped all {pages} cached pages");
-}
-
-#[test]
-fn listed_small_files_open_for_reading_without_the_server_and_stay_coherent() {
-    let c = Cluster::start(1);
-    std::fs::create_dir(c.path("d")).unwrap();
-    let files: Vec<String> = (0..20).map(|i| format!("d/f{i}")).collect();
-    for (i, f) in files.iter().enumerate() {
-        std::fs::write(c.path(f), pattern(i as u64, 4096)).unwrap();
-    }
-    // A fresh mount lists the directory, which brings each small file's map, and reads them.
-    let a = c.mount_again("a", "");
-    let b = c.mount_again("b", "");
-    let count = |m: &Path, kind: &str| request_count(m, |n| n == kind);
-    assert_eq!(names(&a.join("d")).len(), 20);
-    let opens = count(&a, "meta.Open");
-    for (i, f) in files.iter().enumerate() {
-        assert_eq!(std::fs::read(a.join(f)).unwrap(), pattern(i as u64, 4096), "{f}");
-    }
-    assert_eq!(count(&a, "meta.Open"), opens, "reading listed small files asked the server to open them");
-    assert_eq!(count(&a, "local.Open"), 20);
-    // A read drops the kernel's atime: `tar` then stats the file, which needs no server either.
-    let getattrs = count(&a, "meta.GetAttr");
-    for (i, f) in files.iter().enumerate() {
-        assert_eq!(std::fs::metadata(a.join(f)).unwrap().len(), pattern(i as u64, 4096).len() as u64);
-    }
-    assert_eq!(count(&a, "meta.GetAttr"), getattrs, "stats after the reads asked the server");
-
-    // Changed through the other mount, or through this one: the next open asks the server.
-    std::fs::write(b.join("d/f0"), b"changed elsewhere").unwrap();
-    assert_eq!(std::fs::read(a.join("d/f0")).unwrap(), b"changed elsewhere");
-    let mut appended = pattern(1, 4096);
-    appended.push(b'+');
-    std::fs::OpenOptions::new().append(true).open(a.join("d/f1")).unwrap().write_all(b"+").unwrap();
-    assert_eq!(std::fs::read(a.join("d/f1")).unwrap(), appended);
-
-    // A handle kept open is registered, so a file unlinked elsewhere meanwhile lives on
-    // until it is closed.
-    let (opens, closes) = (count(&a, "meta.Open"), count(&a, "meta.Close"));
-    let mut held = std::fs::File::open(a.join("d/f2")).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(count(&a, "meta.Open"), opens + 1, "a handle kept open was not registered");
-    std::fs::remove_file(b.join("d/f2")).unwrap();
-    std::thread::sleep(Duration::from_secs(7));
-    let mut got = Vec::new();
-    held.read_to_end(&mut got).unwrap();
-    assert_eq!(got, pattern(2, 4096));
-    drop(held);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count(&a, "meta.Close") == closes {
-        assert!(Instant::now() < deadline, "the registered handle's close was not sent");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    umount_lazy(&a);
-    umount_lazy(&b);
-}
-
-#[test]
-fn small_files_opened_in_listing_order_are_fetched_ahead() {
-    let c = Cluster::start(1);
-    std::fs::create_dir(c.path("d")).unwrap();
-    for i in 0..30 {
-        std::fs::write(c.path(&format!("d/f{i:02}")), pattern(i, 4096)).unwrap();
-    }
-    let a = c.mount_again("a", "");
-    assert_eq!(names(&a.join("d")).len(), 30);
-    let gets = || request_count(&a, |n| n == "chunk.Get");
-    let read = |i: u64| assert_eq!(std::fs::read(a.join(format!("d/f{i:02}"))).unwrap(), pattern(i, 4096));
-    // Out of listing order, each read fetches its own file only.
-    (25..30).rev().for_each(read);
-    assert_eq!(gets(), 5);
-    // In listing order, each open also fetches the files listed after it.
-    (0..4).for_each(read);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gets() < 5 + 4 + 4 {
-        assert!(Instant::now() < deadline, "files opened in listing order were not fetched ahead: {} gets", gets());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    umount_lazy(&a);
 }

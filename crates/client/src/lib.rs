@@ -9,7 +9,6 @@ mod blocks;
 mod compact;
 mod disk_cache;
 mod error;
-mod handles;
 pub mod layout;
 mod listing;
 mod locks;
@@ -117,12 +116,9 @@ pub struct Client {
     /// getattr the kernel sends after every create, unlink or rename in a directory (it drops
     /// the parent's attributes then). Kept for the attribute TTL, like the kernel's own cache.
     pub(crate) dir_attrs: moka::sync::Cache<Ino, Attr>,
-    /// Small files' attributes and whole maps from directory listings, with the epoch they
-    /// were asked at: an open starts fetching the data by them, and a read-only open needs
-    /// nothing else while they are current (see `DirEntry::first_map`, `Client::open`).
-    pub(crate) map_hints: moka::sync::Cache<Ino, Arc<read::MapHint>>,
-    /// Files with handles opened without registering them with the server (see `handles`).
-    pub(crate) unregistered: DashMap<Ino, handles::Unregistered>,
+    /// Small files' first maps from directory listings, size first: an open starts fetching
+    /// the data by them while it waits for the server (see `DirEntry::first_map`).
+    pub(crate) map_hints: moka::sync::Cache<Ino, (u64, Arc<Vec<SliceRef>>)>,
     /// Files' attributes for the getattr that follows every read (see `attrs`).
     pub(crate) file_attrs: attrs::FileAttrs,
     /// Whole directories, for runs of lookups (see `listing`).
@@ -190,7 +186,6 @@ impl Client {
             listings: listing::Listings::new(config.map_ttl),
             file_attrs: attrs::FileAttrs::new(config.map_ttl),
             map_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
-            unregistered: DashMap::new(),
             stats: Default::default(),
             locks: Default::default(),
             shut_down: Default::default(),

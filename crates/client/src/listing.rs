@@ -375,7 +375,7 @@ impl Client {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
             let page = match self.meta.call::<_, MetaResponse>(&req).await?.0 {
                 MetaResponse::Dir(mut page) => {
-                    self.note_map_hints(&mut page, epoch, at);
+                    self.note_map_hints(&mut page);
                     page
                 }
                 other => return Err(crate::unexpected(other)),

@@ -139,13 +139,12 @@ impl Client {
 
     /// Up to `limit` entries after `cookie` (0 to start).
     pub async fn readdir(self: &Arc<Self>, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
-        let (epoch, at) = (self.listings.next_epoch(), std::time::Instant::now());
         match self.call(MetaRequest::ReadDir { ino, after, limit, plus }).await? {
             MetaResponse::Dir(mut entries) => {
                 if after == 0 {
                     self.accessed(ino, true);
                 }
-                self.note_map_hints(&mut entries, epoch, at);
+                self.note_map_hints(&mut entries);
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         e.attr = Some(self.note_attr(a));
@@ -184,9 +183,6 @@ impl Client {
         let generation = self.data_generation(ino);
         if !write {
             self.prefetch_hinted(ino);
-            if let Some(attr) = self.open_known(ino, generation).await {
-                return Ok(self.keep_pages(ino, generation, attr));
-            }
         }
         let attr = match self.call(MetaRequest::Open { ino }).await? {
             MetaResponse::Opened { attr, first_map } => {
@@ -216,56 +212,13 @@ impl Client {
             self.release(ino).await?;
             return Err(ClientError::new(ErrorCode::Perm, "the file is immutable or append-only"));
         }
-        Ok(self.keep_pages(ino, generation, attr))
-    }
-
-    /// Whether the kernel may keep the pages it cached of `ino` at earlier opens, given the
-    /// file's current attributes (see [`Client::open`]); returns them with the answer.
-    fn keep_pages(&self, ino: Ino, generation: u64, attr: Attr) -> (Attr, bool) {
         // The attributes come from the server, which commits change with mtime or ctime: a
         // change this client missed (its read lease ended, its session lapsed) shows there.
         let now = crate::PageState { size: attr.size, mtime: attr.mtime, ctime: attr.ctime };
         // A recall during the open may have come after the attributes were read.
         let keep = self.data_generation(ino) == generation && self.page_states.get(&ino).as_ref() == Some(&now);
         self.page_states.insert(ino, now);
-        (attr, keep)
-    }
-
-    /// Opens a small file for reading without the server, when a listing gave its attributes
-    /// and whole data map and nothing changed it since: the read lease on the file would
-    /// have recalled them, and this client's own changes mark it (see `listing`). A file
-    /// with write state here takes the usual way. The handle is registered only if it stays
-    /// open (see `handles`).
-    ///
-    /// It changes nothing this client knew: a size it holds for the file must be the hint's,
-    /// and a map it holds is kept.
-    async fn open_known(self: &Arc<Self>, ino: Ino, generation: u64) -> Option<Attr> {
-        // A lapsed session may have missed recalls.
-        if self.kernel_ttl().is_zero() {
-            return None;
-        }
-        let hint = self.map_hints.get(&ino)?;
-        let size = hint.attr.size;
-        if self.listings.changed_since(ino, hint.epoch)
-            || self.files.contains_key(&ino)
-            || self.sizes.get(&ino).is_some_and(|s| s != size)
-        {
-            return None;
-        }
-        let map = hint.map.clone();
-        self.maps.get_with((ino, generation, 0), async move { map }).await;
-        self.sizes.get_with(ino, || size);
-        // As an answer to a request sent when the listing was: for the getattr the kernel
-        // sends after the read (`tar` stats every file it read). A change answered since the
-        // check above marked the inode before dropping its attributes: look again.
-        self.file_attrs.keep(&hint.attr, hint.epoch, hint.at);
-        if self.listings.changed_since(ino, hint.epoch) {
-            self.file_attrs.drop(ino);
-        }
-        self.stats.count("local", "Open");
-        self.opened(ino);
-        self.register_later(ino);
-        Some(hint.attr.clone())
+        Ok((attr, keep))
     }
 
     /// Closes a handle: flushes buffered writes, then drops the registration. Writes still
@@ -279,6 +232,19 @@ impl Client {
         self.closed(ino);
         self.send_close(ino);
         flushed
+    }
+
+    /// Drops a handle's registration with the metadata server. Needs no answer: the server
+    /// orders it after every earlier request of this client that could observe it, and a
+    /// lost one is cleaned up with the connection. Not waiting saves a round trip on every
+    /// close.
+    pub(crate) fn send_close(self: &Arc<Self>, ino: Ino) {
+        let client = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.call_empty(MetaRequest::Close { ino }).await {
+                tracing::debug!(ino, "close registration: {e}");
+            }
+        });
     }
 
     pub async fn fallocate(

@@ -5,34 +5,9 @@ use crate::{Client, ClientError, Result};
 use cairn_proto::chunk::BlockKey;
 use cairn_proto::*;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 /// How far past a sequential read blocks are fetched in advance, in blocks.
 const READAHEAD_BLOCKS: u64 = 4;
-
-/// How many small files past one opened in listing order are fetched in advance.
-const FILES_AHEAD: usize = 8;
-
-/// A small file's attributes and chunk 0 map from a listing, the listing epoch and instant
-/// of the request that brought them, and its place among the page's small files.
-pub(crate) struct MapHint {
-    pub(crate) attr: Attr,
-    pub(crate) map: Arc<Vec<SliceRef>>,
-    pub(crate) epoch: u64,
-    pub(crate) at: Instant,
-    run: Arc<HintRun>,
-    index: usize,
-}
-
-/// One listing page's small files, in listing order (see [`Client::read_files_ahead`]).
-struct HintRun {
-    inos: Vec<Ino>,
-    /// The index of the file opened last (`usize::MAX`: none yet).
-    last_opened: AtomicUsize,
-    /// Files before this index were fetched ahead already.
-    fetched: AtomicUsize,
-}
 
 /// A kernel read of a file in progress, from its request until its reply (see
 /// [`Client::reading`]).
@@ -151,59 +126,24 @@ impl Client {
         futures::future::join_all(keys.iter().map(|(k, s)| self.block(*k, s))).await;
     }
 
-    /// Remembers the small files' maps a directory page asked for at `epoch` (and instant
-    /// `at`) carries (see `map_hints`), with their order in the page.
-    pub(crate) fn note_map_hints(&self, entries: &mut [DirEntry], epoch: u64, at: Instant) {
-        let hinted: Vec<(Attr, Vec<SliceRef>)> =
-            entries.iter_mut().filter_map(|e| Some((e.attr.clone()?, e.first_map.take()?))).collect();
-        if hinted.is_empty() {
-            return;
-        }
-        let run = Arc::new(HintRun {
-            inos: hinted.iter().map(|(a, _)| a.ino).collect(),
-            last_opened: AtomicUsize::new(usize::MAX),
-            fetched: AtomicUsize::new(0),
-        });
-        for (index, (attr, map)) in hinted.into_iter().enumerate() {
-            let hint = MapHint { attr, map: Arc::new(map), epoch, at, run: run.clone(), index };
-            self.map_hints.insert(hint.attr.ino, Arc::new(hint));
+    /// Remembers the small files' maps a directory page carries (see `map_hints`).
+    pub(crate) fn note_map_hints(&self, entries: &mut [DirEntry]) {
+        for e in entries {
+            if let (Some(map), Some(a)) = (e.first_map.take(), &e.attr) {
+                self.map_hints.insert(e.ino, (a.size, Arc::new(map)));
+            }
         }
     }
 
     /// Starts fetching a small file's data by the map a listing gave, before the open that
-    /// brings the current map returns, and the data of the files listed after it when files
-    /// are opened in listing order (see [`Client::read_files_ahead`]). Blocks never change,
-    /// so a stale map only costs a fetch of a block the reads may not need.
+    /// brings the current map returns. Blocks never change, so a stale map only costs a
+    /// fetch of a block the reads may not need.
     pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) {
-        let Some(hint) = self.map_hints.get(&ino) else { return };
-        self.fetch_hinted(&hint);
-        self.read_files_ahead(&hint);
-    }
-
-    fn fetch_hinted(self: &Arc<Self>, hint: &MapHint) {
+        let Some((size, map)) = self.map_hints.get(&ino) else { return };
         let mut jobs = Vec::new();
-        self.plan_chunk(&hint.map, 0, hint.attr.size.min(self.volume.chunk_size), 0, &mut jobs);
+        self.plan_chunk(&map, 0, size.min(self.volume.chunk_size), 0, &mut jobs);
         let client = self.clone();
         tokio::spawn(async move { client.warm(jobs).await });
-    }
-
-    /// Readahead across files: when a listing's small files are opened in listing order
-    /// (`tar c`, `cp -r`, `grep -r`, any loop over a directory), each open starts fetching
-    /// the next [`FILES_AHEAD`] files, so that their reads find the data here rather than
-    /// each waiting for a chunk server in turn.
-    fn read_files_ahead(self: &Arc<Self>, hint: &MapHint) {
-        let run = &hint.run;
-        let last = run.last_opened.swap(hint.index, Ordering::AcqRel);
-        if last.wrapping_add(1) != hint.index {
-            return;
-        }
-        let upto = (hint.index + 1 + FILES_AHEAD).min(run.inos.len());
-        let from = run.fetched.fetch_max(upto, Ordering::AcqRel).max(hint.index + 1).min(upto);
-        for ino in &run.inos[from..upto] {
-            if let Some(next) = self.map_hints.get(ino) {
-                self.fetch_hinted(&next);
-            }
-        }
     }
 
     /// Which parts of which blocks make up `[offset, offset + len)` of a file.

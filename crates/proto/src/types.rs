@@ -200,8 +200,8 @@ pub struct DirEntry {
     /// Present when the request asked for attributes (readdirplus).
     pub attr: Option<Attr>,
     /// With attributes, for a small file: its first chunk's map as of the listing, so a
-    /// client can start fetching the data while it opens the file, or, while the read lease
-    /// the listing brought holds, open it for reading without asking the server.
+    /// client can start fetching the data while it opens the file (the open's own map,
+    /// which may be newer, is what reads use).
     pub first_map: Option<Vec<SliceRef>>,
 }
 
