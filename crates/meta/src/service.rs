@@ -512,11 +512,11 @@ pub async fn run(config: MetaConfig) -> Result<(), RunError> {
     tokio::spawn(svc.clone().removed_loop());
     let leases = svc.clone();
     tokio::spawn(async move {
-        let mut granted = u64::MAX;
+        let mut asked = u64::MAX;
         loop {
             tokio::time::sleep(crate::leases::LEASE).await;
             leases.leases.expire();
-            granted = leases.forget_locks_record(granted).await;
+            asked = leases.forget_locks_record(asked).await;
         }
     });
     if let Some(addr) = config.metrics {
