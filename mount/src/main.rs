@@ -140,6 +140,7 @@ fn mount(args: &MountArgs) -> anyhow::Result<(fuser::BackgroundSession, Arc<Clie
         },
         atime: if args.opts.read_only { AtimeMode::Never } else { args.opts.atime },
         diratime: args.opts.diratime,
+        defer_namespace: !args.opts.kernel.iter().any(|k| k == "sync" || k == "dirsync"),
         ..ClientConfig::default()
     };
     // All network work runs on one thread: a request then wakes no other thread between the

@@ -144,6 +144,9 @@ fn up(
             Ok(())
         },
     ))?;
+    // Gone before the mount connects, which is then the volume's only client (solo lease).
+    rt.block_on(client.disconnect());
+    drop(client);
     let reg = registration(&cluster);
     std::fs::create_dir_all(RUN_DIR)?;
     let _ = std::fs::remove_file(&reg);

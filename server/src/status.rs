@@ -20,6 +20,8 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         let client = crate::local::connect(&args.data, &cluster, std::time::Duration::from_secs(3)).await?;
         let stats = client.statfs().await?;
         let servers = client.list_servers().await?;
+        // Another client connected keeps the mount from holding the solo lease.
+        client.disconnect().await;
         let v = client.volume();
         println!("volume      {} ({})", v.name, cluster.source());
         println!("uuid        {}", v.uuid);

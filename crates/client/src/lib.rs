@@ -7,6 +7,7 @@ mod atime;
 mod attrs;
 mod blocks;
 mod compact;
+mod deferred;
 mod disk_cache;
 mod error;
 pub mod layout;
@@ -55,6 +56,9 @@ pub struct ClientConfig {
     pub atime: AtimeMode,
     /// Whether listing a directory updates its atime (`nodiratime` turns it off).
     pub diratime: bool,
+    /// Whether namespace changes may be answered here and sent afterwards while this client
+    /// is the volume's only one (see `deferred`); `dirsync` and `sync` mounts turn it off.
+    pub defer_namespace: bool,
 }
 
 impl Default for ClientConfig {
@@ -69,6 +73,7 @@ impl Default for ClientConfig {
             map_ttl: Duration::from_secs(10),
             atime: AtimeMode::default(),
             diratime: true,
+            defer_namespace: true,
         }
     }
 }
@@ -147,6 +152,10 @@ pub struct Client {
     pub(crate) early_recalls: moka::sync::Cache<Ino, u64>,
     /// Kernel reads in progress per file (see [`Client::reading`]).
     pub(crate) reads_in_flight: DashMap<Ino, u32>,
+    /// Namespace changes answered here under the solo lease and not sent yet (see `deferred`).
+    pub(crate) deferred: deferred::Deferred,
+    /// This client, for the background tasks its calls start.
+    me: std::sync::OnceLock<std::sync::Weak<Client>>,
 }
 
 /// What a file looked like on the server when it was last opened: the kernel may keep its
@@ -199,12 +208,20 @@ impl Client {
             dir_pages: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             early_recalls: moka::sync::Cache::builder().time_to_live(Duration::from_secs(60)).build(),
             reads_in_flight: DashMap::new(),
+            deferred: deferred::Deferred::new(config.defer_namespace),
+            me: Default::default(),
         };
         let client = Arc::new(client);
+        let _ = client.me.set(Arc::downgrade(&client));
         client.meta.set_callbacks(Arc::new(recall::Callbacks(Arc::downgrade(&client))));
         tokio::spawn(session::renew_loop(Arc::downgrade(&client)));
         tokio::spawn(write::commit_loop(Arc::downgrade(&client)));
         Ok(client)
+    }
+
+    /// This client, shared, for a background task (`None` once it is being dropped).
+    pub(crate) fn shared(&self) -> Option<Arc<Client>> {
+        self.me.get()?.upgrade()
     }
 
     /// The volume's constants as the metadata server reported them.
@@ -256,22 +273,37 @@ impl Client {
         if let Err(e) = self.check_up() {
             return (Err(e), 0);
         }
+        // Answered here and sent later under the solo lease, or sent once every change
+        // answered so is applied (see `deferred`).
+        let local = match self.check_session_fresh() {
+            true => self.defer(req),
+            false => None,
+        };
+        if local.is_none() {
+            self.drain_deferred().await;
+        }
         self.forget_dir_attrs(req, None);
         let sent_at = std::time::Instant::now();
         let sent = self.listings.before(req);
         self.file_attrs.forget(req, None, sent);
-        self.stats.count("meta", req.into());
-        let session_sent = self.session.now();
-        let resp = self.meta.call::<_, MetaResponse>(req).await.map(|r| r.0).map_err(ClientError::from);
-        // Any answer from the server (not a transport failure) shows the session alive; if
-        // it had lapsed meanwhile, recalls may have been missed.
-        let answered = match &resp {
-            Ok(_) => true,
-            Err(e) => !e.unanswered(),
+        let resp = match local {
+            Some(resp) => Ok(resp),
+            None => {
+                self.stats.count("meta", req.into());
+                let session_sent = self.session.now();
+                let resp = self.meta.call::<_, MetaResponse>(req).await.map(|r| r.0).map_err(ClientError::from);
+                // Any answer from the server (not a transport failure) shows the session
+                // alive; if it had lapsed meanwhile, recalls may have been missed.
+                let answered = match &resp {
+                    Ok(_) => true,
+                    Err(e) => !e.unanswered(),
+                };
+                if answered && self.session.answered(session_sent) {
+                    self.forget_all();
+                }
+                resp
+            }
         };
-        if answered && self.session.answered(session_sent) {
-            self.forget_all();
-        }
         // Attributes in the answer are this client's latest word on their inode unless
         // another of its requests changed it since this one was sent.
         let latest = match &resp {
@@ -292,6 +324,7 @@ impl Client {
     /// Ends the session with the metadata server (at unmount), so that it drops this
     /// client's leases at once instead of when the connection times out.
     pub async fn disconnect(&self) {
+        self.drain_deferred().await;
         self.meta.close().await;
     }
 

@@ -46,8 +46,24 @@ pub(crate) struct Listing {
     at: Instant,
     /// Every change of the directory's entries by this client up to this epoch is applied.
     covered: AtomicU64,
+    /// An epoch taken once the listing was in the cache (`u64::MAX` before): a request sent
+    /// after it found the listing there, and marked the names it changes unknown in it.
+    born: AtomicU64,
     /// `None`: the directory is too large to be listed whole.
     entries: Option<Mutex<HashMap<Vec<u8>, Slot>>>,
+}
+
+impl Listing {
+    /// A listing read from (or, for a new directory, known to be) the server's state after
+    /// every change of this client up to `covered`.
+    fn new(covered: u64, entries: Option<HashMap<Vec<u8>, Slot>>) -> Listing {
+        Listing {
+            at: Instant::now(),
+            covered: AtomicU64::new(covered),
+            born: AtomicU64::new(u64::MAX),
+            entries: entries.map(Mutex::new),
+        }
+    }
 }
 
 /// An answer to a lookup from a listing: the attributes (`None`: no such name) and how long
@@ -176,11 +192,15 @@ impl Listings {
         Some(l)
     }
 
-    /// Like `edit`, and records that the listing includes this client's change of `dir`
-    /// at `epoch` (the directory itself is marked changed, which alone retires a listing).
-    fn apply(&self, dir: Ino, epoch: u64, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
-        // Only a listing that covered every earlier change keeps covering them.
+    /// Like `edit`, and records that the listing includes this client's change of `dir`, sent
+    /// at `sent` and answered at `epoch` (the directory itself is marked changed, which alone
+    /// retires a listing).
+    fn apply(&self, dir: Ino, sent: u64, epoch: u64, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
+        // Only a listing that covered every earlier change keeps covering them, and only one
+        // the request found when it was sent: one fetched meanwhile (in the background, see
+        // `change_unlisted`) may have been read before or after the change.
         if let Some(l) = self.edit(dir, f)
+            && l.born.load(Ordering::Acquire) < sent
             && self.changed.get(&dir).is_none_or(|c| c <= l.covered.load(Ordering::Acquire))
         {
             l.covered.fetch_max(epoch, Ordering::AcqRel);
@@ -195,8 +215,14 @@ impl Listings {
     /// client adds to it is recalled, which marks it after `sent` and retires this listing;
     /// a recall that overtook this answer has marked it already.
     fn made_dir(&self, dir: Ino, sent: u64) {
-        let listing = Listing { at: Instant::now(), covered: AtomicU64::new(sent), entries: Some(Mutex::default()) };
-        self.listings.insert(dir, Arc::new(listing));
+        self.insert(dir, Listing::new(sent, Some(HashMap::new())));
+    }
+
+    /// Caches `listing` as `dir`'s.
+    fn insert(&self, dir: Ino, listing: Listing) {
+        let listing = Arc::new(listing);
+        self.listings.insert(dir, listing.clone());
+        listing.born.store(self.next_epoch(), Ordering::Release);
     }
 
     /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
@@ -255,7 +281,7 @@ impl Listings {
                 });
             }
             (R::MakeNode { parent, name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
-                self.apply(*parent, epoch, |e| {
+                self.apply(*parent, sent, epoch, |e| {
                     e.insert(name.clone(), slot(a, fresh()));
                 });
                 if a.kind == FileKind::Dir {
@@ -263,23 +289,32 @@ impl Listings {
                 }
             }
             (R::Link { new_parent, new_name, .. }, Ok(MetaResponse::Changed { attr: Some(a), .. })) => {
-                self.apply(*new_parent, epoch, |e| {
+                self.apply(*new_parent, sent, epoch, |e| {
                     e.insert(new_name.clone(), slot(a, fresh()));
                 })
             }
-            (R::Unlink { parent, name } | R::Rmdir { parent, name }, Ok(_)) => self.apply(*parent, epoch, |e| {
+            (R::Unlink { parent, name } | R::Rmdir { parent, name }, Ok(_)) => self.apply(*parent, sent, epoch, |e| {
                 e.remove(name.as_slice());
             }),
-            (R::Rename { parent, name, new_parent, mode, .. }, Ok(_)) => {
+            (R::Rename { parent, name, new_parent, new_name, mode }, Ok(resp)) => {
                 // The source name is gone, unless it was swapped or left a whiteout; the
-                // target (marked unknown before) now names the moved inode.
+                // target (marked unknown before) now names the moved inode, whose attributes
+                // only a rename answered by this client itself tells (see `deferred`).
                 let gone = matches!(mode, RenameMode::Replace | RenameMode::NoReplace);
-                self.apply(*parent, epoch, |e| {
+                self.apply(*parent, sent, epoch, |e| {
                     if gone {
                         e.remove(name.as_slice());
                     }
                 });
-                self.apply(*new_parent, epoch, |_| {});
+                let moved = match resp {
+                    MetaResponse::Changed { attr: Some(a), .. } if gone => Some(a),
+                    _ => None,
+                };
+                self.apply(*new_parent, sent, epoch, |e| {
+                    if let Some(a) = moved {
+                        e.insert(new_name.clone(), slot(a, fresh()));
+                    }
+                });
             }
             _ => {}
         }
@@ -308,16 +343,53 @@ impl Client {
         if let Some(hit) = l.answer(parent, name) {
             return self.complete(hit);
         }
-        let seen = l.lookups.entry(parent).and_upsert_with(|n| n.map_or(1, |n| n.into_value() + 1)).into_value();
-        if seen < LOOKUPS_BEFORE_LISTING || l.usable(parent).is_some() || !l.fetching.insert(parent) {
+        if !self.list_now(parent) {
             return None;
         }
-        let fetched = self.fetch_listing(parent).await;
-        l.fetching.remove(&parent);
-        // A listing retired early is fetched again only after as many lookups again.
-        l.lookups.invalidate(&parent);
-        l.listings.insert(parent, fetched.ok()?);
+        self.list(parent).await;
         self.complete(l.answer(parent, name)?)
+    }
+
+    /// Counts a name looked up or changed in `dir`; true if `dir` is to be listed now
+    /// (enough names lately, no current listing, and no fetch of one under way).
+    fn list_now(&self, dir: Ino) -> bool {
+        let l = &self.listings;
+        let seen = l.lookups.entry(dir).and_upsert_with(|n| n.map_or(1, |n| n.into_value() + 1)).into_value();
+        seen >= LOOKUPS_BEFORE_LISTING && l.usable(dir).is_none() && l.fetching.insert(dir)
+    }
+
+    /// Fetches the listing of `dir` (claimed by [`Client::list_now`]).
+    async fn list(&self, dir: Ino) {
+        let l = &self.listings;
+        let fetched = self.fetch_listing(dir).await;
+        l.fetching.remove(&dir);
+        // A listing retired early is fetched again only after as many lookups again.
+        l.lookups.invalidate(&dir);
+        if let Ok(listing) = fetched {
+            l.insert(dir, listing);
+        }
+    }
+
+    /// Counts a namespace change in `dir` that this client could not answer itself for want
+    /// of its listing (see `deferred`), and lists `dir` in the background after a few.
+    pub(crate) fn change_unlisted(&self, dir: Ino) {
+        if self.listings.usable(dir).is_none()
+            && self.list_now(dir)
+            && let Some(client) = self.shared()
+        {
+            tokio::spawn(async move { client.list(dir).await });
+        }
+    }
+
+    /// What the listing of `dir` says of `name` for certain: `Some(None)` missing,
+    /// `Some(Some(attr))` present, `None` not known.
+    pub(crate) fn known_entry(&self, dir: Ino, name: &[u8]) -> Option<Option<Attr>> {
+        Some(self.complete(self.listings.answer(dir, name)?)?.attr)
+    }
+
+    /// Whether the listing of `dir` says for certain that it is empty.
+    pub(crate) fn known_empty(&self, dir: Ino) -> bool {
+        self.listings.all(dir).is_some_and(|e| e.is_empty())
     }
 
     /// The lookup answer from what a listing knows: with the attributes this client got
@@ -366,11 +438,13 @@ impl Client {
         !l.changed_since(dir, epoch) && !inos.any(|ino| l.changed_since(ino, epoch))
     }
 
-    async fn fetch_listing(&self, dir: Ino) -> crate::Result<Arc<Listing>> {
+    async fn fetch_listing(&self, dir: Ino) -> crate::Result<Listing> {
         let epoch = self.listings.next_epoch();
         let at = Instant::now();
         let mut entries = HashMap::new();
         let mut after = 0;
+        // The server lists what this client's deferred changes left (see `deferred`).
+        self.drain_deferred().await;
         let complete = loop {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
             let page = match self.meta.call::<_, MetaResponse>(&req).await?.0 {
@@ -387,8 +461,7 @@ impl Client {
                 break end && entries.len() <= MAX_ENTRIES;
             }
         };
-        let entries = complete.then(|| Mutex::new(entries));
-        Ok(Arc::new(Listing { at, covered: AtomicU64::new(epoch), entries }))
+        Ok(Listing { at, ..Listing::new(epoch, complete.then_some(entries)) })
     }
 }
 
@@ -413,9 +486,7 @@ mod tests {
             .into_iter()
             .map(|(n, ino, links)| (n.as_bytes().to_vec(), slot(&attr(ino, FileKind::File, links), epoch)))
             .collect();
-        let listing =
-            Listing { at: Instant::now(), covered: AtomicU64::new(epoch), entries: Some(Mutex::new(entries)) };
-        l.listings.insert(DIR, Arc::new(listing));
+        l.insert(DIR, Listing::new(epoch, Some(entries)));
         l
     }
 
@@ -537,14 +608,29 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_fetched_while_a_change_in_it_was_in_flight_is_not_used() {
+        let l = Listings::new(Duration::from_secs(60));
+        let rename = MetaRequest::Rename {
+            parent: 2,
+            name: b"x".to_vec(),
+            new_parent: DIR,
+            new_name: b"moved".to_vec(),
+            mode: RenameMode::Replace,
+        };
+        let sent = l.before(&rename);
+        // Read from the server before it applied the rename, cached before the answer came.
+        l.insert(DIR, Listing::new(l.next_epoch(), Some(HashMap::new())));
+        l.after(&rename, sent, &changed(None));
+        assert_eq!(ask(&l, "moved"), None, "a listing that may predate the rename was used");
+    }
+
+    #[test]
     fn a_change_while_listing_is_fetched_retires_it() {
         let l = Listings::new(Duration::from_secs(60));
         let fetch_epoch = l.next_epoch();
         send(&l, MetaRequest::Unlink { parent: DIR, name: b"a".to_vec() }, changed(None));
         let entries = [(b"a".to_vec(), slot(&attr(10, FileKind::File, 1), fetch_epoch))].into_iter().collect();
-        let listing =
-            Listing { at: Instant::now(), covered: AtomicU64::new(fetch_epoch), entries: Some(Mutex::new(entries)) };
-        l.listings.insert(DIR, Arc::new(listing));
+        l.insert(DIR, Listing::new(fetch_epoch, Some(entries)));
         assert_eq!(ask(&l, "a"), None);
     }
 }

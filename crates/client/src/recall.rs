@@ -33,6 +33,7 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
         if let Some(client) = self.0.upgrade() {
             match req {
                 Callback::Recall { inodes, entries } => client.recalled(inodes, entries).await,
+                Callback::RecallSolo { epoch } => client.recall_solo(epoch).await,
                 Callback::RecallWrites { leases } => {
                     client.stats.count("callback", "RecallWrites");
                     for (ino, epoch) in leases {
@@ -56,6 +57,7 @@ impl Handler<Callback, CallbackResponse> for Callbacks {
     /// all. Write leases are claimed again by committing what they cover.
     async fn disconnected(&self, _peer: &Peer) {
         if let Some(client) = self.0.upgrade() {
+            client.solo_lost();
             client.forget_all();
             tokio::spawn(async move { client.reclaim_leases().await });
         }

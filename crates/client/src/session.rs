@@ -60,6 +60,12 @@ impl Client {
         SESSION_FRESH.saturating_sub(self.session.idle())
     }
 
+    /// [`Client::check_session`], and whether the caches may be used.
+    pub(crate) fn check_session_fresh(&self) -> bool {
+        self.check_session();
+        self.session.idle() < SESSION_FRESH
+    }
+
     /// Drops every cache if the session lapsed; called before answering from a cache.
     pub(crate) fn check_session(&self) {
         if self.session.idle() >= SESSION_FRESH && !self.session.lapsed.swap(true, Ordering::AcqRel) {

@@ -14,12 +14,17 @@ pub(crate) struct Stats {
 impl Stats {
     /// Counts one request of `kind` to a `server`.
     pub(crate) fn count(&self, server: &'static str, kind: &'static str) {
+        self.add(server, kind, 1);
+    }
+
+    /// Counts `n` events of `kind` under `server`.
+    pub(crate) fn add(&self, server: &'static str, kind: &'static str, n: u64) {
         let kind = (server, kind);
         if let Some(c) = self.counts.get(&kind) {
-            c.fetch_add(1, Ordering::Relaxed);
+            c.fetch_add(n, Ordering::Relaxed);
             return;
         }
-        self.counts.entry(kind).or_default().fetch_add(1, Ordering::Relaxed);
+        self.counts.entry(kind).or_default().fetch_add(n, Ordering::Relaxed);
     }
 
     /// `server.kind count` lines, sorted.

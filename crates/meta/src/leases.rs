@@ -230,7 +230,7 @@ impl Leases {
 
     /// Sends `req` to client `conn` and waits for its answer while the client stays alive
     /// (it is heard from at least every [`LIVENESS`]) and, if given, until `deadline`.
-    async fn call_back(&self, conn: usize, req: Callback, deadline: Option<Instant>) -> Result<(), String> {
+    pub(crate) async fn call_back(&self, conn: usize, req: Callback, deadline: Option<Instant>) -> Result<(), String> {
         let Some(peer) = self.sessions.get(&conn).map(|s| s.0.clone()) else {
             return Err("the client is gone".to_string());
         };
@@ -263,6 +263,11 @@ impl Leases {
     /// Client connections, inodes with read leases and files with a write lease, for metrics.
     pub(crate) fn counts(&self) -> (usize, usize, usize) {
         (self.sessions.len(), self.readers.len(), self.writers.len())
+    }
+
+    /// Whether `conn` is the only client connected.
+    pub(crate) fn alone(&self, conn: usize) -> bool {
+        self.sessions.len() == 1 && self.sessions.contains_key(&conn)
     }
 
     /// Whether more than one client is connected (only then can a change need a recall).

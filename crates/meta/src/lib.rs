@@ -18,6 +18,7 @@ mod reconcile;
 mod registry;
 mod repair;
 mod service;
+mod solo;
 mod store;
 
 pub use error::{MetaError, Result};

@@ -129,6 +129,7 @@ impl MetaService {
         target: Option<Vec<u8>>,
         caller: &Caller,
         open: bool,
+        deferred: Option<(Timestamp, Ino)>,
     ) -> Result<(Attr, TouchedDirs)> {
         check_name(name)?;
         if let Some(t) = &target
@@ -140,7 +141,8 @@ impl MetaService {
         let p = w.attr(parent).await?;
         live_dir(&p)?;
         not_immutable(p.flags)?;
-        let now = Timestamp::now();
+        // A change deferred under the solo lease was made, and answered, at `at` (see `solo`).
+        let now = deferred.map_or_else(Timestamp::now, |(at, _)| at);
         // A default ACL on the directory replaces the umask (`masked_perm`): the new inode gets
         // it as its access ACL, limited by the requested mode; a new directory inherits it too.
         let default_acl = match kind {
@@ -170,7 +172,7 @@ impl MetaService {
         let mut b = Batch::default();
         let mut dirs = TouchedDirs::default();
         dirs.touch(&mut b, &p, dir_links(kind), now);
-        b.insert_inode(None, kind, perm, nlink, caller.uid, gid, rdev, parent, target, now);
+        b.insert_inode(deferred.map(|(_, ino)| ino), kind, perm, nlink, caller.uid, gid, rdev, parent, target, now);
         b.insert_dentry_for_new_inode(parent, name, kind);
         if let Some(value) = &access_acl {
             b.set_xattr_of_new_entry(parent, name, acl::ACCESS, value);
@@ -245,7 +247,7 @@ impl MetaService {
     }
 
     /// Removes a non-directory name; returns the directories touched and the unlinked inode.
-    pub(crate) async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(TouchedDirs, Vec<Ino>)> {
+    pub(crate) async fn unlink(&self, parent: Ino, name: &[u8], now: Timestamp) -> Result<(TouchedDirs, Vec<Ino>)> {
         let mut w = self.store.write().await?;
         let (p, child) = dir_entry(&mut w, parent, name).await?;
         let Some(child) = child else {
@@ -256,7 +258,6 @@ impl MetaService {
         }
         unlocked(p.flags)?;
         unlocked(child.flags)?;
-        let now = Timestamp::now();
         let mut b = Batch::default();
         let mut dirs = TouchedDirs::default();
         b.delete_dentry(parent, name);
@@ -268,7 +269,7 @@ impl MetaService {
     }
 
     /// Removes an empty directory; returns the directories touched and the removed one.
-    pub(crate) async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<(TouchedDirs, Vec<Ino>)> {
+    pub(crate) async fn rmdir(&self, parent: Ino, name: &[u8], now: Timestamp) -> Result<(TouchedDirs, Vec<Ino>)> {
         if name == b"." {
             return Err(err(ErrorCode::Invalid, "cannot remove '.'"));
         }
@@ -288,7 +289,6 @@ impl MetaService {
         if !child.empty {
             return Err(err(ErrorCode::NotEmpty, "directory not empty"));
         }
-        let now = Timestamp::now();
         let mut b = Batch::default();
         let mut dirs = TouchedDirs::default();
         b.delete_dentry(parent, name);
@@ -323,6 +323,7 @@ impl MetaService {
         new_parent: Ino,
         new_name: &[u8],
         mode: RenameMode,
+        now: Timestamp,
     ) -> Result<(TouchedDirs, Vec<Ino>)> {
         check_name(new_name)?;
         let mut w = self.store.write().await?;
@@ -341,7 +342,6 @@ impl MetaService {
         if src.kind == FileKind::Dir && parent != new_parent && Self::is_within(&mut w, new_parent, src.ino).await? {
             return Err(err(ErrorCode::Invalid, "cannot move a directory into itself"));
         }
-        let now = Timestamp::now();
         let mut b = Batch::default();
         let mut dirs = TouchedDirs::default();
         let unnamed: Vec<Ino> = std::iter::once(src.ino).chain(dst.as_ref().map(|d| d.ino)).collect();

@@ -8,7 +8,7 @@ use crate::registry::Registry;
 use crate::store::{Batch, Store};
 use cairn_net::{Handler, Identity, Peer, RpcClient};
 use cairn_proto::chunk::{BlockKey, ChunkRequest, ChunkResponse};
-use cairn_proto::meta::{LockKind, MetaRequest, MetaResponse};
+use cairn_proto::meta::{DeferredChange, LockKind, MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,6 +51,8 @@ pub struct MetaService {
     pub(crate) opens: Opens,
     pub(crate) registry: Registry,
     pub(crate) leases: crate::leases::Leases,
+    /// The solo lease (see `solo`).
+    solo: crate::solo::Solo,
     /// File locks of every client, in memory only (see `locks`).
     pub(crate) locks: crate::locks::Locks,
     /// Whether the database says locks may be held ([`LOCKS_SETTING`]), so that a restart
@@ -98,6 +100,7 @@ impl MetaService {
             opens: Opens::default(),
             registry: Registry::new(config.dead_after, draining),
             leases: Default::default(),
+            solo: Default::default(),
             locks: crate::locks::Locks::new(lock_grace),
             locks_recorded: tokio::sync::Mutex::new((locks_recorded, 0)),
             repair_stats: Default::default(),
@@ -141,8 +144,9 @@ impl MetaService {
                 R::Attr(self.setattr(ino, &set, !self.leases.holds_write(ino, conn)).await?)
             }
             MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => {
-                let (attr, dirs) =
-                    self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open).await?;
+                let (attr, dirs) = self
+                    .make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open, None)
+                    .await?;
                 R::Changed { attr: Some(attr), dirs: dirs.0, unnamed: Vec::new() }
             }
             MetaRequest::Link { ino, new_parent, new_name } => {
@@ -150,15 +154,15 @@ impl MetaService {
                 R::Changed { attr: Some(attr), dirs: dirs.0, unnamed: Vec::new() }
             }
             MetaRequest::Unlink { parent, name } => {
-                let (dirs, unnamed) = self.unlink(parent, &name).await?;
+                let (dirs, unnamed) = self.unlink(parent, &name, Timestamp::now()).await?;
                 R::Changed { attr: None, dirs: dirs.0, unnamed }
             }
             MetaRequest::Rmdir { parent, name } => {
-                let (dirs, unnamed) = self.rmdir(parent, &name).await?;
+                let (dirs, unnamed) = self.rmdir(parent, &name, Timestamp::now()).await?;
                 R::Changed { attr: None, dirs: dirs.0, unnamed }
             }
             MetaRequest::Rename { parent, name, new_parent, new_name, mode } => {
-                let (dirs, unnamed) = self.rename(parent, &name, new_parent, &new_name, mode).await?;
+                let (dirs, unnamed) = self.rename(parent, &name, new_parent, &new_name, mode, Timestamp::now()).await?;
                 R::Changed { attr: None, dirs: dirs.0, unnamed }
             }
             MetaRequest::ReadLink { ino } => R::Link(self.readlink(ino).await?),
@@ -251,7 +255,70 @@ impl MetaService {
                 }
                 R::Reclaimed(got)
             }
+            MetaRequest::Solo => R::Solo(self.solo.grant(conn, || self.leases.alone(conn))),
+            MetaRequest::ReserveInodes { count } => R::Inodes { first: self.reserve_inodes(count).await? },
+            MetaRequest::Deferred { epoch, first, changes } => {
+                R::Applied(self.apply_deferred(peer, epoch, first, changes).await?)
+            }
         })
+    }
+
+    /// Reserves inode numbers for a client's deferred creations: the database's counter
+    /// moves past them, so the server never hands them out itself.
+    async fn reserve_inodes(&self, count: u32) -> crate::Result<Ino> {
+        let mut b = Batch::durable(true);
+        b.reserve_inodes(u64::from(count.clamp(1, 1 << 16)));
+        Ok(self.store.write().await?.apply(b).await?.value()? as Ino)
+    }
+
+    /// Applies namespace changes made under the solo lease (see `solo`), each as its own
+    /// request would have been, at the time and with the inode number the client gave it.
+    async fn apply_deferred(
+        &self,
+        peer: &Peer,
+        epoch: u64,
+        first: u64,
+        changes: Vec<DeferredChange>,
+    ) -> crate::Result<Vec<(u64, WireError)>> {
+        let Some(done) = self.solo.accept(peer.conn_id, epoch, first) else {
+            return Err(MetaError::fs(ErrorCode::LeaseLost, "the solo lease these changes were made under has ended"));
+        };
+        let mut failed = Vec::new();
+        for (n, change) in (first..).zip(changes).skip(done as usize) {
+            let r = self.apply_change(peer, change).await;
+            self.solo.applied(epoch, n);
+            if let Err(e) = r {
+                warn!(conn = peer.conn_id, "a deferred change failed: {e}");
+                failed.push((n, e.into()));
+            }
+        }
+        Ok(failed)
+    }
+
+    async fn apply_change(&self, peer: &Peer, change: DeferredChange) -> crate::Result<()> {
+        let DeferredChange { at, ino, req } = change;
+        let conn = peer.conn_id;
+        // Leases as if the request had come then: the holder caches what it answered itself.
+        self.leases.grant(peer, &req.read_inodes());
+        match req {
+            MetaRequest::MakeNode { parent, name, kind, perm, rdev, target, caller, umask, open } => {
+                let deferred = Some((at, ino));
+                self.make_node(conn, parent, &name, kind, perm & !umask, perm, rdev, target, &caller, open, deferred)
+                    .await?;
+                self.leases.grant(peer, &[ino]);
+            }
+            MetaRequest::Unlink { parent, name } => drop(self.unlink(parent, &name, at).await?),
+            MetaRequest::Rmdir { parent, name } => drop(self.rmdir(parent, &name, at).await?),
+            MetaRequest::Rename { parent, name, new_parent, new_name, mode } => {
+                drop(self.rename(parent, &name, new_parent, &new_name, mode, at).await?)
+            }
+            MetaRequest::Close { ino } => self.close(conn, ino),
+            other => {
+                let what: &str = (&other).into();
+                return Err(MetaError::fs(ErrorCode::BadRequest, format!("{what} cannot be deferred")));
+            }
+        }
+        Ok(())
     }
 
     /// The volume keys, for an encrypted volume's clients.
@@ -441,6 +508,7 @@ impl Handler<MetaRequest, MetaResponse> for MetaService {
         // processes' locks go with it, and whoever waits for them may go on.
         self.locks.drop_conn(peer.conn_id);
         self.leases.disconnected(peer.conn_id);
+        self.solo.disconnected(peer.conn_id);
     }
 }
 
@@ -454,6 +522,11 @@ impl MetaService {
         // clients' buffered writes to what it reads or changes are flushed before it runs,
         // and the other holders of what it changed are recalled before it is answered.
         self.leases.seen(peer);
+        // Another client's solo lease ends before anything of this client runs; its holder's
+        // deferred changes are checked against it instead.
+        if peer.is_client && !matches!(req, MetaRequest::Deferred { .. }) {
+            self.solo.recall_for(&self.leases, peer.conn_id).await;
+        }
         let read = req.read_inodes();
         self.leases.grant(peer, &read);
         let mut changed = req.changed_inodes();

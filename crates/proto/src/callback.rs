@@ -17,6 +17,9 @@ pub enum Callback {
     /// answer. What this client cached stays valid (it wrote it); a later change elsewhere
     /// recalls it with `Recall`. A lease granted after the one named is kept.
     RecallWrites { leases: Vec<(Ino, u64)> },
+    /// Another client connected: send every namespace change made under the solo lease
+    /// `epoch` (`MetaRequest::Deferred`), stop making them locally, then answer.
+    RecallSolo { epoch: u64 },
 }
 
 /// A client's answer to a [`Callback`].

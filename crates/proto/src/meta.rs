@@ -1,5 +1,6 @@
 //! Requests to the metadata server and their responses.
 
+use crate::WireError;
 use crate::types::*;
 use serde::{Deserialize, Serialize};
 
@@ -315,6 +316,34 @@ pub enum MetaRequest {
     ReclaimLocks {
         locks: Vec<OwnedLocks>,
     },
+    /// Asks for the solo lease: granted (`Solo(Some(epoch))`) only to a client that is the
+    /// volume's only client. Its holder may answer namespace changes itself and send them
+    /// later as `Deferred` (see `cairn-client`'s `deferred`); any other client's first request
+    /// recalls it (`Callback::RecallSolo`), and is served once the holder sent them all.
+    Solo,
+    /// Reserves `count` inode numbers for the asker's deferred creations; answered with
+    /// `Inodes`.
+    ReserveInodes {
+        count: u32,
+    },
+    /// Namespace changes the solo lease holder already answered itself, in the order it
+    /// made them; `first` numbers the first (changes are numbered from 1 within an epoch), so
+    /// changes sent again after a lost connection are applied once. Refused whole with
+    /// `LeaseLost` unless `epoch` is the current solo lease. Answered with `Applied`.
+    Deferred {
+        epoch: u64,
+        first: u64,
+        changes: Vec<DeferredChange>,
+    },
+}
+
+/// One namespace change made under the solo lease: a `MakeNode` (creating inode `ino`, from
+/// a reserved range), `Unlink`, `Rmdir`, `Rename` or `Close`, made at time `at`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeferredChange {
+    pub at: Timestamp,
+    pub ino: Ino,
+    pub req: MetaRequest,
 }
 
 /// One owner's locks of one namespace (flock or byte range) on one inode.
@@ -366,7 +395,10 @@ impl MetaRequest {
             | R::Gc
             | R::GetLock { .. }
             | R::SetLock { .. }
-            | R::ReclaimLocks { .. } => Vec::new(),
+            | R::ReclaimLocks { .. }
+            | R::Solo
+            | R::ReserveInodes { .. }
+            | R::Deferred { .. } => Vec::new(),
         }
     }
 
@@ -430,8 +462,9 @@ pub enum MetaResponse {
         attr: Attr,
     },
     /// What a namespace change (make node, link, unlink, rmdir, rename) left: the node's
-    /// attributes where it has one, and those of every directory it touched, so the client
-    /// need not ask for them again.
+    /// attributes where it has one (and for a rename the client answered itself under the
+    /// solo lease, the moved inode's), and those of every directory it touched, so the
+    /// client need not ask for them again.
     Changed {
         attr: Option<Attr>,
         dirs: Vec<Attr>,
@@ -470,6 +503,15 @@ pub enum MetaResponse {
     LockHeld(Vec<LockInfo>),
     /// `ReclaimLocks`: for each owner's locks, in the order asked, whether they are held again.
     Reclaimed(Vec<bool>),
+    /// `Solo`: the solo lease's epoch, or `None`: another client is connected.
+    Solo(Option<u64>),
+    /// `ReserveInodes`: the first of the inode numbers reserved.
+    Inodes {
+        first: Ino,
+    },
+    /// `Deferred`: the changes the server could not apply (by their number), with why. The
+    /// holder answered them already; it reports them and drops its caches.
+    Applied(Vec<(u64, WireError)>),
 }
 
 impl MetaResponse {

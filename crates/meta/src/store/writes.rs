@@ -366,6 +366,13 @@ impl Batch {
             .bind(count as i64);
     }
 
+    /// Reserves `count` inode numbers; the first comes back through [`super::Returned::value`].
+    pub(crate) fn reserve_inodes(&mut self, count: u64) {
+        self.push("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'inodes' RETURNING seq - ? + 1 AS value")
+            .bind(count as i64)
+            .bind(count as i64);
+    }
+
     /// Records which servers hold a slice's blocks (after re-replication).
     pub(crate) fn set_slice_servers(&mut self, slice: SliceId, servers: &[ServerId]) {
         self.push("UPDATE slices SET servers = ? WHERE slice = ?").bind(servers_to_text(servers)).bind(slice as i64);

@@ -1,0 +1,381 @@
+//! Namespace changes answered here and sent afterwards, under the solo lease (see
+//! `cairn-meta`'s `solo`): while this client is the volume's only client, a create, mkdir,
+//! unlink, rmdir or rename it can decide from what it knows for certain (the directory's
+//! complete listing and its attributes) is answered at once and queued, as a local filesystem
+//! answers before its journal is written. A background task sends the queue in order, one
+//! batch at a time (`MetaRequest::Deferred`), so a run of changes costs a round trip per batch
+//! instead of one per change.
+//!
+//! Every other request to the metadata server waits until the changes queued before it were
+//! applied, so the server never answers from an older state than this client showed. Another
+//! client's arrival recalls the lease: this client stops deferring, sends its queue, then
+//! answers, and the other client's request runs only then.
+//!
+//! A change the server refuses after this client answered it (which its checks here should
+//! make impossible) is logged as an error and counted (`cairn stats`: `deferred.failed`), and
+//! every cache is dropped so that what the server holds shows again.
+
+use crate::Client;
+use cairn_proto::meta::{DeferredChange, MetaRequest, MetaResponse, RenameMode};
+use cairn_proto::*;
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The lease is asked for again at most this often while another client is connected.
+const ASK_EVERY: Duration = Duration::from_secs(2);
+/// Inode numbers reserved at a time, and how few left start the next reservation.
+const RESERVE: u32 = 4096;
+const RESERVE_BELOW: u64 = 1024;
+/// Changes sent in one request at most.
+const BATCH: usize = 512;
+/// Changes queued at most; past this, changes wait for the queue like any other request.
+const MAX_QUEUED: usize = 8192;
+/// How long a batch is sent again over new connections before its changes count as lost.
+const RESEND_FOR: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct State {
+    /// The solo lease's epoch while this client holds it and may defer changes.
+    epoch: Option<u64>,
+    /// Bumped whenever a lease ends here (recall, lost connection): a grant answered across
+    /// that is not used.
+    ended: u64,
+    asked: Option<Instant>,
+    inos: VecDeque<Range<Ino>>,
+    reserving: bool,
+    /// Changes not sent yet: (epoch, number within the epoch, change).
+    queue: VecDeque<(u64, u64, DeferredChange)>,
+    /// The number the next change under `epoch` gets (from 1).
+    next: u64,
+    /// Changes queued and changes answered (applied or refused) since the start.
+    queued: u64,
+    finished: u64,
+    sending: bool,
+}
+
+pub(crate) struct Deferred {
+    /// Off on `dirsync` and `sync` mounts.
+    enabled: bool,
+    state: Mutex<State>,
+    /// Woken when changes were answered.
+    answered: tokio::sync::Notify,
+}
+
+impl Deferred {
+    pub(crate) fn new(enabled: bool) -> Deferred {
+        Deferred { enabled, state: Default::default(), answered: Default::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("deferred changes")
+    }
+}
+
+impl Client {
+    /// Answers `req` here and queues it, if the solo lease is held and this client knows
+    /// the outcome for certain; `None`: send it (after the queue).
+    pub(crate) fn defer(&self, req: &MetaRequest) -> Option<MetaResponse> {
+        use MetaRequest as R;
+        let change = matches!(req, R::MakeNode { .. } | R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. });
+        if !self.deferred.enabled || (!change && !matches!(req, R::Close { .. })) {
+            return None;
+        }
+        let me = self.shared()?;
+        let mut s = self.deferred.lock();
+        let Some(epoch) = s.epoch else {
+            if change && s.asked.is_none_or(|at| at.elapsed() >= ASK_EVERY) {
+                s.asked = Some(Instant::now());
+                let ended = s.ended;
+                tokio::spawn(async move { me.ask_solo(ended).await });
+            }
+            return None;
+        };
+        if s.queue.len() >= MAX_QUEUED {
+            return None;
+        }
+        let makes = matches!(req, R::MakeNode { .. });
+        if makes && !s.reserving && s.inos.iter().map(|r| r.end - r.start).sum::<u64>() < RESERVE_BELOW {
+            s.reserving = true;
+            let client = me.clone();
+            tokio::spawn(async move { client.reserve_inodes().await });
+        }
+        let at = Timestamp::now();
+        let answer = match req {
+            // A close needs no answer; it only has to stay behind the changes before it.
+            R::Close { .. } if s.queue.is_empty() && !s.sending => return None,
+            R::Close { .. } => Some((0, MetaResponse::Empty)),
+            R::MakeNode { .. } => {
+                let ino = s.inos.front().map(|r| r.start);
+                ino.and_then(|ino| Some((ino, self.local_make(req, ino, at)?)))
+            }
+            _ => self.local_change(req, at).map(|resp| (0, resp)),
+        };
+        let Some((ino, resp)) = answer else {
+            drop(s);
+            req.changed_names().into_iter().for_each(|(dir, _)| self.change_unlisted(dir));
+            return None;
+        };
+        if ino != 0 {
+            let range = s.inos.front_mut().expect("an inode number was taken from it");
+            range.start += 1;
+            if range.is_empty() {
+                s.inos.pop_front();
+            }
+        }
+        s.next += 1;
+        let n = s.next;
+        s.queue.push_back((epoch, n, DeferredChange { at, ino, req: req.clone() }));
+        s.queued += 1;
+        if !s.sending {
+            s.sending = true;
+            tokio::spawn(async move { me.send_deferred().await });
+        }
+        self.stats.count("deferred", req.into());
+        Some(resp)
+    }
+
+    /// Waits until every change queued so far was answered by the server.
+    pub(crate) async fn drain_deferred(&self) {
+        let target = self.deferred.lock().queued;
+        loop {
+            let answered = self.deferred.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if self.deferred.lock().finished >= target {
+                return;
+            }
+            answered.await;
+        }
+    }
+
+    /// Gives the solo lease back (recalled by the server): defers nothing more, and answers
+    /// once the queue was sent.
+    pub(crate) async fn recall_solo(&self, epoch: u64) {
+        self.stats.count("callback", "RecallSolo");
+        {
+            let mut s = self.deferred.lock();
+            s.ended += 1;
+            if s.epoch == Some(epoch) {
+                s.epoch = None;
+            }
+        }
+        self.drain_deferred().await;
+    }
+
+    /// The connection to the metadata server was lost: the lease went with it (the server
+    /// keeps it only for the queued changes, sent on the next connection before anything).
+    pub(crate) fn solo_lost(&self) {
+        let mut s = self.deferred.lock();
+        s.ended += 1;
+        s.epoch = None;
+    }
+
+    async fn ask_solo(&self, ended: u64) {
+        if let Ok(MetaResponse::Solo(Some(epoch))) = self.call(MetaRequest::Solo).await {
+            let mut s = self.deferred.lock();
+            if s.ended == ended {
+                tracing::debug!(epoch, "holding the solo lease: namespace changes are answered here");
+                s.epoch = Some(epoch);
+                s.next = 0;
+            }
+        }
+    }
+
+    async fn reserve_inodes(&self) {
+        let got = self.call(MetaRequest::ReserveInodes { count: RESERVE }).await;
+        let mut s = self.deferred.lock();
+        s.reserving = false;
+        match got {
+            Ok(MetaResponse::Inodes { first }) => s.inos.push_back(first..first + Ino::from(RESERVE)),
+            other => tracing::debug!("no inode numbers reserved: {other:?}"),
+        }
+    }
+
+    /// Sends the queue, a batch at a time, until it is empty.
+    async fn send_deferred(self: Arc<Self>) {
+        loop {
+            let (epoch, first, changes) = {
+                let mut s = self.deferred.lock();
+                let Some(&(epoch, first, _)) = s.queue.front() else {
+                    s.sending = false;
+                    return;
+                };
+                let mut changes = Vec::new();
+                while changes.len() < BATCH
+                    && let Some((e, _, _)) = s.queue.front()
+                    && *e == epoch
+                {
+                    changes.push(s.queue.pop_front().expect("checked").2);
+                }
+                (epoch, first, changes)
+            };
+            let count = changes.len() as u64;
+            let req = MetaRequest::Deferred { epoch, first, changes };
+            match self.send_batch(&req).await {
+                Ok(failed) if failed.is_empty() => {}
+                Ok(failed) => {
+                    for (n, e) in &failed {
+                        tracing::error!(n, "a namespace change answered here was refused by the metadata server: {e}");
+                    }
+                    self.stats.add("deferred", "failed", failed.len() as u64);
+                    self.forget_all();
+                }
+                Err(e) => {
+                    tracing::error!(count, "namespace changes answered here were lost: {e}");
+                    self.stats.add("deferred", "failed", count);
+                    self.forget_all();
+                }
+            }
+            self.deferred.lock().finished += count;
+            self.deferred.answered.notify_waiters();
+        }
+    }
+
+    /// Sends one batch, again over new connections while the server cannot be reached (the
+    /// server applies each change once).
+    async fn send_batch(&self, req: &MetaRequest) -> crate::Result<Vec<(u64, WireError)>> {
+        let started = Instant::now();
+        loop {
+            self.stats.count("meta", req.into());
+            let sent = self.session.now();
+            match self.meta.call::<_, MetaResponse>(req).await.map_err(crate::ClientError::from) {
+                Ok((MetaResponse::Applied(failed), _)) => {
+                    self.session.answered(sent);
+                    return Ok(failed);
+                }
+                Ok((other, _)) => return Err(crate::unexpected(other)),
+                Err(e) if e.unanswered() && started.elapsed() < RESEND_FOR => {
+                    tracing::warn!("sending deferred namespace changes again: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A live directory's attributes as this client last left them.
+    fn known_dir(&self, ino: Ino) -> Option<Attr> {
+        self.dir_attrs.get(&ino).filter(|a| a.kind == FileKind::Dir && a.nlink > 0)
+    }
+
+    /// The answer the server would give to a create or mkdir making inode `ino` at `at`.
+    fn local_make(&self, req: &MetaRequest, ino: Ino, at: Timestamp) -> Option<MetaResponse> {
+        let MetaRequest::MakeNode { parent, name, kind, perm, rdev, target: None, caller, umask, open: _ } = req else {
+            return None;
+        };
+        let p = self.known_dir(*parent)?;
+        // A default ACL (the parent has xattrs) decides the mode on the server.
+        let simple = matches!(kind, FileKind::File | FileKind::Dir) && !p.has_xattrs;
+        if !simple
+            || p.flags & inode_flags::IMMUTABLE != 0
+            || !valid_name(name)
+            || self.known_entry(*parent, name)?.is_some()
+        {
+            return None;
+        }
+        let mut perm = perm & !umask & 0o7777;
+        let mut gid = caller.gid;
+        if p.perm & S_ISGID != 0 {
+            gid = p.gid;
+            if *kind == FileKind::Dir {
+                perm |= S_ISGID;
+            }
+        }
+        let dir = *kind == FileKind::Dir;
+        let attr = Attr {
+            ino,
+            kind: *kind,
+            perm,
+            nlink: if dir { 2 } else { 1 },
+            uid: caller.uid,
+            gid,
+            rdev: *rdev,
+            size: 0,
+            atime: at,
+            mtime: at,
+            ctime: at,
+            crtime: at,
+            has_xattrs: false,
+            stored: 0,
+            flags: 0,
+        };
+        Some(MetaResponse::Changed { attr: Some(attr), dirs: vec![touched(p, i64::from(dir), at)], unnamed: vec![] })
+    }
+
+    /// The answer the server would give to an unlink, rmdir or rename made at `at`.
+    fn local_change(&self, req: &MetaRequest, at: Timestamp) -> Option<MetaResponse> {
+        let locked = |a: &Attr| a.flags & inode_flags::LOCKED != 0;
+        let links = |a: &Attr| i64::from(a.kind == FileKind::Dir);
+        match req {
+            MetaRequest::Unlink { parent, name } | MetaRequest::Rmdir { parent, name } => {
+                let p = self.known_dir(*parent)?;
+                let child = self.known_entry(*parent, name)??;
+                let rmdir = matches!(req, MetaRequest::Rmdir { .. });
+                if locked(&p) || locked(&child) || (child.kind == FileKind::Dir) != rmdir {
+                    return None;
+                }
+                // Only a directory this client knows to be empty.
+                if rmdir && !self.known_empty(child.ino) {
+                    return None;
+                }
+                let dirs = vec![touched(p, -links(&child), at)];
+                Some(MetaResponse::Changed { attr: None, dirs, unnamed: vec![child.ino] })
+            }
+            MetaRequest::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                mode: RenameMode::Replace | RenameMode::NoReplace,
+            } => {
+                let p = self.known_dir(*parent)?;
+                let src = self.known_entry(*parent, name)??;
+                // A directory moving elsewhere needs the server's check that it does not move
+                // into itself; a rename over an existing name, the server's replace.
+                let moves_dir = src.kind == FileKind::Dir && parent != new_parent;
+                if locked(&p) || locked(&src) || moves_dir || !valid_name(new_name) {
+                    return None;
+                }
+                if self.known_entry(*new_parent, new_name)?.is_some() {
+                    return None;
+                }
+                let dirs = if parent == new_parent {
+                    vec![touched(p, 0, at)]
+                } else {
+                    let q = self.known_dir(*new_parent)?;
+                    if q.flags & inode_flags::IMMUTABLE != 0 {
+                        return None;
+                    }
+                    vec![touched(p, -links(&src), at), touched(q, links(&src), at)]
+                };
+                let moved = Attr { ctime: at, ..src };
+                Some(MetaResponse::Changed { unnamed: vec![moved.ino], attr: Some(moved), dirs })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The set-group-ID bit: a directory with it gives new entries its group, and new
+/// directories the bit.
+const S_ISGID: u32 = 0o2000;
+
+/// A directory's attributes after a change in it at `at` that adds `nlink_delta` links.
+fn touched(mut dir: Attr, nlink_delta: i64, at: Timestamp) -> Attr {
+    dir.nlink = (i64::from(dir.nlink) + nlink_delta) as u32;
+    dir.mtime = at;
+    dir.ctime = at;
+    dir
+}
+
+/// A name the server accepts (else it is sent, for the server's error).
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name != b"."
+        && name != b".."
+        && !name.contains(&b'/')
+        && !name.contains(&0)
+        && name.len() <= NAME_MAX
+}

@@ -1,0 +1,152 @@
+//! Namespace changes a client alone on the volume answers itself under the solo lease and
+//! sends afterwards (crates/client/src/deferred.rs, crates/meta/src/solo.rs): what it answered
+//! must be what the metadata server ends up holding, and another client must see all of it.
+
+use cairn_tests::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Changes answered by the mount itself so far.
+fn deferred(mnt: &Path) -> u64 {
+    request_count(mnt, |n| n.starts_with("deferred.") && n != "deferred.failed")
+}
+
+/// Makes and removes directories until the mount answers them itself (it asks for the solo
+/// lease at its first change; the answer arrives a moment later).
+fn until_deferred(mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dir = mnt.join("warm-up");
+    while deferred(mnt) == 0 {
+        assert!(Instant::now() < deadline, "the mount never answered a change itself");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every entry under `root` with what `stat` tells of it (all but atime).
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            if m.is_dir() {
+                todo.push(path.clone());
+            }
+            let name = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let what = format!(
+                "ino {} mode {:o} uid {} gid {} nlink {} size {} mtime {}.{} ctime {}.{}",
+                m.ino(),
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.nlink(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            );
+            out.insert(name, what);
+        }
+    }
+    out
+}
+
+/// The directory's own attributes, as [`tree`] tells them.
+fn dir_stat(dir: &Path) -> String {
+    let m = std::fs::metadata(dir).unwrap();
+    format!("nlink {} mtime {}.{} ctime {}.{}", m.nlink(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+}
+
+#[test]
+fn what_a_lone_client_answered_itself_is_what_the_server_holds() {
+    let c = Cluster::start(1);
+    until_deferred(&c.mnt);
+    let before = deferred(&c.mnt);
+    // A setgid directory: new entries take its group, new directories its bit too. The
+    // creates after the chmod have the mount list it and learn its attributes again.
+    sh(
+        &c.mnt,
+        "umask 027
+         mkdir -p t/a/b t/sg
+         chgrp 100 t/sg && chmod 2775 t/sg
+         for i in 1 2 3 4 5; do touch t/sg/f$i; done",
+    );
+    let made = || request_count(&c.mnt, |n| n == "deferred.MakeNode");
+    let before_sg = made();
+    sh(&c.mnt, "umask 027 && mkdir t/sg/sub && touch t/sg/f");
+    assert_eq!(made() - before_sg, 2, "the mkdir and create in the setgid directory were not answered locally");
+    sh(
+        &c.mnt,
+        "umask 027
+         for i in $(seq 1 40); do echo $i > t/a/f$i; done
+         for i in $(seq 1 10); do mv t/a/f$i t/a/g$i; done
+         for i in $(seq 11 15); do mv t/a/f$i t/a/b/h$i; done
+         rm t/a/f2? && mkdir t/a/gone && rmdir t/a/gone
+         for i in $(seq 1 30); do mkdir t/x$i; touch t/x$i/y; done
+         for i in $(seq 1 30); do rm t/x$i/y; rmdir t/x$i; done
+         mkdir t/a/b/c && mv t/a/b/c t/a/b/d && touch t/a/b/d/e",
+    );
+    let answered = deferred(&c.mnt) - before;
+    assert!(answered > 100, "only {answered} changes were answered by the mount itself");
+    let here = tree(&c.path("t"));
+    let root = dir_stat(&c.path("t"));
+    assert!(here["sg/sub"].contains("mode 42750 uid 0 gid 100 nlink 2"), "{}", here["sg/sub"]);
+    assert!(here["sg/f"].contains("mode 100640 uid 0 gid 100"), "{}", here["sg/f"]);
+    // a, a/b, sg, sg/sub, sg/f, sg/f1..f5; 25 files left in a; h11..h15, d and d/e in a/b.
+    assert_eq!(here.len(), 10 + 25 + 7, "{here:#?}");
+
+    // A fresh mount knows only what the metadata server holds.
+    c.down();
+    c.up(1, &[]);
+    assert_eq!(tree(&c.path("t")), here, "what the mount answered differs from what the server holds");
+    assert_eq!(dir_stat(&c.path("t")), root, "the parent directory's link count or times differ");
+    assert_eq!(request_count(&c.mnt, |n| n == "deferred.failed"), 0);
+    assert_eq!(std::fs::read_to_string(c.path("t/a/g7")).unwrap(), "7\n");
+    assert_eq!(std::fs::read_to_string(c.path("t/a/b/h12")).unwrap(), "12\n");
+}
+
+#[test]
+fn another_client_sees_every_change_the_lone_client_answered_itself() {
+    let c = Cluster::start(1);
+    until_deferred(&c.mnt);
+    let before = deferred(&c.mnt);
+    // Thousands of changes in a burst: most are still queued when the other client connects.
+    sh(
+        &c.mnt,
+        "mkdir d && cd d
+         for i in $(seq 1 1500); do : > f$i; done
+         for i in $(seq 1 500); do mv f$i r$i; done
+         for i in $(seq 501 1000); do rm f$i; done
+         for i in $(seq 1 200); do mkdir m$i; done",
+    );
+    let other = c.mount_again("other", "");
+    let mut names: Vec<String> =
+        std::fs::read_dir(other.join("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    let mut want: Vec<String> = (1..=500)
+        .map(|i| format!("r{i}"))
+        .chain((1001..=1500).map(|i| format!("f{i}")))
+        .chain((1..=200).map(|i| format!("m{i}")))
+        .collect();
+    want.sort();
+    assert_eq!(names, want, "the other client's listing differs from what the first answered");
+    assert_eq!(std::fs::metadata(other.join("d")).unwrap().nlink(), 202);
+    assert!(deferred(&c.mnt) - before > 2000, "the changes were not answered by the first mount itself");
+
+    // With another client connected, changes go to the server before they return.
+    let during = deferred(&c.mnt);
+    std::fs::create_dir(c.path("d/late")).unwrap();
+    std::fs::write(c.path("d/late/x"), b"x").unwrap();
+    assert_eq!(std::fs::read(other.join("d/late/x")).unwrap(), b"x");
+    std::fs::remove_dir(other.join("d/m1")).unwrap();
+    assert!(!c.path("d/m1").exists(), "the other client's rmdir is seen at once");
+    assert_eq!(deferred(&c.mnt), during, "a change was answered locally while another client was connected");
+    assert_eq!(request_count(&c.mnt, |n| n == "deferred.failed"), 0);
+    umount_lazy(&other);
+}
