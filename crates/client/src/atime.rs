@@ -50,13 +50,17 @@ impl Atimes {
         }
     }
 
-    /// Shows an update still in flight in `a`, and remembers `a`'s times.
+    /// Shows in `a` an update this client made (in flight or done: cached attributes read
+    /// before it are not dropped for it), and remembers `a`'s times.
     pub(crate) fn note(&self, a: &mut Attr) {
         if self.mode == AtimeMode::Never {
             return;
         }
         if let Some(t) = self.pending.get(&a.ino) {
             a.atime = a.atime.max(*t);
+        }
+        if let Some((t, _, _)) = self.known.get(&a.ino) {
+            a.atime = a.atime.max(t);
         }
         self.known.insert(a.ino, (a.atime, a.mtime, a.ctime));
     }

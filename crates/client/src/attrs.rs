@@ -32,7 +32,7 @@ impl FileAttrs {
     /// link count or ctime of inodes it does not name: its answer names them, and without
     /// an answer any file may have changed.
     pub(crate) fn forget(&self, req: &MetaRequest, answer: Option<&Result<MetaResponse>>, epoch: u64) {
-        for ino in req.changed_inodes() {
+        for ino in crate::cached_changes(req) {
             self.cache.invalidate(&ino);
         }
         match answer {

@@ -117,9 +117,10 @@ pub struct Client {
     /// `chattr` flags of inodes seen with any set, so writes through handles opened earlier
     /// fail on immutable files and reads skip atime on `noatime` ones.
     pub(crate) inode_flags: moka::sync::Cache<Ino, u32>,
-    /// Directories' attributes as this client's last namespace change left them, for the
-    /// getattr the kernel sends after every create, unlink or rename in a directory (it drops
-    /// the parent's attributes then). Kept for the attribute TTL, like the kernel's own cache.
+    /// Directories' attributes as this client's last namespace change (or lookup, getattr)
+    /// left them, for the getattr the kernel sends after every create, unlink or rename in a
+    /// directory (it drops the parent's attributes then). Kept for the attribute TTL, like the
+    /// kernel's own cache; a recall drops them.
     pub(crate) dir_attrs: moka::sync::Cache<Ino, Attr>,
     /// Small files' first maps from directory listings, size first: an open starts fetching
     /// the data by them while it waits for the server (see `DirEntry::first_map`).
@@ -157,6 +158,19 @@ pub struct Client {
     /// This client, for the background tasks its calls start.
     me: std::sync::OnceLock<std::sync::Weak<Client>>,
 }
+
+/// The inodes whose cached attributes `req` makes stale: those it changes, except for the
+/// access times of `Touch`, which every answer from a cache shows anyway (`Atimes::note`):
+/// reading a file must not cost the listing that says it exists (see `deferred`).
+pub(crate) fn cached_changes(req: &MetaRequest) -> Vec<Ino> {
+    match req {
+        MetaRequest::Touch { .. } => Vec::new(),
+        _ => req.changed_inodes(),
+    }
+}
+
+/// How many times a read that raced with a change is asked again (see `Client::call`).
+const RACED_ASKS: usize = 4;
 
 /// What a file looked like on the server when it was last opened: the kernel may keep its
 /// pages only if a new open finds the same (see `Client::open`). Changes the kernel did not
@@ -242,29 +256,44 @@ impl Client {
     }
 
     pub(crate) async fn call(&self, req: MetaRequest) -> Result<MetaResponse> {
-        let (resp, sent) = self.call_once(&req).await;
         // A plain read whose answer raced with a change of what it describes (a recall, or
         // this client's own) is asked again: the answer may predate the change, and callers
         // cache what they get (reads clip at the size an answer leaves in `sizes`, so a size
         // from before this client's own commit would cut its new data short). An open is not
         // asked again, as it registers a handle: its attributes are.
-        let raced = |r: &MetaResponse| r.described_inodes().iter().any(|i| self.listings.changed_since(*i, sent));
-        match (&req, resp) {
-            (MetaRequest::GetAttr { .. } | MetaRequest::Lookup { .. } | MetaRequest::ReadDir { .. }, Ok(r))
-                if raced(&r) =>
-            {
-                self.call_once(&req).await.0
+        match req {
+            MetaRequest::GetAttr { .. } | MetaRequest::Lookup { .. } | MetaRequest::ReadDir { .. } => {
+                self.call_unraced(&req).await
             }
-            (MetaRequest::Open { ino }, Ok(MetaResponse::Opened { first_map, .. }))
-                if self.listings.changed_since(*ino, sent) =>
-            {
-                match self.call_once(&MetaRequest::GetAttr { ino: *ino }).await.0? {
-                    MetaResponse::Attr(attr) => Ok(MetaResponse::Opened { attr, first_map }),
-                    other => Err(unexpected(other)),
+            MetaRequest::Open { ino } => {
+                let (resp, sent) = self.call_once(&req).await;
+                match resp? {
+                    MetaResponse::Opened { first_map, .. } if self.listings.changed_since(ino, sent) => {
+                        match self.call_unraced(&MetaRequest::GetAttr { ino }).await? {
+                            MetaResponse::Attr(attr) => Ok(MetaResponse::Opened { attr, first_map }),
+                            other => Err(unexpected(other)),
+                        }
+                    }
+                    other => Ok(other),
                 }
             }
-            (_, resp) => resp,
+            _ => self.call_once(&req).await.0,
         }
+    }
+
+    /// Sends a plain read until its answer did not race with a change of what it describes.
+    /// Asking once more is not always enough: the change (a commit sent just before) may
+    /// still be on its way when the second answer is read.
+    async fn call_unraced(&self, req: &MetaRequest) -> Result<MetaResponse> {
+        let raced = |r: &MetaResponse, sent| r.described_inodes().iter().any(|i| self.listings.changed_since(*i, sent));
+        let (mut resp, mut sent) = self.call_once(req).await;
+        for _ in 0..RACED_ASKS {
+            match &resp {
+                Ok(r) if raced(r, sent) => (resp, sent) = self.call_once(req).await,
+                _ => break,
+            }
+        }
+        resp
     }
 
     /// Sends one request and updates the caches it concerns; returns the answer and the
@@ -315,8 +344,10 @@ impl Client {
         self.listings.after(req, sent, &resp);
         self.forget_dir_attrs(req, Some(&resp));
         self.file_attrs.forget(req, Some(&resp), self.listings.next_epoch());
-        if let Some(a) = latest {
-            self.file_attrs.keep(&a, sent, sent_at);
+        match latest {
+            Some(a) if a.kind == FileKind::Dir => self.keep_dir_attr(self.note_attr(a)),
+            Some(a) => self.file_attrs.keep(&a, sent, sent_at),
+            None => {}
         }
         (resp, sent)
     }
@@ -393,16 +424,19 @@ impl Client {
         match self.call(req).await? {
             MetaResponse::Changed { attr, dirs, .. } => {
                 for d in dirs {
-                    let d = self.note_attr(d);
-                    // Answers of concurrent changes may arrive out of order: keep the newest.
-                    let newer = self.dir_attrs.get(&d.ino).is_none_or(|old| old.ctime <= d.ctime);
-                    if newer {
-                        self.dir_attrs.insert(d.ino, d);
-                    }
+                    self.keep_dir_attr(self.note_attr(d));
                 }
                 Ok(attr.map(|a| self.note_attr(a)))
             }
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Keeps a directory's attributes from an answer (see `dir_attrs`). Answers of concurrent
+    /// requests may arrive out of order: the newest is kept.
+    fn keep_dir_attr(&self, d: Attr) {
+        if self.dir_attrs.get(&d.ino).is_none_or(|old| old.ctime <= d.ctime) {
+            self.dir_attrs.insert(d.ino, d);
         }
     }
 
@@ -417,7 +451,6 @@ impl Client {
                 | MetaRequest::RemoveXattr { ino, .. },
                 None,
             ) => self.dir_attrs.invalidate(ino),
-            (MetaRequest::Touch { times }, None) => times.iter().for_each(|(ino, _)| self.dir_attrs.invalidate(ino)),
             (MetaRequest::Rmdir { .. } | MetaRequest::Rename { .. }, Some(answer)) => match answer {
                 Ok(MetaResponse::Changed { unnamed, .. }) => {
                     unnamed.iter().for_each(|ino| self.dir_attrs.invalidate(ino))

@@ -228,7 +228,7 @@ impl Listings {
     /// Marks what `req` may change before it is sent; returns the epoch it was sent at.
     pub(crate) fn before(&self, req: &MetaRequest) -> u64 {
         let epoch = self.next_epoch();
-        for ino in req.changed_inodes() {
+        for ino in crate::cached_changes(req) {
             self.mark(ino, epoch);
         }
         // A name's state is unknown until the answer says what became of it. Its inode
@@ -247,7 +247,7 @@ impl Listings {
         // First the marks: whatever the answer, an inode the request may have changed may
         // have changed after any listing read meanwhile.
         let epoch = self.next_epoch();
-        for ino in req.changed_inodes() {
+        for ino in crate::cached_changes(req) {
             self.mark(ino, epoch);
         }
         if let Ok(MetaResponse::Changed { unnamed, .. }) = resp {
