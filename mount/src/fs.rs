@@ -234,11 +234,6 @@ impl Filesystem for CairnFs {
         Ok(())
     }
 
-    fn destroy(&mut self) {
-        // Access times gathered for a moment are not lost with the mount.
-        self.rt.block_on(self.client.send_atimes());
-    }
-
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
         run!(self, reply, |c| c.lookup(parent.0, &name), |e| {

@@ -101,24 +101,28 @@ fn run(args: MountArgs, pipe: Option<std::fs::File>) -> anyhow::Result<()> {
 
     let guard = std::mem::replace(&mut session.guard, std::thread::spawn(|| Ok(())));
     let ended = guard.join().map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
-    if let Err(e) = ended {
+    match &ended {
         // Dropping the session unmounts what the failed loop may have left mounted.
-        drop(session);
-        return Err(anyhow::Error::from(e).context("FUSE session"));
+        Err(_) => drop(session),
+        // The kernel ended the session, so the mount is gone. Dropping the session would
+        // unmount the path once more, and by then it may hold a new mount of the same volume
+        // (a remount is umount followed at once by mount): keep it from doing so.
+        Ok(()) => {
+            std::mem::forget(session);
+            info!(mountpoint = %args.mountpoint.display(), "unmounted");
+        }
     }
-    // The kernel ended the session, so the mount is gone. Dropping the session would unmount
-    // the path once more, and by then it may hold a new mount of the same volume (a remount
-    // is umount followed at once by mount): keep it from doing so.
-    std::mem::forget(session);
-    info!(mountpoint = %args.mountpoint.display(), "unmounted");
-    // Writes closed just before the unmount may still be on their way (write-behind); with
-    // the servers away, they are given up after a bound rather than holding the exit.
+    // Whichever way the session ended, what this client still holds reaches the servers:
+    // access times gathered for a moment, writes closed just before the unmount (write-behind)
+    // and namespace changes answered here (see cairn-client's `deferred`). With the servers
+    // away, the writes are given up after a bound rather than holding the exit.
+    rt.block_on(client.send_atimes());
     if rt.block_on(async { tokio::time::timeout(FLUSH_AT_EXIT, client.flush_all()).await }).is_err() {
         warn!("writes still buffered at unmount were not committed within {FLUSH_AT_EXIT:?}: they are lost");
     }
     // Tell the metadata server now, so it stops counting this client among lease holders.
     rt.block_on(client.disconnect());
-    Ok(())
+    ended.map_err(|e| anyhow::Error::from(e).context("FUSE session"))
 }
 
 /// Mounts; returns the FUSE session, the client and a handle on the runtime that drives it.

@@ -6,8 +6,9 @@
 //! batch at a time (`MetaRequest::Deferred`), so a run of changes costs a round trip per batch
 //! instead of one per change.
 //!
-//! Every other request to the metadata server waits until the changes queued before it were
-//! applied, so the server never answers from an older state than this client showed. Another
+//! Every other request to the metadata server waits until the queued changes that concern
+//! what it reads or changes were applied (`drain_for`), so the server never answers from an
+//! older state than this client showed. Another
 //! client's arrival recalls the lease: this client stops deferring, sends its queue, then
 //! answers, and the other client's request runs only then.
 //!
@@ -18,7 +19,7 @@
 use crate::Client;
 use cairn_proto::meta::{DeferredChange, MetaRequest, MetaResponse, RenameMode};
 use cairn_proto::*;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +33,10 @@ const RESERVE_BELOW: u64 = 1024;
 const BATCH: usize = 512;
 /// Changes queued at most; past this, changes wait for the queue like any other request.
 const MAX_QUEUED: usize = 8192;
+/// Files open or with writes not committed past which creates are no longer answered here:
+/// each create answered at once lets a writer run ahead of its closes and commits, and an
+/// unmount or another client's arrival would then wait for all of them.
+const MAX_OPEN_FILES: usize = 256;
 /// How long a batch is sent again over new connections before its changes count as lost.
 const RESEND_FOR: Duration = Duration::from_secs(30);
 
@@ -52,6 +57,9 @@ struct State {
     /// Changes queued and changes answered (applied or refused) since the start.
     queued: u64,
     finished: u64,
+    /// For each inode a change in the queue or in flight concerns (created, removed, moved,
+    /// closed, or the directory it changed), the count of changes queued up to the last one.
+    touched: HashMap<Ino, u64>,
     sending: bool,
 }
 
@@ -106,6 +114,9 @@ impl Client {
             // A close needs no answer; it only has to stay behind the changes before it.
             R::Close { .. } if s.queue.is_empty() && !s.sending => return None,
             R::Close { .. } => Some((0, MetaResponse::Empty)),
+            // Files still open or not committed hold work the server has yet to see (their
+            // closes may still be queued in the kernel): past a bound, creates wait for it.
+            R::MakeNode { .. } if self.files.len() >= MAX_OPEN_FILES => None,
             R::MakeNode { .. } => {
                 let ino = s.inos.front().map(|r| r.start);
                 ino.and_then(|ino| Some((ino, self.local_make(req, ino, at)?)))
@@ -128,6 +139,10 @@ impl Client {
         let n = s.next;
         s.queue.push_back((epoch, n, DeferredChange { at, ino, req: req.clone() }));
         s.queued += 1;
+        let queued = s.queued;
+        for concerned in concerned(req, &resp) {
+            s.touched.insert(concerned, queued);
+        }
         if !s.sending {
             s.sending = true;
             tokio::spawn(async move { me.send_deferred().await });
@@ -139,6 +154,29 @@ impl Client {
     /// Waits until every change queued so far was answered by the server.
     pub(crate) async fn drain_deferred(&self) {
         let target = self.deferred.lock().queued;
+        self.wait_answered(target).await;
+    }
+
+    /// Waits until the changes queued so far that concern what `req` reads or changes were
+    /// answered by the server; all of them for a request that names no inode (`Sync`,
+    /// `StatFs`, locks…). A commit then waits for its file's create, not for every change
+    /// queued behind it.
+    pub(crate) async fn drain_for(&self, req: &MetaRequest) {
+        let mut inos = req.read_inodes();
+        inos.extend(req.changed_inodes());
+        inos.extend(req.changed_names().into_iter().map(|(dir, _)| dir));
+        let target = {
+            let s = self.deferred.lock();
+            match inos.is_empty() {
+                true => s.queued,
+                false => inos.iter().filter_map(|i| s.touched.get(i).copied()).max().unwrap_or(0),
+            }
+        };
+        self.wait_answered(target).await;
+    }
+
+    /// Waits until `target` changes were answered.
+    async fn wait_answered(&self, target: u64) {
         loop {
             let answered = self.deferred.answered.notified();
             tokio::pin!(answered);
@@ -228,7 +266,12 @@ impl Client {
                     self.forget_all();
                 }
             }
-            self.deferred.lock().finished += count;
+            {
+                let mut s = self.deferred.lock();
+                s.finished += count;
+                let finished = s.finished;
+                s.touched.retain(|_, last| *last > finished);
+            }
             self.deferred.answered.notify_waiters();
         }
     }
@@ -242,7 +285,10 @@ impl Client {
             let sent = self.session.now();
             match self.meta.call::<_, MetaResponse>(req).await.map_err(crate::ClientError::from) {
                 Ok((MetaResponse::Applied(failed), _)) => {
-                    self.session.answered(sent);
+                    // As in `call_once`: a session that lapsed meanwhile may have missed recalls.
+                    if self.session.answered(sent) {
+                        self.forget_all();
+                    }
                     return Ok(failed);
                 }
                 Ok((other, _)) => return Err(crate::unexpected(other)),
@@ -355,6 +401,18 @@ impl Client {
             }
             _ => None,
         }
+    }
+}
+
+/// The inodes a queued change concerns: what its answer describes or unnamed, and a closed
+/// file.
+fn concerned(req: &MetaRequest, resp: &MetaResponse) -> Vec<Ino> {
+    match (req, resp) {
+        (_, MetaResponse::Changed { attr, dirs, unnamed }) => {
+            attr.iter().chain(dirs).map(|a| a.ino).chain(unnamed.iter().copied()).collect()
+        }
+        (MetaRequest::Close { ino }, _) => vec![*ino],
+        _ => Vec::new(),
     }
 }
 

@@ -309,7 +309,7 @@ impl Client {
             false => None,
         };
         if local.is_none() {
-            self.drain_deferred().await;
+            self.drain_for(req).await;
         }
         self.forget_dir_attrs(req, None);
         let sent_at = std::time::Instant::now();

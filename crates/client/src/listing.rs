@@ -444,7 +444,7 @@ impl Client {
         let mut entries = HashMap::new();
         let mut after = 0;
         // The server lists what this client's deferred changes left (see `deferred`).
-        self.drain_deferred().await;
+        self.drain_for(&MetaRequest::ReadDir { ino: dir, after: 0, limit: PAGE, plus: true }).await;
         let complete = loop {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
             let page = match self.meta.call::<_, MetaResponse>(&req).await?.0 {
