@@ -101,6 +101,16 @@ fn what_a_lone_client_answered_itself_is_what_the_server_holds() {
     // a, a/b, sg, sg/sub, sg/f, sg/f1..f5; 25 files left in a; h11..h15, d and d/e in a/b.
     assert_eq!(here.len(), 10 + 25 + 7, "{here:#?}");
 
+    // A tree removed as fast as the mount answers: each rmdir that goes to the server waits
+    // for the unlinks inside its directory.
+    sh(
+        &c.mnt,
+        "for d in $(seq 1 20); do mkdir -p r/$d/x/y; for f in $(seq 1 30); do echo $f > r/$d/x/y/f$f; done; done
+         mkdir -p r/big && for f in $(seq 1 300); do : > r/big/e$f; done",
+    );
+    sh(&c.mnt, "rm -rf r");
+    assert!(!c.path("r").exists());
+
     // A fresh mount knows only what the metadata server holds.
     c.down();
     c.up(1, &[]);

@@ -158,16 +158,17 @@ impl Client {
     }
 
     /// Waits until the changes queued so far that concern what `req` reads or changes were
-    /// answered by the server; all of them for a request that names no inode (`Sync`,
-    /// `StatFs`, locks…). A commit then waits for its file's create, not for every change
-    /// queued behind it.
+    /// answered by the server; all of them for a namespace change (an rmdir depends on the
+    /// unlinks inside the directory, which name only it) and for a request that names no
+    /// inode (`Sync`, `StatFs`, locks…). A commit then waits for its file's create, not for
+    /// every change queued behind it.
     pub(crate) async fn drain_for(&self, req: &MetaRequest) {
         let mut inos = req.read_inodes();
         inos.extend(req.changed_inodes());
-        inos.extend(req.changed_names().into_iter().map(|(dir, _)| dir));
+        let all = inos.is_empty() || !req.changed_names().is_empty();
         let target = {
             let s = self.deferred.lock();
-            match inos.is_empty() {
+            match all {
                 true => s.queued,
                 false => inos.iter().filter_map(|i| s.touched.get(i).copied()).max().unwrap_or(0),
             }
