@@ -87,7 +87,8 @@ impl Client {
     pub(crate) fn defer(&self, req: &MetaRequest) -> Option<MetaResponse> {
         use MetaRequest as R;
         let change = matches!(req, R::MakeNode { .. } | R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. });
-        if !self.deferred.enabled || (!change && !matches!(req, R::Close { .. })) {
+        // Only what could be deferred looks at the session: this runs before every request.
+        if !self.deferred.enabled || (!change && !matches!(req, R::Close { .. })) || !self.check_session_fresh() {
             return None;
         }
         let me = self.shared()?;

@@ -304,10 +304,7 @@ impl Client {
         }
         // Answered here and sent later under the solo lease, or sent once every change
         // answered so is applied (see `deferred`).
-        let local = match self.check_session_fresh() {
-            true => self.defer(req),
-            false => None,
-        };
+        let local = self.defer(req);
         if local.is_none() {
             self.drain_for(req).await;
         }
