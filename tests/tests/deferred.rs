@@ -180,3 +180,35 @@ fn a_remount_right_after_a_burst_of_small_files_finds_every_byte() {
         assert_eq!(got, format!("file {i}\n").repeat(100).into_bytes(), "f{i} after the remount");
     }
 }
+
+#[test]
+fn a_fresh_mount_answers_removals_in_directories_it_has_not_listed_before() {
+    let c = Cluster::start(1);
+    sh(
+        &c.mnt,
+        "mkdir flat && for i in $(seq 1 1500); do : > flat/f$i; done
+         for d in $(seq 1 20); do mkdir -p tree/$d/x; for f in 1 2 3 4; do echo $f > tree/$d/x/f$f; done; done",
+    );
+    // Mounted again: nothing listed, nothing known.
+    c.down();
+    c.up(1, &[]);
+    until_deferred(&c.mnt);
+    let count = |kind: &str| request_count(&c.mnt, |n| n == kind);
+    let (sent, answered) = (count("meta.Unlink"), count("deferred.Unlink"));
+    // `ls -l` leaves the kernel every name (it reads the listing page by page, too long to be
+    // kept whole), so each unlink comes without a lookup: the mount lists the directory
+    // once it sees a run of them.
+    sh(&c.mnt, "ls -l flat > /dev/null && for i in $(seq 1 1500); do echo flat/f$i; done | xargs rm");
+    let (sent, answered) = (count("meta.Unlink") - sent, count("deferred.Unlink") - answered);
+    assert_eq!(sent + answered, 1500);
+    assert!(sent <= 10, "{sent} of 1500 unlinks went to the server, {answered} were answered by the mount");
+    // `rm -r` lists each directory before removing what it holds: the listing is kept.
+    let rmdirs = count("deferred.Rmdir");
+    sh(&c.mnt, "rm -r tree");
+    assert_eq!(count("deferred.Rmdir") - rmdirs, 41, "rmdirs of tree's 41 directories answered by the mount");
+
+    c.down();
+    c.up(1, &[]);
+    assert_eq!(std::fs::read_dir(c.path("flat")).unwrap().count(), 0, "a file the mount removed is back");
+    assert!(!c.path("tree").exists());
+}

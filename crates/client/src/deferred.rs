@@ -33,10 +33,12 @@ const RESERVE_BELOW: u64 = 1024;
 const BATCH: usize = 512;
 /// Changes queued at most; past this, changes wait for the queue like any other request.
 const MAX_QUEUED: usize = 8192;
-/// Files open or with writes not committed past which creates are no longer answered here:
-/// each create answered at once lets a writer run ahead of its closes and commits, and an
-/// unmount or another client's arrival would then wait for all of them.
-const MAX_OPEN_FILES: usize = 256;
+/// Files with writes not committed past which creates are no longer answered here: each
+/// create answered at once lets a writer run ahead of its commits, and an unmount or another
+/// client's arrival would then wait for all of them. Files merely open (an `open(O_CREAT)` and
+/// `close` loop, whose closes the kernel sends later) count only past `MAX_OPEN_FILES`.
+const MAX_WRITTEN_FILES: usize = 256;
+const MAX_OPEN_FILES: usize = 4096;
 /// How long a batch is sent again over new connections before its changes count as lost.
 const RESEND_FOR: Duration = Duration::from_secs(30);
 
@@ -83,15 +85,30 @@ impl Deferred {
 
 impl Client {
     /// Answers `req` here and queues it, if the solo lease is held and this client knows
-    /// the outcome for certain; `None`: send it (after the queue).
-    pub(crate) fn defer(&self, req: &MetaRequest) -> Option<MetaResponse> {
+    /// the outcome for certain; `None`: send it (after the queue). A change that could not be
+    /// answered for want of its directory's listing, in a directory changed repeatedly (`rm`
+    /// of many files, a flat `unlink` loop), lists the directory first and tries again: one
+    /// listing then answers every change that follows.
+    pub(crate) async fn defer_or_list(&self, req: &MetaRequest) -> Option<MetaResponse> {
+        match self.defer(req) {
+            Err(Some(dir)) => {
+                self.list(dir).await;
+                self.defer(req).ok()
+            }
+            answer => answer.ok(),
+        }
+    }
+
+    /// [`Client::defer_or_list`] without the listing: `Err(Some(dir))` asks to list `dir`
+    /// (claimed by [`Client::list_now`]) and try again.
+    fn defer(&self, req: &MetaRequest) -> Result<MetaResponse, Option<Ino>> {
         use MetaRequest as R;
         let change = matches!(req, R::MakeNode { .. } | R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. });
         // Only what could be deferred looks at the session: this runs before every request.
         if !self.deferred.enabled || (!change && !matches!(req, R::Close { .. })) || !self.check_session_fresh() {
-            return None;
+            return Err(None);
         }
-        let me = self.shared()?;
+        let me = self.shared().ok_or(None)?;
         let mut s = self.deferred.lock();
         let Some(epoch) = s.epoch else {
             if change && s.asked.is_none_or(|at| at.elapsed() >= ASK_EVERY) {
@@ -99,10 +116,10 @@ impl Client {
                 let ended = s.ended;
                 tokio::spawn(async move { me.ask_solo(ended).await });
             }
-            return None;
+            return Err(None);
         };
         if s.queue.len() >= MAX_QUEUED {
-            return None;
+            return Err(None);
         }
         let makes = matches!(req, R::MakeNode { .. });
         if makes && !s.reserving && s.inos.iter().map(|r| r.end - r.start).sum::<u64>() < RESERVE_BELOW {
@@ -113,11 +130,11 @@ impl Client {
         let at = Timestamp::now();
         let answer = match req {
             // A close needs no answer; it only has to stay behind the changes before it.
-            R::Close { .. } if s.queue.is_empty() && !s.sending => return None,
+            R::Close { .. } if s.queue.is_empty() && !s.sending => return Err(None),
             R::Close { .. } => Some((0, MetaResponse::Empty)),
-            // Files still open or not committed hold work the server has yet to see (their
+            // Files with writes not committed hold work the server has yet to see (their
             // closes may still be queued in the kernel): past a bound, creates wait for it.
-            R::MakeNode { .. } if self.files.len() >= MAX_OPEN_FILES => None,
+            R::MakeNode { .. } if self.too_many_files() => None,
             R::MakeNode { .. } => {
                 let ino = s.inos.front().map(|r| r.start);
                 ino.and_then(|ino| Some((ino, self.local_make(req, ino, at)?)))
@@ -126,8 +143,7 @@ impl Client {
         };
         let Some((ino, resp)) = answer else {
             drop(s);
-            req.changed_names().into_iter().for_each(|(dir, _)| self.change_unlisted(dir));
-            return None;
+            return Err(req.changed_names().into_iter().find_map(|(dir, _)| self.change_unlisted(dir)));
         };
         if ino != 0 {
             let range = s.inos.front_mut().expect("an inode number was taken from it");
@@ -149,7 +165,16 @@ impl Client {
             tokio::spawn(async move { me.send_deferred().await });
         }
         self.stats.count("deferred", req.into());
-        Some(resp)
+        Ok(resp)
+    }
+
+    /// Whether files open or written here are past the bounds within which creates are
+    /// answered here (`MAX_WRITTEN_FILES`, `MAX_OPEN_FILES`).
+    fn too_many_files(&self) -> bool {
+        let open = self.files.len();
+        open >= MAX_OPEN_FILES
+            || (open >= MAX_WRITTEN_FILES
+                && self.files.iter().filter(|f| f.has_buffered()).nth(MAX_WRITTEN_FILES - 1).is_some())
     }
 
     /// Waits until every change queued so far was answered by the server.

@@ -304,7 +304,7 @@ impl Client {
         }
         // Answered here and sent later under the solo lease, or sent once every change
         // answered so is applied (see `deferred`).
-        let local = self.defer(req);
+        let local = self.defer_or_list(req).await;
         if local.is_none() {
             self.drain_for(req).await;
         }

@@ -359,7 +359,7 @@ impl Client {
     }
 
     /// Fetches the listing of `dir` (claimed by [`Client::list_now`]).
-    async fn list(&self, dir: Ino) {
+    pub(crate) async fn list(&self, dir: Ino) {
         let l = &self.listings;
         let fetched = self.fetch_listing(dir).await;
         l.fetching.remove(&dir);
@@ -371,14 +371,12 @@ impl Client {
     }
 
     /// Counts a namespace change in `dir` that this client could not answer itself for want
-    /// of its listing (see `deferred`), and lists `dir` in the background after a few.
-    pub(crate) fn change_unlisted(&self, dir: Ino) {
-        if self.listings.usable(dir).is_none()
-            && self.list_now(dir)
-            && let Some(client) = self.shared()
-        {
-            tokio::spawn(async move { client.list(dir).await });
-        }
+    /// of its listing (see `deferred`); `Some(dir)` after a few: list it (claimed) before
+    /// sending the change. Listing it in the background instead would race the changes sent
+    /// meanwhile, and a listing read while a change of its directory is in flight is never
+    /// used (see `Listings::apply`).
+    pub(crate) fn change_unlisted(&self, dir: Ino) -> Option<Ino> {
+        self.list_now(dir).then_some(dir)
     }
 
     /// What the listing of `dir` says of `name` for certain: `Some(None)` missing,
@@ -462,6 +460,20 @@ impl Client {
             }
         };
         Ok(Listing { at, ..Listing::new(epoch, complete.then_some(entries)) })
+    }
+
+    /// Keeps a first page of `dir`'s entries with their attributes that held all of them
+    /// (asked for at `epoch`) as its listing, unless a current one is cached: `rm -r`, `tar c`
+    /// and `find` list a directory before working in it, and its names are then answered and
+    /// changed here (see `deferred`) with no listing fetched twice.
+    pub(crate) fn listed_whole(&self, dir: Ino, epoch: u64, page: &[DirEntry]) {
+        if page.len() > MAX_ENTRIES || self.listings.usable(dir).is_some() {
+            return;
+        }
+        let entries = page.iter().map(|e| Some((e.name.clone(), slot(e.attr.as_ref()?, epoch)))).collect();
+        if let Some(entries) = entries {
+            self.listings.insert(dir, Listing::new(epoch, Some(entries)));
+        }
     }
 }
 

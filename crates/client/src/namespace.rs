@@ -139,12 +139,16 @@ impl Client {
 
     /// Up to `limit` entries after `cookie` (0 to start).
     pub async fn readdir(self: &Arc<Self>, ino: Ino, after: u64, limit: u32, plus: bool) -> Result<Vec<DirEntry>> {
+        let epoch = self.listings.next_epoch();
         match self.call(MetaRequest::ReadDir { ino, after, limit, plus }).await? {
             MetaResponse::Dir(mut entries) => {
                 if after == 0 {
                     self.accessed(ino, true);
                 }
                 self.note_map_hints(&mut entries);
+                if after == 0 && plus && entries.len() < limit as usize {
+                    self.listed_whole(ino, epoch, &entries);
+                }
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         e.attr = Some(self.note_attr(a));

@@ -98,7 +98,7 @@ impl FileState {
     }
 
     /// Whether writes or attribute changes wait for the next flush.
-    fn has_buffered(&self) -> bool {
+    pub(crate) fn has_buffered(&self) -> bool {
         self.size.load(Ordering::Acquire) > 0 || self.pending_attrs().is_some()
     }
 

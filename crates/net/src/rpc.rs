@@ -57,6 +57,9 @@ pub struct RpcClient {
     conn: Mutex<Option<quinn::Connection>>,
     connecting: tokio::sync::Mutex<()>,
     on_connect: std::sync::OnceLock<OnConnect>,
+    /// Set by [`RpcClient::close`]: no connection is made again, so a background task still
+    /// running in a closing client (a session renewal) cannot reopen the session it ended.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -77,6 +80,7 @@ impl RpcClient {
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             on_connect: std::sync::OnceLock::new(),
+            closed: Default::default(),
         }
     }
 
@@ -103,6 +107,9 @@ impl RpcClient {
     /// the idle timeout), and waits briefly for that to be sent: a client that exits should
     /// not leave the server holding its leases.
     pub async fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        // Under the dialing lock: a connection being made now is closed too.
+        let _guard = self.connecting.lock().await;
         if let Some(conn) = self.live_connection() {
             conn.close(0u32.into(), b"closing");
             let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
@@ -192,6 +199,9 @@ impl RpcClient {
             return Ok(c);
         }
         let connect_err = |reason: String| NetError::Connect { addr: self.addr.clone(), reason };
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(connect_err("the connection was closed by this client".into()));
+        }
         let sockaddr = tokio::net::lookup_host(&self.addr)
             .await
             .map_err(|e| connect_err(e.to_string()))?
