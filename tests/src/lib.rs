@@ -81,6 +81,18 @@ impl Cluster {
             .args(extra));
     }
 
+    /// Prints the end of every server and mount log: a failed test shows them in its output
+    /// (CI keeps nothing else of a cluster).
+    fn print_log_tails(&self) {
+        let Ok(dir) = std::fs::read_dir(self.data.join("logs")) else { return };
+        for log in dir.flatten() {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- last lines of {} ----", log.path().display());
+            lines[lines.len().saturating_sub(40)..].iter().for_each(|l| eprintln!("{l}"));
+        }
+    }
+
     /// Runs `cairn local down`.
     pub fn down(&self) {
         run(Command::new(bin("cairn")).args(["local", "down"]).arg(&self.mnt).arg("--data").arg(&self.data));
@@ -257,6 +269,9 @@ pub fn umount_lazy(dir: &Path) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
         for m in self.extra_mounts.borrow().iter() {
             umount_lazy(m);
         }

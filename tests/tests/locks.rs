@@ -93,9 +93,9 @@ impl Py {
         self.out.recv_timeout(within).unwrap_or_else(|e| panic!("no answer from python within {within:?}: {e}"))
     }
 
-    /// No answer for `d`: the call is blocked.
-    fn silent_for(&self, d: Duration) -> bool {
-        self.out.recv_timeout(d).is_err()
+    /// The answer given within `d`, if any (`None`: the call is blocked).
+    fn answered_within(&self, d: Duration) -> Option<String> {
+        self.out.recv_timeout(d).ok()
     }
 
     /// Runs a line and returns its answer.
@@ -197,7 +197,7 @@ fn flock_is_enforced_across_mounts_and_released_on_close_and_on_kill() {
     // A blocking flock on B waits for A, and gets the lock once A unlocks.
     pa.ok("fcntl.flock(f, fcntl.LOCK_EX)");
     pb.send("fcntl.flock(g, fcntl.LOCK_EX)");
-    assert!(pb.silent_for(Duration::from_secs(1)), "B's flock did not wait");
+    assert_eq!(pb.answered_within(Duration::from_secs(1)), None, "B's flock did not wait");
     pa.ok("fcntl.flock(f, fcntl.LOCK_UN)");
     assert_eq!(pb.answer(Duration::from_secs(5)), "ok None");
     // A blocked flock is interrupted by a signal (EINTR; the handler returns normally).
@@ -205,7 +205,7 @@ fn flock_is_enforced_across_mounts_and_released_on_close_and_on_kill() {
     pb.ok("fcntl.flock(g, fcntl.LOCK_UN)");
     pa.ok("fcntl.flock(f, fcntl.LOCK_EX)");
     pb.send("r = raw_flock(g, fcntl.LOCK_EX)");
-    assert!(pb.silent_for(Duration::from_millis(500)));
+    assert_eq!(pb.answered_within(Duration::from_millis(500)), None);
     pb.signal(libc::SIGUSR1);
     assert_eq!(pb.answer(Duration::from_secs(5)), format!("ok (-1, {})", libc::EINTR));
 
@@ -312,7 +312,7 @@ fn blocking_locks_wait_are_interrupted_and_detect_deadlocks() {
     // F_SETLKW on B waits while A holds the byte, and gets it once A unlocks.
     pa.ok(&wr("f", F_SETLK, 1));
     pb.send(&wr("g", F_SETLKW, 1));
-    assert!(pb.silent_for(Duration::from_millis(1500)), "F_SETLKW did not wait");
+    assert_eq!(pb.answered_within(Duration::from_millis(1500)), None, "F_SETLKW did not wait");
     pa.ok(&un("f", 1));
     assert_eq!(pb.answer(Duration::from_secs(5)), "ok (1, 0, 1, 1, 0)", "F_SETLKW after the release");
     assert_eq!(pa.run(&wr("f", F_SETLK, 1)), err(libc::EAGAIN), "B holds it now");
@@ -326,7 +326,7 @@ fn blocking_locks_wait_are_interrupted_and_detect_deadlocks() {
     assert_eq!(pb.answer(Duration::from_secs(5)), "intr");
     assert!(started.elapsed() < Duration::from_secs(3), "interrupted only after {:?}", started.elapsed());
     pb.send(&format!("r = raw_lk(g, {F_SETLKW}, fcntl.F_WRLCK, 1, 1)"));
-    assert!(pb.silent_for(Duration::from_millis(500)));
+    assert_eq!(pb.answered_within(Duration::from_millis(500)), None);
     pb.signal(libc::SIGUSR1);
     assert_eq!(pb.answer(Duration::from_secs(5)), format!("ok (-1, {})", libc::EINTR));
     assert_eq!(pb.run(&wr("g", F_SETLK, 1)), err(libc::EAGAIN), "an interrupted wait takes nothing");
@@ -334,7 +334,7 @@ fn blocking_locks_wait_are_interrupted_and_detect_deadlocks() {
     // Deadlock: A holds 1 and waits for 2, held by B; B asking for 1 gets EDEADLK.
     pb.ok(&wr("g", F_SETLK, 2));
     pa.send(&wr("f", F_SETLKW, 2));
-    assert!(pa.silent_for(Duration::from_millis(500)), "A did not wait");
+    assert_eq!(pa.answered_within(Duration::from_millis(500)), None, "A did not wait");
     assert_eq!(
         pb.run(&format!("r = raw_lk(g, {F_SETLKW}, fcntl.F_WRLCK, 1, 1)")),
         format!("ok (-1, {})", libc::EDEADLK)
