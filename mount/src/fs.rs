@@ -887,7 +887,9 @@ async fn next_entries(
         if b.listed_until.is_some() {
             return Ok((rest(&b), b.ttl(ttl)));
         }
-        if b.plus == plus && (b.after == after || b.entries.iter().any(|e| e.cookie == after)) {
+        // Entries with attributes serve a plain continuation too: the kernel asks for the
+        // rest of a listing it started with READDIRPLUS (often only its end) with READDIR.
+        if (b.plus || !plus) && (b.after == after || b.entries.iter().any(|e| e.cookie == after)) {
             let rest = rest(&b);
             if !rest.is_empty() || b.complete {
                 return Ok((rest, ttl));

@@ -240,3 +240,20 @@ fn a_long_listing_read_page_by_page_shows_every_entry_once_while_another_client_
     assert_eq!(names.last().unwrap(), "new");
     umount_lazy(&b);
 }
+
+#[test]
+fn walking_a_tree_after_a_remount_reads_each_directory_once() {
+    let c = Cluster::start(1);
+    sh(&c.mnt, "for d in a a/b a/b/c e f; do mkdir -p t/$d; for i in 1 2 3; do echo $i > t/$d/f$i; done; done");
+    c.down();
+    c.up(1, &[]);
+    std::fs::metadata(c.path("t")).unwrap();
+    let count = |kind: &str| request_count(&c.mnt, |n| n == format!("meta.{kind}"));
+    let (readdirs, getattrs) = (count("ReadDir"), count("GetAttr"));
+    // `find` lists each of the 6 directories (the kernel ends each listing with a plain
+    // READDIR after a READDIRPLUS) and stats what it finds.
+    let found = sh(&c.mnt, "find t | wc -l");
+    assert_eq!(found.trim(), "21", "6 directories and 15 files");
+    assert_eq!(count("ReadDir") - readdirs, 6, "one ReadDir per directory");
+    assert_eq!(count("GetAttr") - getattrs, 0, "a directory's attributes come with its parent's listing");
+}

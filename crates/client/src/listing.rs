@@ -197,8 +197,8 @@ impl Listings {
     /// retires a listing).
     fn apply(&self, dir: Ino, sent: u64, epoch: u64, f: impl FnOnce(&mut HashMap<Vec<u8>, Slot>)) {
         // Only a listing that covered every earlier change keeps covering them, and only one
-        // the request found when it was sent: one fetched meanwhile (in the background, see
-        // `change_unlisted`) may have been read before or after the change.
+        // the request found when it was sent: one fetched meanwhile (for a lookup, see
+        // `list_now`) may have been read before or after the change.
         if let Some(l) = self.edit(dir, f)
             && l.born.load(Ordering::Acquire) < sent
             && self.changed.get(&dir).is_none_or(|c| c <= l.covered.load(Ordering::Acquire))

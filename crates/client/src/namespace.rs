@@ -151,7 +151,13 @@ impl Client {
                 }
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
-                        e.attr = Some(self.note_attr(a));
+                        let a = self.note_attr(a);
+                        // As a lookup's answer would: the directory's own listing starts
+                        // with its attributes (`.`), and `tar c` or `find` list it next.
+                        if a.kind == FileKind::Dir && !self.listings.changed_since(a.ino, epoch) {
+                            self.keep_dir_attr(a.clone());
+                        }
+                        e.attr = Some(a);
                     }
                 }
                 Ok(entries)
