@@ -143,7 +143,11 @@ impl Client {
         };
         let Some((ino, resp)) = answer else {
             drop(s);
-            return Err(req.changed_names().into_iter().find_map(|(dir, _)| self.change_unlisted(dir)));
+            // Counted as a lookup in each directory it changes; after a few, the directory is
+            // listed before the change is sent. Listed in the background instead, it would
+            // race the changes sent meanwhile, and a listing read while a change of its
+            // directory is in flight is never used (see `Listings::apply`).
+            return Err(req.changed_names().into_iter().map(|(dir, _)| dir).find(|dir| self.list_now(*dir)));
         };
         if ino != 0 {
             let range = s.inos.front_mut().expect("an inode number was taken from it");

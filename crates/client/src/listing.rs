@@ -351,8 +351,9 @@ impl Client {
     }
 
     /// Counts a name looked up or changed in `dir`; true if `dir` is to be listed now
-    /// (enough names lately, no current listing, and no fetch of one under way).
-    fn list_now(&self, dir: Ino) -> bool {
+    /// (enough names lately, no current listing, and no fetch of one under way): the fetch is
+    /// then claimed, and the caller must [`Client::list`] it.
+    pub(crate) fn list_now(&self, dir: Ino) -> bool {
         let l = &self.listings;
         let seen = l.lookups.entry(dir).and_upsert_with(|n| n.map_or(1, |n| n.into_value() + 1)).into_value();
         seen >= LOOKUPS_BEFORE_LISTING && l.usable(dir).is_none() && l.fetching.insert(dir)
@@ -368,15 +369,6 @@ impl Client {
         if let Ok(listing) = fetched {
             l.insert(dir, listing);
         }
-    }
-
-    /// Counts a namespace change in `dir` that this client could not answer itself for want
-    /// of its listing (see `deferred`); `Some(dir)` after a few: list it (claimed) before
-    /// sending the change. Listing it in the background instead would race the changes sent
-    /// meanwhile, and a listing read while a change of its directory is in flight is never
-    /// used (see `Listings::apply`).
-    pub(crate) fn change_unlisted(&self, dir: Ino) -> Option<Ino> {
-        self.list_now(dir).then_some(dir)
     }
 
     /// What the listing of `dir` says of `name` for certain: `Some(None)` missing,
