@@ -307,6 +307,16 @@ pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in path")
 }
 
+/// `statvfs(2)` of `p`; panics on failure.
+pub fn statvfs(p: &Path) -> libc::statvfs {
+    // SAFETY: zeroed is a valid statvfs; the call fills it.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    let rc = unsafe { libc::statvfs(cpath(p).as_ptr(), &mut s) };
+    assert_eq!(rc, 0, "statvfs {}: {}", p.display(), std::io::Error::last_os_error());
+    s
+}
+
 /// `len` deterministic pseudo-random bytes (xorshift): data zstd cannot shrink, for tests
 /// about how much space file data takes on the chunk servers.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

@@ -212,3 +212,48 @@ fn a_fresh_mount_answers_removals_in_directories_it_has_not_listed_before() {
     assert_eq!(std::fs::read_dir(c.path("flat")).unwrap().count(), 0, "a file the mount removed is back");
     assert!(!c.path("tree").exists());
 }
+
+#[test]
+fn a_lone_client_opens_listed_files_itself_and_keeps_unlinked_open_ones_alive() {
+    let c = Cluster::start(1);
+    sh(&c.mnt, "mkdir r && for i in $(seq 1 300); do echo file $i > r/f$i; done");
+    c.down();
+    c.up(1, &[]);
+    until_deferred(&c.mnt);
+    let count = |kind: &str| request_count(&c.mnt, |n| n == kind);
+    let (sent, answered) = (count("meta.Open"), count("deferred.Open"));
+    // `ls -l` lists each file with its attributes and its data's map: what an open answers.
+    sh(&c.mnt, "ls -l r > /dev/null");
+    for i in 1..=300 {
+        let got = std::fs::read_to_string(c.path(&format!("r/f{i}"))).unwrap();
+        assert_eq!(got, format!("file {i}\n"));
+    }
+    let (sent, answered) = (count("meta.Open") - sent, count("deferred.Open") - answered);
+    assert_eq!(sent + answered, 300);
+    assert!(sent <= 3, "{sent} of 300 opens went to the server, {answered} were answered by the mount");
+
+    // The server learns of an open answered here before the unlink that follows it: the
+    // unlinked file lives until its last close (the server frees an unlinked file nobody has
+    // open after a grace of a few seconds).
+    let used = |want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = statvfs(&c.mnt);
+            let used = s.f_files - s.f_ffree;
+            if used == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the volume uses {used} inodes, not {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The root, r and its files, once the warm-up's directories are freed.
+    used(302);
+    let held = std::fs::File::open(c.path("r/f7")).unwrap();
+    std::fs::remove_file(c.path("r/f7")).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    used(302);
+    drop(held);
+    used(301);
+    assert_eq!(count("deferred.failed"), 0);
+}

@@ -254,14 +254,6 @@ fn removexattr(p: &Path, name: &str) -> io::Result<i32> {
     cvt(unsafe { libc::removexattr(cpath(p).as_ptr(), n.as_ptr()) })
 }
 
-fn statvfs(p: &Path) -> libc::statvfs {
-    // SAFETY: zeroed is a valid statvfs; the call fills it.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and out pointer.
-    cvt(unsafe { libc::statvfs(cpath(p).as_ptr(), &mut s) }).expect("statvfs");
-    s
-}
-
 /// Names in a directory (without `.` and `..`), as raw bytes.
 fn list(dir: &Path) -> Vec<Vec<u8>> {
     fs::read_dir(dir)

@@ -288,8 +288,7 @@ fn fallocate_by_another_user_drops_setuid_and_setgid() {
 fn fallocate_beyond_free_space_is_enospc() {
     let c = Cluster::start(1);
     let dir = c.path("");
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(cpath(&dir).as_ptr(), &mut st) }, 0);
+    let st = statvfs(&dir);
     let too_big = st.f_bavail * st.f_frsize * 2;
     let out = Command::new("fallocate").args(["-l", &too_big.to_string(), "big"]).current_dir(&dir).output().unwrap();
     assert!(!out.status.success());

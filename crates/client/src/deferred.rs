@@ -4,7 +4,8 @@
 //! complete listing and its attributes) is answered at once and queued, as a local filesystem
 //! answers before its journal is written. A background task sends the queue in order, one
 //! batch at a time (`MetaRequest::Deferred`), so a run of changes costs a round trip per batch
-//! instead of one per change.
+//! instead of one per change. Opens of files a directory listing described, unchanged since,
+//! are answered here too, their registrations queued the same way (`local_open`).
 //!
 //! Every other request to the metadata server waits until the queued changes that concern
 //! what it reads or changes were applied (`drain_for`), so the server never answers from an
@@ -41,6 +42,9 @@ const MAX_WRITTEN_FILES: usize = 256;
 const MAX_OPEN_FILES: usize = 4096;
 /// How long a batch is sent again over new connections before its changes count as lost.
 const RESEND_FOR: Duration = Duration::from_secs(30);
+/// How long registrations of opens and closes, which nothing waits for, gather before they
+/// are sent: a loop reading small files would otherwise send a batch per file.
+const GATHER: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct State {
@@ -71,11 +75,14 @@ pub(crate) struct Deferred {
     state: Mutex<State>,
     /// Woken when changes were answered.
     answered: tokio::sync::Notify,
+    /// Woken when a request waits for queued changes: registrations gathering into a batch
+    /// (see `send_deferred`) go at once.
+    waited: tokio::sync::Notify,
 }
 
 impl Deferred {
     pub(crate) fn new(enabled: bool) -> Deferred {
-        Deferred { enabled, state: Default::default(), answered: Default::default() }
+        Deferred { enabled, state: Default::default(), answered: Default::default(), waited: Default::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -105,13 +112,14 @@ impl Client {
         use MetaRequest as R;
         let change = matches!(req, R::MakeNode { .. } | R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. });
         // Only what could be deferred looks at the session: this runs before every request.
-        if !self.deferred.enabled || (!change && !matches!(req, R::Close { .. })) || !self.check_session_fresh() {
+        let deferrable = change || matches!(req, R::Close { .. } | R::Open { .. });
+        if !self.deferred.enabled || !deferrable || !self.check_session_fresh() {
             return Err(None);
         }
         let me = self.shared().ok_or(None)?;
         let mut s = self.deferred.lock();
         let Some(epoch) = s.epoch else {
-            if change && s.asked.is_none_or(|at| at.elapsed() >= ASK_EVERY) {
+            if !matches!(req, R::Close { .. }) && s.asked.is_none_or(|at| at.elapsed() >= ASK_EVERY) {
                 s.asked = Some(Instant::now());
                 let ended = s.ended;
                 tokio::spawn(async move { me.ask_solo(ended).await });
@@ -139,6 +147,7 @@ impl Client {
                 let ino = s.inos.front().map(|r| r.start);
                 ino.and_then(|ino| Some((ino, self.local_make(req, ino, at)?)))
             }
+            R::Open { ino } => self.local_open(*ino).map(|resp| (0, resp)),
             _ => self.local_change(req, at).map(|resp| (0, resp)),
         };
         let Some((ino, resp)) = answer else {
@@ -215,6 +224,7 @@ impl Client {
             if self.deferred.lock().finished >= target {
                 return;
             }
+            self.deferred.waited.notify_one();
             answered.await;
         }
     }
@@ -264,7 +274,16 @@ impl Client {
 
     /// Sends the queue, a batch at a time, until it is empty.
     async fn send_deferred(self: Arc<Self>) {
+        let mut gathered = false;
         loop {
+            let gather = !gathered && {
+                let s = self.deferred.lock();
+                s.queue.iter().all(|(_, _, c)| matches!(c.req, MetaRequest::Open { .. } | MetaRequest::Close { .. }))
+            };
+            if gather {
+                let _ = tokio::time::timeout(GATHER, self.deferred.waited.notified()).await;
+            }
+            gathered = gather;
             let (epoch, first, changes) = {
                 let mut s = self.deferred.lock();
                 let Some(&(epoch, first, _)) = s.queue.front() else {
@@ -381,6 +400,19 @@ impl Client {
         Some(MetaResponse::Changed { attr: Some(attr), dirs: vec![touched(p, i64::from(dir), at)], unnamed: vec![] })
     }
 
+    /// The answer the server would give to an open of `ino`: what a directory page told of
+    /// the file, if nothing changed it since (this client's own writes not committed yet are
+    /// overlaid by every answer, as on the server's). The registration that keeps an unlinked
+    /// file alive while open is queued like a change, so it reaches the server before any
+    /// unlink of the file and before any other client's request.
+    fn local_open(&self, ino: Ino) -> Option<MetaResponse> {
+        let hint = self.open_hints.get(&ino)?;
+        if hint.attr.nlink == 0 || self.listings.changed_since(ino, hint.epoch) {
+            return None;
+        }
+        Some(MetaResponse::Opened { attr: hint.attr, first_map: hint.map.map(|m| m.to_vec()) })
+    }
+
     /// The answer the server would give to an unlink, rmdir or rename made at `at`.
     fn local_change(&self, req: &MetaRequest, at: Timestamp) -> Option<MetaResponse> {
         let locked = |a: &Attr| a.flags & inode_flags::LOCKED != 0;
@@ -435,14 +467,14 @@ impl Client {
     }
 }
 
-/// The inodes a queued change concerns: what its answer describes or unnamed, and a closed
-/// file.
+/// The inodes a queued change concerns: what its answer describes or unnamed, and an opened
+/// or closed file.
 fn concerned(req: &MetaRequest, resp: &MetaResponse) -> Vec<Ino> {
     match (req, resp) {
         (_, MetaResponse::Changed { attr, dirs, unnamed }) => {
             attr.iter().chain(dirs).map(|a| a.ino).chain(unnamed.iter().copied()).collect()
         }
-        (MetaRequest::Close { ino }, _) => vec![*ino],
+        (MetaRequest::Open { ino } | MetaRequest::Close { ino }, _) => vec![*ino],
         _ => Vec::new(),
     }
 }

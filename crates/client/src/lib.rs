@@ -122,9 +122,13 @@ pub struct Client {
     /// directory (it drops the parent's attributes then). Kept for the attribute TTL, like the
     /// kernel's own cache; a recall drops them.
     pub(crate) dir_attrs: moka::sync::Cache<Ino, Attr>,
-    /// Small files' first maps from directory listings, size first: an open starts fetching
-    /// the data by them while it waits for the server (see `DirEntry::first_map`).
-    pub(crate) map_hints: moka::sync::Cache<Ino, (u64, Arc<Vec<SliceRef>>)>,
+    /// What directory listings told of empty and small files, for their opens (see
+    /// `read::OpenHint`).
+    pub(crate) open_hints: moka::sync::Cache<Ino, read::OpenHint>,
+    /// Per directory, the last listing page files were opened from (by address), the place
+    /// in it of the last one and how far its files were fetched ahead (see
+    /// `Client::read_ahead_files`).
+    pub(crate) opens_in_dirs: moka::sync::Cache<Ino, (usize, usize, usize)>,
     /// Files' attributes for the getattr that follows every read (see `attrs`).
     pub(crate) file_attrs: attrs::FileAttrs,
     /// Whole directories, for runs of lookups (see `listing`).
@@ -208,7 +212,8 @@ impl Client {
             dir_attrs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
             listings: listing::Listings::new(config.map_ttl),
             file_attrs: attrs::FileAttrs::new(config.map_ttl),
-            map_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            open_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
+            opens_in_dirs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
             stats: Default::default(),
             locks: Default::default(),
             shut_down: Default::default(),

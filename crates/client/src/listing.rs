@@ -439,7 +439,7 @@ impl Client {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
             let page = match self.meta.call::<_, MetaResponse>(&req).await?.0 {
                 MetaResponse::Dir(mut page) => {
-                    self.note_map_hints(&mut page);
+                    self.note_open_hints(dir, &mut page, epoch);
                     page
                 }
                 other => return Err(crate::unexpected(other)),

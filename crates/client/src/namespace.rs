@@ -145,7 +145,7 @@ impl Client {
                 if after == 0 {
                     self.accessed(ino, true);
                 }
-                self.note_map_hints(&mut entries);
+                self.note_open_hints(ino, &mut entries, epoch);
                 if after == 0 && plus && entries.len() < limit as usize {
                     self.listed_whole(ino, epoch, &entries);
                 }
@@ -193,6 +193,7 @@ impl Client {
         let generation = self.data_generation(ino);
         if !write {
             self.prefetch_hinted(ino);
+            self.read_ahead_files(ino);
         }
         let attr = match self.call(MetaRequest::Open { ino }).await? {
             MetaResponse::Opened { attr, first_map } => {

@@ -25,6 +25,26 @@ impl Drop for Reading {
     }
 }
 
+/// What a directory page read at `epoch` told of an empty or small file: its attributes and
+/// chunk 0's map (`None` for an empty file), read in one statement on the server, which is
+/// exactly what an `Open` would have answered then. Any open starts fetching the data by the
+/// map; under the solo lease, an open of a file nothing changed since is answered from it
+/// (see `deferred`).
+#[derive(Clone)]
+pub(crate) struct OpenHint {
+    pub(crate) attr: Attr,
+    pub(crate) map: Option<Arc<Vec<SliceRef>>>,
+    pub(crate) epoch: u64,
+    /// The directory, the inodes of the page that listed the file in listing order, and the
+    /// file's place in it: opens that follow that order read ahead (`read_ahead_files`).
+    dir: Ino,
+    page: Arc<Vec<Ino>>,
+    pos: usize,
+}
+
+/// Files fetched in advance of a run of opens in listing order.
+const FILES_AHEAD: usize = 8;
+
 impl Client {
     /// Marks a kernel read of `ino` in progress until the returned guard drops, which the
     /// mount does after replying. The kernel keeps the pages being read locked until then, so
@@ -126,12 +146,41 @@ impl Client {
         futures::future::join_all(keys.iter().map(|(k, s)| self.block(*k, s))).await;
     }
 
-    /// Remembers the small files' maps a directory page carries (see `map_hints`).
-    pub(crate) fn note_map_hints(&self, entries: &mut [DirEntry]) {
-        for e in entries {
-            if let (Some(map), Some(a)) = (e.first_map.take(), &e.attr) {
-                self.map_hints.insert(e.ino, (a.size, Arc::new(map)));
+    /// Remembers what a directory page asked for at `epoch` tells of its empty and small
+    /// files (see `OpenHint`).
+    pub(crate) fn note_open_hints(&self, dir: Ino, entries: &mut [DirEntry], epoch: u64) {
+        let page = Arc::new(entries.iter().map(|e| e.ino).collect::<Vec<_>>());
+        for (pos, e) in entries.iter_mut().enumerate() {
+            let map = e.first_map.take();
+            let Some(attr) = &e.attr else { continue };
+            // What an open answers: no map for an empty file, chunk 0's for a small one.
+            if attr.kind == FileKind::File && (map.is_some() || attr.size == 0) {
+                let map = map.map(Arc::new);
+                let hint = OpenHint { attr: attr.clone(), map, epoch, dir, page: page.clone(), pos };
+                self.open_hints.insert(e.ino, hint);
             }
+        }
+    }
+
+    /// Starts fetching the data of the next files of `ino`'s directory when opens there
+    /// follow listing order (`tar c`, `cp -r`, `grep -r`, any loop over a directory's files),
+    /// as sequential reads of one file read ahead: each fetch waits on a chunk server's disk,
+    /// and a run of them in parallel waits about once.
+    pub(crate) fn read_ahead_files(self: &Arc<Self>, ino: Ino) {
+        let Some(h) = self.open_hints.get(&ino) else { return };
+        let page = Arc::as_ptr(&h.page) as usize;
+        let (last, ahead) = match self.opens_in_dirs.get(&h.dir) {
+            Some((p, last, ahead)) if p == page => (Some(last), ahead.max(h.pos)),
+            _ => (None, h.pos),
+        };
+        let sequential = last.is_some_and(|l| l + 1 == h.pos);
+        let to = match sequential {
+            true => (h.pos + FILES_AHEAD).min(h.page.len() - 1),
+            false => ahead,
+        };
+        self.opens_in_dirs.insert(h.dir, (page, h.pos, to));
+        for &next in h.page.get(ahead + 1..=to).unwrap_or_default() {
+            self.prefetch_hinted(next);
         }
     }
 
@@ -139,9 +188,9 @@ impl Client {
     /// brings the current map returns. Blocks never change, so a stale map only costs a
     /// fetch of a block the reads may not need.
     pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) {
-        let Some((size, map)) = self.map_hints.get(&ino) else { return };
+        let Some(OpenHint { attr, map: Some(map), .. }) = self.open_hints.get(&ino) else { return };
         let mut jobs = Vec::new();
-        self.plan_chunk(&map, 0, size.min(self.volume.chunk_size), 0, &mut jobs);
+        self.plan_chunk(&map, 0, attr.size.min(self.volume.chunk_size), 0, &mut jobs);
         let client = self.clone();
         tokio::spawn(async move { client.warm(jobs).await });
     }

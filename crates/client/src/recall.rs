@@ -112,7 +112,7 @@ impl Client {
         self.page_states.invalidate(&ino);
         self.sizes.invalidate(&ino);
         self.no_xattrs.invalidate(&ino);
-        self.map_hints.invalidate(&ino);
+        self.open_hints.invalidate(&ino);
         self.inode_flags.invalidate(&ino);
         self.atimes.forget(ino);
     }
@@ -130,6 +130,6 @@ impl Client {
         self.sizes.invalidate_all();
         self.no_xattrs.invalidate_all();
         self.xattr_misses.invalidate_all();
-        self.map_hints.invalidate_all();
+        self.open_hints.invalidate_all();
     }
 }

@@ -312,6 +312,9 @@ impl MetaService {
             MetaRequest::Rename { parent, name, new_parent, new_name, mode } => {
                 drop(self.rename(parent, &name, new_parent, &new_name, mode, at).await?)
             }
+            // Only registered: under the solo lease nothing could have unlinked the file
+            // since the client learnt of it (its own unlinks come after in the queue).
+            MetaRequest::Open { ino } => self.opens.open(conn, ino),
             MetaRequest::Close { ino } => self.close(conn, ino),
             other => {
                 let what: &str = (&other).into();

@@ -326,8 +326,8 @@ pub enum MetaRequest {
     ReserveInodes {
         count: u32,
     },
-    /// Namespace changes the solo lease holder already answered itself, in the order it
-    /// made them; `first` numbers the first (changes are numbered from 1 within an epoch), so
+    /// Namespace changes (and opens and closes) the solo lease holder already answered
+    /// itself, in the order it made them; `first` numbers the first (changes are numbered from 1 within an epoch), so
     /// changes sent again after a lost connection are applied once. Refused whole with
     /// `LeaseLost` unless `epoch` is the current solo lease. Answered with `Applied`.
     Deferred {
