@@ -20,6 +20,10 @@ const SLICE_ID_BATCH: u64 = 256;
 /// Blocks up to this size are encoded and decoded on the network thread; bigger ones on the
 /// blocking pool, where zstd and ChaCha20 cost that thread nothing.
 const INLINE_CODEC_BYTES: u64 = 256 << 10;
+/// Slices up to this size that this client stores go into its block cache too: small files
+/// are what programs read back soon (a build its objects, `git status` what `git clone`
+/// wrote), while big writes would only evict data being read.
+const CACHE_WRITTEN_BYTES: u64 = 64 << 10;
 
 /// The codec's name for a block: its slice and index.
 fn block_id(slice: SliceId, index: usize) -> cairn_block::BlockId {
@@ -153,6 +157,7 @@ impl Client {
     pub(crate) async fn store_slice(&self, slice: SliceId, data: Vec<u8>, sync: bool) -> Result<Vec<ServerId>> {
         let bs = self.volume.block_size as usize;
         let len = data.len() as u64;
+        let written = (len <= CACHE_WRITTEN_BYTES).then(|| data.clone());
         let codec = self.codec();
         let encode = move || -> Vec<(BlockKey, Bytes)> {
             let blocks = data.chunks(bs).enumerate();
@@ -194,7 +199,10 @@ impl Client {
             });
             let errors: Vec<_> = futures::future::join_all(puts).await.into_iter().filter_map(|r| r.err()).collect();
             let Some((_, e)) = errors.first() else {
-                // Written blocks are not cached: a big write would only evict data being read.
+                for (i, part) in written.iter().flat_map(|w| w.chunks(bs).enumerate()) {
+                    let block = Arc::new(Block { bytes: part.to_vec(), start: 0 });
+                    self.blocks.cache.insert(BlockKey { slice, index: i as u32 }, block).await;
+                }
                 return Ok(chosen);
             };
             if ![ErrorCode::NoSpace, ErrorCode::Io, ErrorCode::TimedOut].contains(&e.code) {

@@ -310,7 +310,8 @@ impl Client {
         // Answered here and sent later under the solo lease, or sent once every change
         // answered so is applied (see `deferred`).
         let local = self.defer_or_list(req).await;
-        if local.is_none() {
+        let answered_here = local.is_some();
+        if !answered_here {
             self.drain_for(req).await;
         }
         self.forget_dir_attrs(req, None);
@@ -338,12 +339,19 @@ impl Client {
         // Attributes in the answer are this client's latest word on their inode unless
         // another of its requests changed it since this one was sent.
         let latest = match &resp {
-            Ok(MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. })
+            Ok(
+                MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. } | MetaResponse::Committed { attr: a, .. },
+            )
             | Ok(MetaResponse::Changed { attr: Some(a), .. }) => Some(a.clone()),
             _ => None,
         }
         .filter(|a| !self.listings.changed_since(a.ino, sent));
-        self.listings.after(req, sent, &resp);
+        let answered = self.listings.after(req, sent, &resp);
+        // What the server answered about a file nothing else changed meanwhile is what an
+        // open of it would answer until the next mark (an answer given here already is one).
+        if let (Ok(resp), Some(_), false) = (&resp, &latest, answered_here) {
+            self.note_open_answer(req, resp, answered);
+        }
         self.forget_dir_attrs(req, Some(&resp));
         self.file_attrs.forget(req, Some(&resp), self.listings.next_epoch());
         match latest {
@@ -405,7 +413,7 @@ impl Client {
 
     pub(crate) async fn call_attr(&self, req: MetaRequest) -> Result<Attr> {
         match self.call(req).await? {
-            MetaResponse::Attr(a) => Ok(self.note_attr(a)),
+            MetaResponse::Attr(a) | MetaResponse::Committed { attr: a, .. } => Ok(self.note_attr(a)),
             other => Err(unexpected(other)),
         }
     }

@@ -241,8 +241,9 @@ impl Listings {
         epoch
     }
 
-    /// Records what an answered `req` changed (see [`Listings::before`]).
-    pub(crate) fn after(&self, req: &MetaRequest, sent: u64, resp: &Result<MetaResponse, crate::ClientError>) {
+    /// Records what an answered `req` changed (see [`Listings::before`]); returns the epoch
+    /// it marked the inodes it changed with.
+    pub(crate) fn after(&self, req: &MetaRequest, sent: u64, resp: &Result<MetaResponse, crate::ClientError>) -> u64 {
         use MetaRequest as R;
         // First the marks: whatever the answer, an inode the request may have changed may
         // have changed after any listing read meanwhile.
@@ -322,6 +323,7 @@ impl Listings {
         if let Ok(MetaResponse::Changed { dirs, .. }) = resp {
             dirs.iter().for_each(|d| self.mark(d.ino, epoch));
         }
+        epoch
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Files up to this size opened read-only have their data fetched as the open returns.
-const PREFETCH_ON_OPEN: u64 = 1 << 20;
+pub(crate) const PREFETCH_ON_OPEN: u64 = 1 << 20;
 
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_MAX {

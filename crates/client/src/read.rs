@@ -3,6 +3,7 @@
 use crate::layout::resolve;
 use crate::{Client, ClientError, Result};
 use cairn_proto::chunk::BlockKey;
+use cairn_proto::meta::{MetaRequest, MetaResponse};
 use cairn_proto::*;
 use std::sync::Arc;
 
@@ -35,11 +36,9 @@ pub(crate) struct OpenHint {
     pub(crate) attr: Attr,
     pub(crate) map: Option<Arc<Vec<SliceRef>>>,
     pub(crate) epoch: u64,
-    /// The directory, the inodes of the page that listed the file in listing order, and the
-    /// file's place in it: opens that follow that order read ahead (`read_ahead_files`).
-    dir: Ino,
-    page: Arc<Vec<Ino>>,
-    pos: usize,
+    /// From a listing: the directory, the inodes of the page in listing order, and the file's
+    /// place in it; opens that follow that order read ahead (`read_ahead_files`).
+    order: Option<(Ino, Arc<Vec<Ino>>, usize)>,
 }
 
 /// Files fetched in advance of a run of opens in listing order.
@@ -156,7 +155,7 @@ impl Client {
             // What an open answers: no map for an empty file, chunk 0's for a small one.
             if attr.kind == FileKind::File && (map.is_some() || attr.size == 0) {
                 let map = map.map(Arc::new);
-                let hint = OpenHint { attr: attr.clone(), map, epoch, dir, page: page.clone(), pos };
+                let hint = OpenHint { attr: attr.clone(), map, epoch, order: Some((dir, page.clone(), pos)) };
                 self.open_hints.insert(e.ino, hint);
             }
         }
@@ -167,20 +166,38 @@ impl Client {
     /// as sequential reads of one file read ahead: each fetch waits on a chunk server's disk,
     /// and a run of them in parallel waits about once.
     pub(crate) fn read_ahead_files(self: &Arc<Self>, ino: Ino) {
-        let Some(h) = self.open_hints.get(&ino) else { return };
-        let page = Arc::as_ptr(&h.page) as usize;
-        let (last, ahead) = match self.opens_in_dirs.get(&h.dir) {
-            Some((p, last, ahead)) if p == page => (Some(last), ahead.max(h.pos)),
-            _ => (None, h.pos),
+        let Some(OpenHint { order: Some((dir, page, pos)), .. }) = self.open_hints.get(&ino) else { return };
+        let id = Arc::as_ptr(&page) as usize;
+        let (last, ahead) = match self.opens_in_dirs.get(&dir) {
+            Some((p, last, ahead)) if p == id => (Some(last), ahead.max(pos)),
+            _ => (None, pos),
         };
-        let sequential = last.is_some_and(|l| l + 1 == h.pos);
-        let to = match sequential {
-            true => (h.pos + FILES_AHEAD).min(h.page.len() - 1),
+        let to = match last.is_some_and(|l| l + 1 == pos) {
+            true => (pos + FILES_AHEAD).min(page.len() - 1),
             false => ahead,
         };
-        self.opens_in_dirs.insert(h.dir, (page, h.pos, to));
-        for &next in h.page.get(ahead + 1..=to).unwrap_or_default() {
+        self.opens_in_dirs.insert(dir, (id, pos, to));
+        for &next in page.get(ahead + 1..=to).unwrap_or_default() {
             self.prefetch_hinted(next);
+        }
+    }
+
+    /// Keeps what the server's answer to `req` (given at `epoch`, with nothing else changing
+    /// the file meanwhile) says an open of a file would answer: the open's own answer, a
+    /// commit's (attributes and, for a small file, chunk 0's map) and an empty file's
+    /// creation. A file this client wrote (`git clone`, then `git status` reading it back)
+    /// or opens again is then opened without the server under the solo lease.
+    pub(crate) fn note_open_answer(&self, req: &MetaRequest, resp: &MetaResponse, epoch: u64) {
+        let (attr, map) = match (req, resp) {
+            (_, MetaResponse::Opened { attr, first_map } | MetaResponse::Committed { attr, first_map }) => {
+                (attr, first_map.clone())
+            }
+            (MetaRequest::MakeNode { .. }, MetaResponse::Changed { attr: Some(attr), .. }) => (attr, None),
+            _ => return,
+        };
+        if attr.kind == FileKind::File && (map.is_some() || attr.size == 0) {
+            let hint = OpenHint { attr: attr.clone(), map: map.map(Arc::new), epoch, order: None };
+            self.open_hints.insert(attr.ino, hint);
         }
     }
 
@@ -189,6 +206,9 @@ impl Client {
     /// fetch of a block the reads may not need.
     pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) {
         let Some(OpenHint { attr, map: Some(map), .. }) = self.open_hints.get(&ino) else { return };
+        if attr.size > crate::namespace::PREFETCH_ON_OPEN {
+            return;
+        }
         let mut jobs = Vec::new();
         self.plan_chunk(&map, 0, attr.size.min(self.volume.chunk_size), 0, &mut jobs);
         let client = self.clone();

@@ -56,7 +56,14 @@ pub(crate) struct Commit<'a> {
 }
 
 impl MetaService {
-    pub(crate) async fn commit(&self, conn: usize, ino: Ino, commit: Commit<'_>) -> Result<Attr> {
+    /// `MetaRequest::Commit`: the file's attributes after it, and chunk 0's map if the file
+    /// is small (see `Batch::first_map_of_small`).
+    pub(crate) async fn commit(
+        &self,
+        conn: usize,
+        ino: Ino,
+        commit: Commit<'_>,
+    ) -> Result<(Attr, Option<Vec<SliceRef>>)> {
         let Commit { slices, min_size, durable, lease, written_at } = commit;
         let cs = self.volume.chunk_size;
         for s in slices {
@@ -71,12 +78,14 @@ impl MetaService {
         // One batch validates, updates and inserts: it changes nothing unless `ino` is a file.
         let mut b = Batch::durable(durable);
         b.commit_slices(ino, slices, min_size, lease, written_at);
-        match w.apply(b).await?.attr()? {
+        b.first_map_of_small(ino);
+        let done = w.apply(b).await?;
+        match done.attr()? {
             Some(a) => {
                 // The lease is still this writer's (a restarted server, or a reconnection,
                 // forgot who held it): note the holder again, so readers recall it.
                 self.leases.reclaim_writer(ino, conn, lease);
-                Ok(a)
+                Ok((a, done.first_map()?))
             }
             None => match w.attr(ino).await? {
                 a if a.flags & inode_flags::IMMUTABLE != 0 => {

@@ -183,7 +183,8 @@ impl MetaService {
             MetaRequest::Commit { ino, slices, min_size, durable, lease, written_at } => {
                 let written_at = written_at.unwrap_or_else(Timestamp::now);
                 let commit = Commit { slices: &slices, min_size, durable, lease, written_at };
-                R::Attr(self.commit(conn, ino, commit).await?)
+                let (attr, first_map) = self.commit(conn, ino, commit).await?;
+                R::Committed { attr, first_map }
             }
             MetaRequest::WriteLease { ino } => {
                 let (epoch, attr) = self.write_lease(conn, ino).await?;

@@ -185,6 +185,7 @@ pub enum MetaRequest {
     /// `lease` is the file's current write lease epoch (from `WriteLease`, or
     /// [`FIRST_LEASE`] for a file this client created open): a writer that lost its lease
     /// (it did not answer a recall in time) cannot overwrite what was written since.
+    /// Answered with `Committed`.
     Commit {
         ino: Ino,
         slices: Vec<NewSlice>,
@@ -479,6 +480,12 @@ pub enum MetaResponse {
         attr: Attr,
         first_map: Option<Vec<SliceRef>>,
     },
+    /// A committed file's attributes and, for a file of at most 1 MiB, the map of its first
+    /// chunk: what an open would answer (the client can then open it without asking).
+    Committed {
+        attr: Attr,
+        first_map: Option<Vec<SliceRef>>,
+    },
     Link(Vec<u8>),
     Dir(Vec<DirEntry>),
     /// A chunk's slices in commit order, and the commit position of the newest (0 if none),
@@ -518,7 +525,10 @@ impl MetaResponse {
     /// The inodes whose attributes this answer carries (which the asker then caches).
     pub fn described_inodes(&self) -> Vec<Ino> {
         match self {
-            MetaResponse::Attr(a) | MetaResponse::Opened { attr: a, .. } | MetaResponse::Lease { attr: a, .. } => {
+            MetaResponse::Attr(a)
+            | MetaResponse::Opened { attr: a, .. }
+            | MetaResponse::Committed { attr: a, .. }
+            | MetaResponse::Lease { attr: a, .. } => {
                 vec![a.ino]
             }
             MetaResponse::Changed { attr, dirs, .. } => attr.iter().chain(dirs).map(|a| a.ino).collect(),

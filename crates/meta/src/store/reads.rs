@@ -7,8 +7,9 @@ use crate::error::{MetaError, Result};
 use cairn_proto::*;
 use sqlx::{Row, SqliteExecutor};
 
-/// Files up to this size get their first chunk's map in a readdirplus page.
-const SMALL_FILE_MAP: u64 = 1 << 20;
+/// Files up to this size get their first chunk's map in a readdirplus page and in the answer
+/// to a commit.
+pub(crate) const SMALL_FILE_MAP: u64 = 1 << 20;
 
 fn not_found(msg: impl Into<String>) -> MetaError {
     MetaError::fs(ErrorCode::NotFound, msg)

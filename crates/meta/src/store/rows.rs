@@ -90,6 +90,17 @@ impl Returned {
         self.0.iter().find(|r| r.try_get::<i64, _>("perm").is_ok() && !touched(r)).map(attr_from_row).transpose()
     }
 
+    /// The map [`crate::store::Batch::first_map_of_small`] read, if the file was small.
+    pub(crate) fn first_map(&self) -> Result<Option<Vec<SliceRef>>> {
+        let Some(row) = self.0.iter().find(|r| r.try_get::<Option<String>, _>("first_map").is_ok()) else {
+            return Ok(None);
+        };
+        let Some(json) = row.try_get::<Option<String>, _>("first_map")? else { return Ok(None) };
+        let rows: Vec<(i64, i64, i64, String)> = serde_json::from_str(&json)
+            .map_err(|e| MetaError::fs(ErrorCode::Io, format!("bad chunk map from the database: {e}")))?;
+        Ok(Some(rows.iter().map(|(pos, len, id, servers)| slice_ref(*pos, *len, *id, servers)).collect()))
+    }
+
     /// The attributes `Batch::touch_dir` left directories with, in statement order.
     pub(crate) fn touched_dirs(&self) -> Result<Vec<Attr>> {
         self.0.iter().filter(|r| r.try_get::<i64, _>("touched_dir").is_ok()).map(attr_from_row).collect()

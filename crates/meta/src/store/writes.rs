@@ -207,6 +207,20 @@ impl Batch {
         }
     }
 
+    /// Reads back chunk 0's map of a file of at most `SMALL_FILE_MAP` bytes, after the
+    /// batch's earlier statements (see [`super::Returned::first_map`]): the answer to a commit
+    /// then tells the client what an open would.
+    pub(crate) fn first_map_of_small(&mut self, ino: Ino) {
+        self.push(&format!(
+            "SELECT CASE WHEN (SELECT size FROM inodes WHERE ino = ?) BETWEEN 1 AND {} THEN \
+             json_group_array(json_array(pos, len, slice, servers) ORDER BY seq) END AS first_map \
+             FROM slices WHERE ino = ? AND chunk = 0",
+            super::reads::SMALL_FILE_MAP
+        ))
+        .bind_ino(ino)
+        .bind_ino(ino);
+    }
+
     /// Starts a new write lease epoch on a file: commits under the previous one are refused
     /// from now on. Returns the file's columns and the new epoch as `value`.
     pub(crate) fn new_lease_epoch(&mut self, ino: Ino) {
