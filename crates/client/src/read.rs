@@ -26,11 +26,11 @@ impl Drop for Reading {
     }
 }
 
-/// What a directory page read at `epoch` told of an empty or small file: its attributes and
-/// chunk 0's map (`None` for an empty file), read in one statement on the server, which is
-/// exactly what an `Open` would have answered then. Any open starts fetching the data by the
-/// map; under the solo lease, an open of a file nothing changed since is answered from it
-/// (see `deferred`).
+/// What an answer read at `epoch` told of a file (a directory page's entry, an open's,
+/// a commit's, an empty file's creation): its attributes and chunk 0's map (`None` for an
+/// empty file), read together on the server, which is exactly what an `Open` would have
+/// answered then. Any open starts fetching the data by the map; under the solo lease, an open
+/// of a file nothing changed since is answered from it (see `deferred`).
 #[derive(Clone)]
 pub(crate) struct OpenHint {
     pub(crate) attr: Attr,
@@ -201,7 +201,7 @@ impl Client {
         }
     }
 
-    /// Starts fetching a small file's data by the map a listing gave, before the open that
+    /// Starts fetching a small file's data by the map its hint gave, before the open that
     /// brings the current map returns. Blocks never change, so a stale map only costs a
     /// fetch of a block the reads may not need.
     pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) {
