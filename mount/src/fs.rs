@@ -951,7 +951,13 @@ mod tests {
         assert!(!signal_pending(me), "a blocked signal is not taken");
         let status = std::fs::read_to_string(format!("/proc/{me}/status")).unwrap();
         assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end() != "SigPnd:\t0000000000000000"));
+        // `join` returns when the kernel clears the thread's id, a moment before the thread
+        // has finished exiting (its /proc entry can still show it running): wait for that.
         let gone = std::thread::spawn(gettid).join().unwrap();
-        assert!(signal_pending(gone), "a thread that is gone cannot wait any more");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !signal_pending(gone) {
+            assert!(std::time::Instant::now() < deadline, "a thread that is gone cannot wait any more");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
