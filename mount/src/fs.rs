@@ -248,6 +248,10 @@ impl Filesystem for CairnFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        // Answered here when cached, without the hand-off to the network thread and back.
+        if let Some((attr, ttl)) = self.client.cached_stat(ino.0) {
+            return reply.attr(&ttl, &to_fuse(&attr));
+        }
         run!(self, reply, |c| c.stat(ino.0), |st| reply.attr(&st.1, &to_fuse(&st.0)))
     }
 
@@ -897,7 +901,7 @@ async fn next_entries(
             ahead = b.ahead.take().filter(|a| a.after == after);
         }
     }
-    let listed = if after == 0 { client.listed_entries(ino) } else { None };
+    let listed = if after == 0 { client.listed_entries(ino).await } else { None };
     let batch = match listed {
         Some((entries, left)) => {
             DirBatch { after, plus, complete: true, listed_until: Some(Instant::now() + left), entries, ahead: None }

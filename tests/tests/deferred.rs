@@ -92,12 +92,19 @@ fn what_a_lone_client_answered_itself_is_what_the_server_holds() {
          for i in $(seq 1 30); do rm t/x$i/y; rmdir t/x$i; done
          mkdir t/a/b/c && mv t/a/b/c t/a/b/d && touch t/a/b/d/e",
     );
+    // What `tar x` does to every directory at the end: times, owner, mode.
+    let set = || request_count(&c.mnt, |n| n == "deferred.SetAttr");
+    let before_set = set();
+    sh(&c.mnt, "touch -d @1000000000.5 t/a/b/d && chown 7:8 t/a/b/d && chmod 705 t/a/b/d && touch -m t/a/b");
+    assert_eq!(set() - before_set, 4, "directory attribute changes were not answered locally");
     let answered = deferred(&c.mnt) - before;
     assert!(answered > 100, "only {answered} changes were answered by the mount itself");
     let here = tree(&c.path("t"));
     let root = dir_stat(&c.path("t"));
     assert!(here["sg/sub"].contains("mode 42750 uid 0 gid 100 nlink 2"), "{}", here["sg/sub"]);
     assert!(here["sg/f"].contains("mode 100640 uid 0 gid 100"), "{}", here["sg/f"]);
+    assert!(here["a/b/d"].contains("mode 40705 uid 7 gid 8 nlink 2 size"), "{}", here["a/b/d"]);
+    assert!(here["a/b/d"].contains("mtime 1000000000.500000000"), "{}", here["a/b/d"]);
     // a, a/b, sg, sg/sub, sg/f, sg/f1..f5; 25 files left in a; h11..h15, d and d/e in a/b.
     assert_eq!(here.len(), 10 + 25 + 7, "{here:#?}");
 

@@ -256,4 +256,8 @@ fn walking_a_tree_after_a_remount_reads_each_directory_once() {
     assert_eq!(found.trim(), "21", "6 directories and 15 files");
     assert_eq!(count("ReadDir") - readdirs, 6, "one ReadDir per directory");
     assert_eq!(count("GetAttr") - getattrs, 0, "a directory's attributes come with its parent's listing");
+    // Once the walk went down into `a`, the directories it enters next (`a/b`, `e`, `f`,
+    // then `a/b/c`) were listed ahead of it: those ReadDirs are among the 6.
+    let ahead = request_count(&c.mnt, |n| n == "walk.ahead");
+    assert!(ahead >= 3, "{ahead} directories listed ahead of the walk");
 }

@@ -1,7 +1,7 @@
 //! Namespace changes answered here and sent afterwards, under the solo lease (see
 //! `cairn-meta`'s `solo`): while this client is the volume's only client, a create, mkdir,
-//! unlink, rmdir or rename it can decide from what it knows for certain (the directory's
-//! complete listing and its attributes) is answered at once and queued, as a local filesystem
+//! unlink, rmdir, rename or directory chmod/chown/utimes it can decide from what it knows for
+//! certain (the directory's complete listing and its attributes) is answered at once and queued, as a local filesystem
 //! answers before its journal is written. A background task sends the queue in order, one
 //! batch at a time (`MetaRequest::Deferred`), so a run of changes costs a round trip per batch
 //! instead of one per change. Opens of files a directory listing described, unchanged since,
@@ -18,7 +18,7 @@
 //! every cache is dropped so that what the server holds shows again.
 
 use crate::Client;
-use cairn_proto::meta::{DeferredChange, MetaRequest, MetaResponse, RenameMode};
+use cairn_proto::meta::{DeferredChange, MetaRequest, MetaResponse, RenameMode, SetAttrs};
 use cairn_proto::*;
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -110,7 +110,10 @@ impl Client {
     /// (claimed by [`Client::list_now`]) and try again.
     fn defer(&self, req: &MetaRequest) -> Result<MetaResponse, Option<Ino>> {
         use MetaRequest as R;
-        let change = matches!(req, R::MakeNode { .. } | R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. });
+        let change = matches!(
+            req,
+            R::MakeNode { .. } | R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. } | R::SetAttr { .. }
+        );
         // Only what could be deferred looks at the session: this runs before every request.
         let deferrable = change || matches!(req, R::Close { .. } | R::Open { .. });
         if !self.deferred.enabled || !deferrable || !self.check_session_fresh() {
@@ -148,6 +151,7 @@ impl Client {
                 ino.and_then(|ino| Some((ino, self.local_make(req, ino, at)?)))
             }
             R::Open { ino } => self.local_open(*ino).map(|resp| (0, resp)),
+            R::SetAttr { ino, set, .. } => self.local_setattr(*ino, set, at).map(|resp| (0, resp)),
             _ => self.local_change(req, at).map(|resp| (0, resp)),
         };
         let Some((ino, resp)) = answer else {
@@ -413,6 +417,28 @@ impl Client {
         Some(MetaResponse::Opened { attr: hint.attr, first_map: hint.map.map(|m| m.to_vec()) })
     }
 
+    /// The answer the server would give to a chmod, chown or utimes of a directory made at
+    /// `at` (`tar x` sets every directory's at the end, `cp -a` and `rsync -a` too): one
+    /// whose attributes this client knows for certain, with no flags and no xattrs (a chmod
+    /// rewrites the access ACL on the server).
+    fn local_setattr(&self, ino: Ino, set: &SetAttrs, at: Timestamp) -> Option<MetaResponse> {
+        let mut a = self.known_dir(ino)?;
+        if set.size.is_some() || set.flags.is_some() || a.flags != 0 || a.has_xattrs {
+            return None;
+        }
+        let resolve = |t: TimeSet| match t {
+            TimeSet::Now => at,
+            TimeSet::At(t) => t,
+        };
+        a.perm = set.perm.map_or(a.perm, |p| p & 0o7777);
+        a.uid = set.uid.unwrap_or(a.uid);
+        a.gid = set.gid.unwrap_or(a.gid);
+        a.atime = set.atime.map_or(a.atime, resolve);
+        a.mtime = set.mtime.map_or(a.mtime, resolve);
+        a.ctime = set.ctime.unwrap_or(at);
+        Some(MetaResponse::Attr(a))
+    }
+
     /// The answer the server would give to an unlink, rmdir or rename made at `at`.
     fn local_change(&self, req: &MetaRequest, at: Timestamp) -> Option<MetaResponse> {
         let locked = |a: &Attr| a.flags & inode_flags::LOCKED != 0;
@@ -474,7 +500,7 @@ fn concerned(req: &MetaRequest, resp: &MetaResponse) -> Vec<Ino> {
         (_, MetaResponse::Changed { attr, dirs, unnamed }) => {
             attr.iter().chain(dirs).map(|a| a.ino).chain(unnamed.iter().copied()).collect()
         }
-        (MetaRequest::Open { ino } | MetaRequest::Close { ino }, _) => vec![*ino],
+        (MetaRequest::Open { ino } | MetaRequest::Close { ino } | MetaRequest::SetAttr { ino, .. }, _) => vec![*ino],
         _ => Vec::new(),
     }
 }

@@ -18,6 +18,7 @@ mod read;
 mod recall;
 mod session;
 mod stats;
+mod walk;
 mod write;
 
 pub use atime::AtimeMode;
@@ -133,6 +134,8 @@ pub struct Client {
     pub(crate) file_attrs: attrs::FileAttrs,
     /// Whole directories, for runs of lookups (see `listing`).
     pub(crate) listings: listing::Listings,
+    /// Where subdirectories were found, to list ahead of tree walks (see `walk`).
+    pub(crate) walks: walk::Walks,
     /// Requests sent, by kind (see `stats`).
     pub(crate) stats: stats::Stats,
     /// Which lock owners may hold locks, so closes of the others cost nothing (see `locks`).
@@ -211,6 +214,7 @@ impl Client {
             inode_flags: moka::sync::Cache::builder().max_capacity(100_000).build(),
             dir_attrs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
             listings: listing::Listings::new(config.map_ttl),
+            walks: walk::Walks::new(config.map_ttl),
             file_attrs: attrs::FileAttrs::new(config.map_ttl),
             open_hints: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.map_ttl).build(),
             opens_in_dirs: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(config.map_ttl).build(),
@@ -444,7 +448,7 @@ impl Client {
 
     /// Keeps a directory's attributes from an answer (see `dir_attrs`). Answers of concurrent
     /// requests may arrive out of order: the newest is kept.
-    fn keep_dir_attr(&self, d: Attr) {
+    pub(crate) fn keep_dir_attr(&self, d: Attr) {
         if self.dir_attrs.get(&d.ino).is_none_or(|old| old.ctime <= d.ctime) {
             self.dir_attrs.insert(d.ino, d);
         }

@@ -94,6 +94,8 @@ pub(crate) struct Listings {
     listings: moka::sync::Cache<Ino, Arc<Listing>>,
     /// Directories whose listing is being fetched (one fetch per directory at a time).
     fetching: dashmap::DashSet<Ino>,
+    /// Woken whenever a fetch of a listing ends.
+    fetched: tokio::sync::Notify,
 }
 
 impl Listings {
@@ -106,6 +108,7 @@ impl Listings {
             changed: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(ttl * 2).build(),
             lookups: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(ttl).build(),
             fetching: dashmap::DashSet::new(),
+            fetched: tokio::sync::Notify::new(),
             listings: moka::sync::Cache::builder()
                 .max_capacity(MAX_CACHED_ENTRIES)
                 .weigher(|_, l: &Arc<Listing>| {
@@ -358,18 +361,41 @@ impl Client {
     pub(crate) fn list_now(&self, dir: Ino) -> bool {
         let l = &self.listings;
         let seen = l.lookups.entry(dir).and_upsert_with(|n| n.map_or(1, |n| n.into_value() + 1)).into_value();
-        seen >= LOOKUPS_BEFORE_LISTING && l.usable(dir).is_none() && l.fetching.insert(dir)
+        seen >= LOOKUPS_BEFORE_LISTING && self.claim_listing(dir)
+    }
+
+    /// Claims the fetch of `dir`'s listing unless a current one is cached or being fetched;
+    /// true if claimed, and the caller must then [`Client::list`] it.
+    pub(crate) fn claim_listing(&self, dir: Ino) -> bool {
+        let l = &self.listings;
+        l.usable(dir).is_none() && l.fetching.insert(dir)
     }
 
     /// Fetches the listing of `dir` (claimed by [`Client::list_now`]).
     pub(crate) async fn list(&self, dir: Ino) {
         let l = &self.listings;
         let fetched = self.fetch_listing(dir).await;
-        l.fetching.remove(&dir);
         // A listing retired early is fetched again only after as many lookups again.
         l.lookups.invalidate(&dir);
         if let Ok(listing) = fetched {
             l.insert(dir, listing);
+        }
+        l.fetching.remove(&dir);
+        l.fetched.notify_waiters();
+    }
+
+    /// Waits for the fetch of `dir`'s listing under way, if any (see `walk`): the kernel
+    /// then lists it from that instead of asking the server again.
+    async fn fetched(&self, dir: Ino) {
+        let l = &self.listings;
+        loop {
+            let wake = l.fetched.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if !l.fetching.contains(&dir) {
+                return;
+            }
+            wake.await;
         }
     }
 
@@ -405,7 +431,8 @@ impl Client {
     /// every name, and how long the kernel may keep them (the rest of the listing's TTL);
     /// `None`: ask the server. Cookies are positions in the returned list, which only a
     /// reader of this list may continue from.
-    pub fn listed_entries(self: &Arc<Self>, dir: Ino) -> Option<(Vec<DirEntry>, Duration)> {
+    pub async fn listed_entries(self: &Arc<Self>, dir: Ino) -> Option<(Vec<DirEntry>, Duration)> {
+        self.fetched(dir).await;
         let mut ttl = self.listings.ttl;
         let mut entries = Vec::new();
         for (cookie, (name, listed)) in (1..).zip(self.listings.all(dir)?) {
@@ -415,6 +442,8 @@ impl Client {
             entries.push(DirEntry { name, ino: a.ino, kind: a.kind, cookie, attr: Some(a), first_map: None });
         }
         self.accessed(dir, true);
+        self.reorder_open_hints(dir, &entries);
+        self.walked(dir, &entries);
         Some((entries, ttl))
     }
 
@@ -439,6 +468,7 @@ impl Client {
         self.drain_for(&MetaRequest::ReadDir { ino: dir, after: 0, limit: PAGE, plus: true }).await;
         let complete = loop {
             let req = MetaRequest::ReadDir { ino: dir, after, limit: PAGE, plus: true };
+            self.stats.count("meta", (&req).into());
             let page = match self.meta.call::<_, MetaResponse>(&req).await?.0 {
                 MetaResponse::Dir(mut page) => {
                     self.note_open_hints(dir, &mut page, epoch);
@@ -448,12 +478,23 @@ impl Client {
             };
             let end = page.len() < PAGE as usize;
             after = page.last().map_or(after, |e| e.cookie);
+            for a in page.iter().filter_map(|e| e.attr.as_ref()) {
+                self.keep_listed_dir(a, epoch);
+            }
             entries.extend(page.into_iter().filter_map(|e| Some((e.name, slot(&e.attr?, epoch)))));
             if end || entries.len() > MAX_ENTRIES {
                 break end && entries.len() <= MAX_ENTRIES;
             }
         };
         Ok(Listing { at, ..Listing::new(epoch, complete.then_some(entries)) })
+    }
+
+    /// Keeps a subdirectory's attributes from a listing read at `epoch` as a lookup's answer
+    /// would be: its own listing starts with them (`.`), and `tar c` or `find` list it next.
+    pub(crate) fn keep_listed_dir(&self, a: &Attr, epoch: u64) {
+        if a.kind == FileKind::Dir && !self.listings.changed_since(a.ino, epoch) {
+            self.keep_dir_attr(a.clone());
+        }
     }
 
     /// Keeps a first page of `dir`'s entries with their attributes that held all of them

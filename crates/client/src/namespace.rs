@@ -43,16 +43,24 @@ impl Client {
     /// The attributes of `ino` and how long the kernel may keep them: from this client's
     /// recent answers when it has them (see `attrs`), else from the server.
     pub async fn stat(&self, ino: Ino) -> Result<(Attr, Duration)> {
+        if let Some(cached) = self.cached_stat(ino) {
+            return Ok(cached);
+        }
+        Ok((self.call_attr(MetaRequest::GetAttr { ino }).await?, self.kernel_ttl()))
+    }
+
+    /// [`Client::stat`] when the caches answer it, without waiting: the mount answers the
+    /// kernel's `GETATTR` on its own thread then (the kernel asks after every read of a file,
+    /// since a read may have changed its atime).
+    pub fn cached_stat(&self, ino: Ino) -> Option<(Attr, Duration)> {
         self.check_session();
         let ttl = self.kernel_ttl();
         if let Some(mut a) = self.dir_attrs.get(&ino) {
             self.atimes.note(&mut a);
-            return Ok((a, ttl));
+            return Some((a, ttl));
         }
-        if let Some((a, left)) = self.file_attrs.get(ino) {
-            return Ok((self.note_attr(a), left.min(ttl)));
-        }
-        Ok((self.call_attr(MetaRequest::GetAttr { ino }).await?, ttl))
+        let (a, left) = self.file_attrs.get(ino)?;
+        Some((self.note_attr(a), left.min(ttl)))
     }
 
     /// Changes attributes; a size change first flushes buffered writes so they cannot land
@@ -152,13 +160,12 @@ impl Client {
                 for e in &mut entries {
                     if let Some(a) = e.attr.take() {
                         let a = self.note_attr(a);
-                        // As a lookup's answer would: the directory's own listing starts
-                        // with its attributes (`.`), and `tar c` or `find` list it next.
-                        if a.kind == FileKind::Dir && !self.listings.changed_since(a.ino, epoch) {
-                            self.keep_dir_attr(a.clone());
-                        }
+                        self.keep_listed_dir(&a, epoch);
                         e.attr = Some(a);
                     }
+                }
+                if after == 0 {
+                    self.walked(ino, &entries);
                 }
                 Ok(entries)
             }

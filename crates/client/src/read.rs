@@ -161,6 +161,19 @@ impl Client {
         }
     }
 
+    /// Files of `dir` listed for the kernel from a cached listing, in `entries`' order (not
+    /// the server's): opens that follow it are in listing order (see
+    /// [`Client::read_ahead_files`]).
+    pub(crate) fn reorder_open_hints(&self, dir: Ino, entries: &[DirEntry]) {
+        let page = Arc::new(entries.iter().map(|e| e.ino).collect::<Vec<_>>());
+        for (pos, e) in entries.iter().enumerate() {
+            if let Some(mut hint) = self.open_hints.get(&e.ino) {
+                hint.order = Some((dir, page.clone(), pos));
+                self.open_hints.insert(e.ino, hint);
+            }
+        }
+    }
+
     /// Starts fetching the data of the next files of `ino`'s directory when opens there
     /// follow listing order (`tar c`, `cp -r`, `grep -r`, any loop over a directory's files),
     /// as sequential reads of one file read ahead: each fetch waits on a chunk server's disk,

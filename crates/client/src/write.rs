@@ -612,6 +612,12 @@ impl Client {
             self.sync_blocks_of(ino).await?;
         }
         let min_size = f.size.load(Ordering::Acquire);
+        // Attribute changes buffered after the writes go with the last commit, in its
+        // transaction (one request per file fewer for `tar x`). If the server refuses them,
+        // the slices are committed alone and the refusal reported, as a `SetAttr` after the
+        // commit would have been.
+        let mut attrs = f.pending_attrs();
+        let mut refused = None;
         // Many small random writes make many slices: commit them in batches that fit a frame,
         // in order, dropping each batch from `stored` once it is committed.
         let mut attr = None;
@@ -626,9 +632,16 @@ impl Client {
                 durable: durable && last,
                 lease: f.lease.load(Ordering::Acquire),
                 written_at: f.last_write(),
+                attrs: if last { attrs.clone() } else { None },
             };
             match self.call_attr(req).await {
                 Ok(a) => attr = Some(a),
+                Err(e) if last && attrs.is_some() && e.code != ErrorCode::LeaseLost && !e.unanswered() => {
+                    f.attrs.lock().expect("pending attributes lock").take();
+                    attrs = None;
+                    refused = Some(e);
+                    continue;
+                }
                 // Another client may have written since: these writes are refused for good. A
                 // recall gives the lease up, so what it could not commit cannot stay either.
                 Err(e) if e.code == ErrorCode::LeaseLost || why == Flush::Recall => {
@@ -642,15 +655,17 @@ impl Client {
             st.stored.drain(..n);
         }
         let attr = attr.expect("committed at least once");
+        if attrs.is_some() {
+            // Sent with the commit; none can have been added meanwhile (buffering takes the
+            // state lock, held here).
+            f.attrs.lock().expect("pending attributes lock").take();
+        }
         st.dirty = false;
         f.size.store(0, Ordering::Release);
         f.written.store(0, Ordering::Release);
         self.sizes.insert(ino, attr.size);
         self.invalidate_data(ino);
-        if self.send_attrs(ino, f).await? && durable {
-            self.sync_metadata().await?;
-        }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     /// Keeps a chmod, chown or mtime change of a file this client holds the write lease on

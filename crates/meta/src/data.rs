@@ -3,7 +3,7 @@
 use crate::MetaService;
 use crate::error::{MetaError, Result};
 use crate::store::{Batch, WriteGuard, reads};
-use cairn_proto::meta::{Caller, FallocMode};
+use cairn_proto::meta::{Caller, FallocMode, SetAttrs};
 use cairn_proto::*;
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub(crate) struct Commit<'a> {
     pub(crate) durable: bool,
     pub(crate) lease: u64,
     pub(crate) written_at: Timestamp,
+    /// Mode, owner and mtime changes to apply after the slices, in the same transaction.
+    pub(crate) attrs: Option<&'a SetAttrs>,
 }
 
 impl MetaService {
@@ -64,44 +66,80 @@ impl MetaService {
         ino: Ino,
         commit: Commit<'_>,
     ) -> Result<(Attr, Option<Vec<SliceRef>>)> {
-        let Commit { slices, min_size, durable, lease, written_at } = commit;
         let cs = self.volume.chunk_size;
-        for s in slices {
+        for s in commit.slices {
             if s.slice.len == 0 || s.slice.pos as u64 + s.slice.len as u64 > cs || s.slice.id == HOLE_SLICE {
                 return Err(MetaError::fs(ErrorCode::Invalid, "slice outside its chunk"));
             }
         }
-        if min_size > MAX_FILE_SIZE {
+        if commit.min_size > MAX_FILE_SIZE {
             return Err(MetaError::fs(ErrorCode::FileTooBig, "file would exceed the maximum size"));
         }
+        if commit.attrs.is_some_and(|a| a.size.is_some() || a.atime.is_some() || a.flags.is_some()) {
+            return Err(MetaError::fs(ErrorCode::Invalid, "a commit changes only mode, owner and mtime"));
+        }
         let mut w = self.store.write().await?;
-        // One batch validates, updates and inserts: it changes nothing unless `ino` is a file.
-        let mut b = Batch::durable(durable);
-        b.commit_slices(ino, slices, min_size, lease, written_at);
-        b.first_map_of_small(ino);
-        let done = w.apply(b).await?;
-        match done.attr()? {
-            Some(a) => {
-                // The lease is still this writer's (a restarted server, or a reconnection,
-                // forgot who held it): note the holder again, so readers recall it.
-                self.leases.reclaim_writer(ino, conn, lease);
-                Ok((a, done.first_map()?))
-            }
-            None => match w.attr(ino).await? {
-                a if a.flags & inode_flags::IMMUTABLE != 0 => {
-                    Err(MetaError::fs(ErrorCode::Perm, "the file is immutable"))
+        let done = match self.commit_in(&mut w, ino, &commit, commit.attrs).await? {
+            Some(done) => done,
+            None => {
+                let a = w.attr(ino).await?;
+                let lease = commit.lease;
+                if a.flags & inode_flags::IMMUTABLE != 0 {
+                    return Err(MetaError::fs(ErrorCode::Perm, "the file is immutable"));
                 }
-                a if a.kind != FileKind::File => Err(MetaError::fs(ErrorCode::Invalid, "not a regular file")),
-                _ => Err(MetaError::fs(
+                if a.kind != FileKind::File {
+                    return Err(MetaError::fs(ErrorCode::Invalid, "not a regular file"));
+                }
+                if let Some(set) = commit.attrs {
+                    if a.flags & inode_flags::LOCKED != 0 {
+                        return Err(MetaError::fs(ErrorCode::Perm, "the file is append-only"));
+                    }
+                    if a.has_xattrs && reads::lease_epoch(w.conn(), ino).await? == lease {
+                        // A chmod rewrites the access ACL too: the slices go first, then
+                        // `setattr` does that in its own transaction.
+                        let Some(done) = self.commit_in(&mut w, ino, &commit, None).await? else {
+                            return Err(MetaError::fs(ErrorCode::Io, "a commit vanished under the writer"));
+                        };
+                        drop(w);
+                        self.leases.reclaim_writer(ino, conn, lease);
+                        return Ok((self.setattr(ino, set, false).await?, done.1));
+                    }
+                }
+                return Err(MetaError::fs(
                     ErrorCode::LeaseLost,
                     format!(
                         "write lease {lease} on inode {ino} was lost (now {}): another client may have \
                          written since, so these writes are refused",
                         reads::lease_epoch(w.conn(), ino).await?
                     ),
-                )),
-            },
-        }
+                ));
+            }
+        };
+        // The lease is still this writer's (a restarted server, or a reconnection, forgot who
+        // held it): note the holder again, so readers recall it.
+        self.leases.reclaim_writer(ino, conn, commit.lease);
+        Ok(done)
+    }
+
+    /// Applies `commit` with `attrs` in one transaction, or nothing (`None`) unless `ino` is a
+    /// regular file under write lease `commit.lease`, not immutable, and, with `attrs`,
+    /// neither append-only nor with xattrs.
+    async fn commit_in(
+        &self,
+        w: &mut WriteGuard<'_>,
+        ino: Ino,
+        commit: &Commit<'_>,
+        attrs: Option<&SetAttrs>,
+    ) -> Result<Option<(Attr, Option<Vec<SliceRef>>)>> {
+        // One batch validates, updates and inserts: it changes nothing unless it may.
+        let mut b = Batch::durable(commit.durable);
+        b.commit_slices(ino, commit.slices, commit.min_size, commit.lease, commit.written_at, attrs);
+        b.first_map_of_small(ino);
+        let done = w.apply(b).await?;
+        Ok(match done.attr()? {
+            Some(a) => Some((a, done.first_map()?)),
+            None => None,
+        })
     }
 
     /// `MetaRequest::WriteLease`: grants `conn` the write lease on file `ino`. Another

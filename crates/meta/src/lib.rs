@@ -5,6 +5,8 @@
 //! operations are atomic and serialized; reads use a separate connection pool.
 
 mod acl;
+#[cfg(test)]
+mod commit_tests;
 mod data;
 mod error;
 mod fsck;

@@ -180,9 +180,9 @@ impl MetaService {
                 R::Map { slices, seq }
             }
             MetaRequest::AllocSlices { count } => R::SliceIds { first: self.alloc_slices(count).await? },
-            MetaRequest::Commit { ino, slices, min_size, durable, lease, written_at } => {
+            MetaRequest::Commit { ino, slices, min_size, durable, lease, written_at, attrs } => {
                 let written_at = written_at.unwrap_or_else(Timestamp::now);
-                let commit = Commit { slices: &slices, min_size, durable, lease, written_at };
+                let commit = Commit { slices: &slices, min_size, durable, lease, written_at, attrs: attrs.as_ref() };
                 let (attr, first_map) = self.commit(conn, ino, commit).await?;
                 R::Committed { attr, first_map }
             }
@@ -317,6 +317,17 @@ impl MetaService {
             // since the client learnt of it (its own unlinks come after in the queue).
             MetaRequest::Open { ino } => self.opens.open(conn, ino),
             MetaRequest::Close { ino } => self.close(conn, ino),
+            // With the client's time, as it answered.
+            MetaRequest::SetAttr { ino, mut set, caller: _ } => {
+                let at_time = |t: TimeSet| match t {
+                    TimeSet::Now => TimeSet::At(at),
+                    explicit => explicit,
+                };
+                set.atime = set.atime.map(at_time);
+                set.mtime = set.mtime.map(at_time);
+                set.ctime.get_or_insert(at);
+                self.setattr(ino, &set, false).await?;
+            }
             other => {
                 let what: &str = (&other).into();
                 return Err(MetaError::fs(ErrorCode::BadRequest, format!("{what} cannot be deferred")));

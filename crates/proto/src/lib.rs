@@ -16,7 +16,7 @@ pub use error::{ErrorCode, WireError};
 pub use types::*;
 
 /// Bumped whenever a message changes shape; exchanged in `Hello` so mismatched peers fail loudly.
-pub const PROTOCOL_VERSION: u32 = 16;
+pub const PROTOCOL_VERSION: u32 = 17;
 /// `_IOR('C', 1, [u8; 4096])` on any file or directory of a mount: the client answers with
 /// its request counters as text (`cairn stats`). The kernel forwards it with its 4 KiB buffer.
 pub const STATS_IOCTL: u32 = 0x9000_4301;

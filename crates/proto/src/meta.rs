@@ -197,6 +197,12 @@ pub enum MetaRequest {
         /// (`git` and `make` compare mtimes they saw right after the close). `None`, or no
         /// slices: the server's clock, or times left as they are.
         written_at: Option<Timestamp>,
+        /// Mode, owner and mtime changes made after these writes (buffered with them under
+        /// the write lease), applied in the same transaction as if by a `SetAttr` right
+        /// after: `tar x` sets all three on every file it writes. Only `perm`, `uid`, `gid`,
+        /// `mtime` and `ctime` may be set; refused with `EPERM` (and nothing applied) if the
+        /// file is immutable or append-only.
+        attrs: Option<SetAttrs>,
     },
     /// Asks for the exclusive write lease on a file before buffering writes to it: other
     /// clients' cached state of it is recalled first (and another writer flushes), so a read

@@ -2,6 +2,7 @@
 
 use super::Batch;
 use super::rows::{INODE_COLUMNS, servers_to_text};
+use cairn_proto::meta::SetAttrs;
 use cairn_proto::*;
 
 /// Slice rows per INSERT statement (6 values each, well under SQLite's bind limit).
@@ -168,32 +169,56 @@ impl Batch {
     }
 
     /// Appends written slices to regular file `ino` and grows it to at least `min_size`;
-    /// slices set its mtime and ctime to `now`. The new attributes come back through
-    /// [`super::Returned::attr`]; nothing changes (and no attributes come back) if `ino` is
-    /// not a regular file or is immutable.
-    pub(crate) fn commit_slices(&mut self, ino: Ino, slices: &[NewSlice], min_size: u64, lease: u64, now: Timestamp) {
+    /// slices set its mtime and ctime to `now`, then `attrs` (mode, owner, mtime) apply as a
+    /// `SetAttr` would. The new attributes come back through [`super::Returned::attr`];
+    /// nothing changes (and no attributes come back) unless `ino` is a regular file under
+    /// write lease `lease` and not immutable, nor, with `attrs`, append-only or with xattrs
+    /// (a chmod must rewrite its ACL).
+    pub(crate) fn commit_slices(
+        &mut self,
+        ino: Ino,
+        slices: &[NewSlice],
+        min_size: u64,
+        lease: u64,
+        now: Timestamp,
+        attrs: Option<&SetAttrs>,
+    ) {
         self.changes(ino);
-        const IMMUTABLE: u32 = inode_flags::IMMUTABLE;
+        let may = match attrs {
+            Some(_) => format!("flags & {} = 0 AND xattrs = 0", inode_flags::LOCKED),
+            None => format!("flags & {} = 0", inode_flags::IMMUTABLE),
+        };
         let touched = !slices.is_empty();
         let added: u64 = slices.iter().map(|s| u64::from(s.slice.len)).sum();
+        let mtime = match attrs.and_then(|a| a.mtime) {
+            Some(TimeSet::At(t)) => Some(t),
+            Some(TimeSet::Now) => Some(Timestamp::now()),
+            None => touched.then_some(now),
+        };
+        let ctime = attrs.map(|a| a.ctime.unwrap_or_else(Timestamp::now)).or(touched.then_some(now));
+        let perm = attrs.and_then(|a| a.perm).map(|p| i64::from(p & 0o7777));
         self.push(&format!(
-            "UPDATE inodes SET size = MAX(size, ?), stored = stored + ?, \
+            "UPDATE inodes SET size = MAX(size, ?), stored = stored + ?, perm = COALESCE(?, perm), \
+             uid = COALESCE(?, uid), gid = COALESCE(?, gid), \
              mtime_s = CASE WHEN ? THEN ? ELSE mtime_s END, mtime_ns = CASE WHEN ? THEN ? ELSE mtime_ns END, \
              ctime_s = CASE WHEN ? THEN ? ELSE ctime_s END, ctime_ns = CASE WHEN ? THEN ? ELSE ctime_ns END \
-             WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0 AND lease = ? RETURNING {INODE_COLUMNS}"
+             WHERE ino = ? AND kind = ? AND {may} AND lease = ? RETURNING {INODE_COLUMNS}"
         ))
         .bind(min_size as i64)
-        .bind(added as i64);
-        for _ in 0..2 {
-            self.bind(touched).bind(now.secs).bind(touched).bind(now.nanos as i64);
+        .bind(added as i64)
+        .bind(perm)
+        .bind(attrs.and_then(|a| a.uid).map(i64::from))
+        .bind(attrs.and_then(|a| a.gid).map(i64::from));
+        for t in [mtime, ctime] {
+            let at = t.unwrap_or(now);
+            self.bind(t.is_some()).bind(at.secs).bind(t.is_some()).bind(at.nanos as i64);
         }
         self.bind_ino(ino).bind(FileKind::File.to_i64()).bind(lease as i64);
         for part in slices.chunks(SLICES_PER_INSERT) {
             let values = vec!["(?, ?, ?, ?, ?, ?)"; part.len()].join(", ");
             self.push(&format!(
                 "INSERT INTO slices (ino, chunk, pos, len, slice, servers) SELECT * FROM (VALUES {values}) \
-                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ? AND flags & {IMMUTABLE} = 0 \
-                 AND lease = ?)"
+                 WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND kind = ? AND {may} AND lease = ?)"
             ));
             for s in part {
                 self.bind_ino(ino)
