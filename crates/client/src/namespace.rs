@@ -198,20 +198,26 @@ impl Client {
     /// kernel, so they do not count.
     pub async fn open(self: &Arc<Self>, ino: Ino, write: bool, append: bool) -> Result<(Attr, bool)> {
         let generation = self.data_generation(ino);
-        if !write {
-            self.prefetch_hinted(ino);
-            self.read_ahead_files(ino);
-        }
+        let hinted = match write {
+            true => None,
+            false => {
+                let hinted = self.prefetch_hinted(ino);
+                self.read_ahead_files(ino);
+                hinted
+            }
+        };
         let attr = match self.call(MetaRequest::Open { ino }).await? {
             MetaResponse::Opened { attr, first_map } => {
                 if let Some(map) = first_map {
                     // Under the generation seen before asking: a commit of this client since
                     // then retires it.
                     self.maybe_compact(ino, 0, map.len());
+                    let fetching = hinted.as_deref() == Some(&map);
                     self.maps.insert((ino, generation, 0), Arc::new(map)).await;
                     // A small file opened for reading is about to be read whole: start
-                    // fetching it now rather than one kernel round trip later.
-                    if !write && attr.size <= PREFETCH_ON_OPEN {
+                    // fetching it now rather than one kernel round trip later (unless that
+                    // started by the same map already).
+                    if !write && attr.size <= PREFETCH_ON_OPEN && !fetching {
                         let client = self.clone();
                         tokio::spawn(async move { client.prefetch(ino, 0, attr.size).await });
                     }

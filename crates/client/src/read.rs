@@ -191,7 +191,7 @@ impl Client {
         };
         self.opens_in_dirs.insert(dir, (id, pos, to));
         for &next in page.get(ahead + 1..=to).unwrap_or_default() {
-            self.prefetch_hinted(next);
+            let _ = self.prefetch_hinted(next);
         }
     }
 
@@ -217,15 +217,17 @@ impl Client {
     /// Starts fetching a small file's data by the map its hint gave, before the open that
     /// brings the current map returns. Blocks never change, so a stale map only costs a
     /// fetch of a block the reads may not need.
-    pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) {
-        let Some(OpenHint { attr, map: Some(map), .. }) = self.open_hints.get(&ino) else { return };
+    /// Returns the map it fetched by, if any.
+    pub(crate) fn prefetch_hinted(self: &Arc<Self>, ino: Ino) -> Option<Arc<Vec<SliceRef>>> {
+        let Some(OpenHint { attr, map: Some(map), .. }) = self.open_hints.get(&ino) else { return None };
         if attr.size > crate::namespace::PREFETCH_ON_OPEN {
-            return;
+            return None;
         }
         let mut jobs = Vec::new();
         self.plan_chunk(&map, 0, attr.size.min(self.volume.chunk_size), 0, &mut jobs);
         let client = self.clone();
         tokio::spawn(async move { client.warm(jobs).await });
+        Some(map)
     }
 
     /// Which parts of which blocks make up `[offset, offset + len)` of a file.
