@@ -102,7 +102,11 @@ impl MetaService {
                         };
                         drop(w);
                         self.leases.reclaim_writer(ino, conn, lease);
-                        return Ok((self.setattr(ino, set, false).await?, done.1));
+                        let attr = self.setattr(ino, set, false).await?;
+                        if commit.durable {
+                            self.sync().await?;
+                        }
+                        return Ok((attr, done.1));
                     }
                 }
                 return Err(MetaError::fs(
