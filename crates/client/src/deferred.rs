@@ -1,8 +1,8 @@
 //! Namespace changes answered here and sent afterwards, under the solo lease (see
 //! `cairn-meta`'s `solo`): while this client is the volume's only client, a create, mkdir,
 //! unlink, rmdir, rename or directory chmod/chown/utimes it can decide from what it knows for
-//! certain (the directory's complete listing and its attributes) is answered at once and queued, as a local filesystem
-//! answers before its journal is written. A background task sends the queue in order, one
+//! certain (the directory's complete listing and its attributes) is answered at once and
+//! queued, as a local filesystem answers before its journal is written. A background task sends the queue in order, one
 //! batch at a time (`MetaRequest::Deferred`), so a run of changes costs a round trip per batch
 //! instead of one per change. Opens of files a directory listing described, unchanged since,
 //! are answered here too, their registrations queued the same way (`local_open`).
