@@ -426,15 +426,11 @@ impl Client {
         if set.size.is_some() || set.flags.is_some() || a.flags != 0 || a.has_xattrs {
             return None;
         }
-        let resolve = |t: TimeSet| match t {
-            TimeSet::Now => at,
-            TimeSet::At(t) => t,
-        };
         a.perm = set.perm.map_or(a.perm, |p| p & 0o7777);
         a.uid = set.uid.unwrap_or(a.uid);
         a.gid = set.gid.unwrap_or(a.gid);
-        a.atime = set.atime.map_or(a.atime, resolve);
-        a.mtime = set.mtime.map_or(a.mtime, resolve);
+        a.atime = set.atime.map_or(a.atime, |t| t.resolve(at));
+        a.mtime = set.mtime.map_or(a.mtime, |t| t.resolve(at));
         a.ctime = set.ctime.unwrap_or(at);
         Some(MetaResponse::Attr(a))
     }

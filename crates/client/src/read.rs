@@ -151,13 +151,24 @@ impl Client {
         let page = Arc::new(entries.iter().map(|e| e.ino).collect::<Vec<_>>());
         for (pos, e) in entries.iter_mut().enumerate() {
             let map = e.first_map.take();
-            let Some(attr) = &e.attr else { continue };
-            // What an open answers: no map for an empty file, chunk 0's for a small one.
-            if attr.kind == FileKind::File && (map.is_some() || attr.size == 0) {
-                let map = map.map(Arc::new);
-                let hint = OpenHint { attr: attr.clone(), map, epoch, order: Some((dir, page.clone(), pos)) };
-                self.open_hints.insert(e.ino, hint);
+            if let Some(attr) = &e.attr {
+                self.keep_open_hint(attr, map, epoch, Some((dir, page.clone(), pos)));
             }
+        }
+    }
+
+    /// Keeps what an open of the file `attr` describes would answer, if the answer `map` came
+    /// with is one: no map for an empty file, chunk 0's for a small one.
+    fn keep_open_hint(
+        &self,
+        attr: &Attr,
+        map: Option<Vec<SliceRef>>,
+        epoch: u64,
+        order: Option<(Ino, Arc<Vec<Ino>>, usize)>,
+    ) {
+        if attr.kind == FileKind::File && (map.is_some() || attr.size == 0) {
+            let hint = OpenHint { attr: attr.clone(), map: map.map(Arc::new), epoch, order };
+            self.open_hints.insert(attr.ino, hint);
         }
     }
 
@@ -208,10 +219,7 @@ impl Client {
             (MetaRequest::MakeNode { .. }, MetaResponse::Changed { attr: Some(attr), .. }) => (attr, None),
             _ => return,
         };
-        if attr.kind == FileKind::File && (map.is_some() || attr.size == 0) {
-            let hint = OpenHint { attr: attr.clone(), map: map.map(Arc::new), epoch, order: None };
-            self.open_hints.insert(attr.ino, hint);
-        }
+        self.keep_open_hint(attr, map, epoch, None);
     }
 
     /// Starts fetching a small file's data by the map its hint gave, before the open that

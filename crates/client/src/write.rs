@@ -697,7 +697,7 @@ impl Client {
             merged.perm = set.perm.or(merged.perm);
             merged.uid = set.uid.or(merged.uid);
             merged.gid = set.gid.or(merged.gid);
-            merged.mtime = set.mtime.map(|t| TimeSet::At(resolve_now(t, now))).or(merged.mtime);
+            merged.mtime = set.mtime.map(|t| TimeSet::At(t.resolve(now))).or(merged.mtime);
             merged.ctime = Some(set.ctime.unwrap_or(now));
             *by = caller.clone();
         }
@@ -777,13 +777,6 @@ pub(crate) async fn commit_loop(client: std::sync::Weak<Client>) {
                 tracing::warn!(ino, "background commit failed: {e}");
             }
         }
-    }
-}
-
-fn resolve_now(t: TimeSet, now: Timestamp) -> Timestamp {
-    match t {
-        TimeSet::Now => now,
-        TimeSet::At(t) => t,
     }
 }
 

@@ -524,15 +524,11 @@ impl MetaService {
             a.size = size;
             a.mtime = now;
         }
-        let resolve = |t: TimeSet| match t {
-            TimeSet::Now => now,
-            TimeSet::At(ts) => ts,
-        };
         if let Some(t) = set.atime {
-            a.atime = resolve(t);
+            a.atime = t.resolve(now);
         }
         if let Some(t) = set.mtime {
-            a.mtime = resolve(t);
+            a.mtime = t.resolve(now);
         }
         a.ctime = set.ctime.unwrap_or(now);
         b.put_attr(&a);

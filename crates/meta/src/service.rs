@@ -319,12 +319,8 @@ impl MetaService {
             MetaRequest::Close { ino } => self.close(conn, ino),
             // With the client's time, as it answered.
             MetaRequest::SetAttr { ino, mut set, caller: _ } => {
-                let at_time = |t: TimeSet| match t {
-                    TimeSet::Now => TimeSet::At(at),
-                    explicit => explicit,
-                };
-                set.atime = set.atime.map(at_time);
-                set.mtime = set.mtime.map(at_time);
+                set.atime = set.atime.map(|t| TimeSet::At(t.resolve(at)));
+                set.mtime = set.mtime.map(|t| TimeSet::At(t.resolve(at)));
                 set.ctime.get_or_insert(at);
                 self.setattr(ino, &set, false).await?;
             }

@@ -189,6 +189,16 @@ pub enum TimeSet {
     At(Timestamp),
 }
 
+impl TimeSet {
+    /// The time this sets, with `now` standing for `UTIME_NOW`.
+    pub fn resolve(self, now: Timestamp) -> Timestamp {
+        match self {
+            TimeSet::Now => now,
+            TimeSet::At(t) => t,
+        }
+    }
+}
+
 /// One directory entry as returned by `ReadDir`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
