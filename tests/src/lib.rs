@@ -246,15 +246,77 @@ pub fn mount_source(dir: &Path) -> Option<String> {
         .next_back()
 }
 
-/// The block files under a chunk server's data directory (`blocks/<bucket>/<slice>-<index>`),
-/// sorted, without in-progress (`.tmp-`) files and the pool of emptied files kept for reuse
-/// (`blocks/spare`).
-pub fn block_files_of(chunk_dir: &Path) -> Vec<PathBuf> {
+/// One block as a chunk server stores it: `name` is `<slice as hex>-<index>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredBlock {
+    pub name: String,
+    pub at: BlockAt,
+}
+
+/// Where a block's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BlockAt {
+    /// A file, `blocks/<bucket>/<name>`.
+    File(PathBuf),
+    /// A row of the small block database, `blocks/small.db`.
+    Row { db: PathBuf, slice: i64, index: i64 },
+}
+
+impl StoredBlock {
+    /// The block's bytes as stored.
+    pub fn read(&self) -> Vec<u8> {
+        match &self.at {
+            BlockAt::File(path) => std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            BlockAt::Row { db, slice, index } => open_db(db)
+                .query_row("SELECT data FROM blocks WHERE slice = ?1 AND idx = ?2", [slice, index], |r| r.get(0))
+                .unwrap_or_else(|e| panic!("{}: {e}", self.name)),
+        }
+    }
+
+    /// Replaces the block's bytes behind the chunk server's back, as a failing disk would.
+    pub fn overwrite(&self, bytes: &[u8]) {
+        match &self.at {
+            BlockAt::File(path) => std::fs::write(path, bytes).unwrap(),
+            BlockAt::Row { db, slice, index } => {
+                let n = open_db(db)
+                    .execute(
+                        "UPDATE blocks SET data = ?3 WHERE slice = ?1 AND idx = ?2",
+                        rusqlite::params![slice, index, bytes],
+                    )
+                    .unwrap();
+                assert_eq!(n, 1, "{} vanished", self.name);
+            }
+        }
+    }
+}
+
+fn open_db(db: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(db).unwrap_or_else(|e| panic!("{}: {e}", db.display()));
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c
+}
+
+/// The blocks a chunk server with data directory `chunk_dir` stores, sorted: the rows of its
+/// small block database and its block files (`blocks/<bucket>/<slice>-<index>`), without
+/// in-progress (`.tmp-`) files and the pool of emptied files kept for reuse (`blocks/spare`).
+pub fn stored_blocks_of(chunk_dir: &Path) -> Vec<StoredBlock> {
     let mut out = Vec::new();
+    let db = chunk_dir.join("blocks/small.db");
+    if db.exists() {
+        let c = open_db(&db);
+        let mut q = c.prepare("SELECT slice, idx FROM blocks").unwrap();
+        let rows = q.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).unwrap();
+        for (slice, index) in rows.map(Result::unwrap) {
+            let name = format!("{:016x}-{index}", slice as u64);
+            out.push(StoredBlock { name, at: BlockAt::Row { db: db.clone(), slice, index } });
+        }
+    }
     let Ok(buckets) = std::fs::read_dir(chunk_dir.join("blocks")) else { return out };
-    for bucket in buckets.flatten().filter(|b| b.file_name() != "spare") {
+    for bucket in buckets.flatten().filter(|b| b.file_name() != "spare" && b.path().is_dir()) {
         let Ok(files) = std::fs::read_dir(bucket.path()) else { continue };
-        out.extend(files.flatten().filter(|f| !f.file_name().to_string_lossy().starts_with('.')).map(|f| f.path()));
+        for f in files.flatten().filter(|f| !f.file_name().to_string_lossy().starts_with('.')) {
+            out.push(StoredBlock { name: f.file_name().to_string_lossy().into_owned(), at: BlockAt::File(f.path()) });
+        }
     }
     out.sort();
     out

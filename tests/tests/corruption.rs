@@ -10,12 +10,12 @@ fn corrupted_block_reads_as_eio_never_wrong_bytes() {
     let data: Vec<u8> = (0..900_000u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(c.path("victim"), &data).unwrap();
     std::fs::File::open(c.path("victim")).unwrap().sync_all().unwrap();
-    let blocks = block_files_of(&c.data.join("chunk-1"));
+    let blocks = stored_blocks_of(&c.data.join("chunk-1"));
     assert_eq!(blocks.len(), 1, "expected the file in one block: {blocks:?}");
-    let mut bytes = std::fs::read(&blocks[0]).unwrap();
+    let mut bytes = blocks[0].read();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
-    std::fs::write(&blocks[0], &bytes).unwrap();
+    blocks[0].overwrite(&bytes);
 
     // A fresh client has nothing cached, so it must fetch the damaged block.
     let fresh = c.mount_again("fresh", "");

@@ -125,6 +125,9 @@ fn unsynced_blocks(data: &Path) -> Vec<String> {
             let p = e.path();
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(p),
+                // SQLite's WAL index of the small block database: shared memory, never synced,
+                // rebuilt from the write-ahead log after a crash.
+                Ok(_) if p.to_string_lossy().ends_with(".db-shm") => {}
                 Ok(t) if t.is_file() => match unwritten_pages(&p) {
                     Some(0) => {}
                     Some(n) => bad.push(format!("{} ({n} pages)", p.display())),

@@ -6,8 +6,7 @@
 use cairn_tests::*;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,24 +16,23 @@ const MIB: usize = 1 << 20;
 /// A file name and the contents it must have.
 type NamedData = (String, Vec<u8>);
 
-/// Every block file on every chunk server of the cluster: `(server id, path)`.
-fn block_files(c: &Cluster) -> Vec<(u64, PathBuf)> {
+/// Every block on every chunk server of the cluster: `(server id, block)`.
+fn stored_blocks(c: &Cluster) -> Vec<(u64, StoredBlock)> {
     let mut out = Vec::new();
     for id in 1..=8u64 {
-        out.extend(block_files_of(&c.data.join(format!("chunk-{id}"))).into_iter().map(|p| (id, p)));
+        out.extend(stored_blocks_of(&c.data.join(format!("chunk-{id}"))).into_iter().map(|b| (id, b)));
     }
     out.sort();
     out
 }
 
-/// Number of valid copies of each block (by file name), and the paths of corrupt ones.
-fn copies(c: &Cluster) -> (BTreeMap<String, usize>, Vec<PathBuf>) {
+/// Number of valid copies of each block (by name), and the corrupt ones.
+fn copies(c: &Cluster) -> (BTreeMap<String, usize>, Vec<StoredBlock>) {
     let (mut good, mut bad) = (BTreeMap::new(), Vec::new());
-    for (_, path) in block_files(c) {
-        let Ok(bytes) = std::fs::read(&path) else { continue };
-        match cairn_block::verify(&bytes) {
-            Ok(_) => *good.entry(path.file_name().unwrap().to_string_lossy().into_owned()).or_default() += 1,
-            Err(_) => bad.push(path),
+    for (_, block) in stored_blocks(c) {
+        match cairn_block::verify(&block.read()) {
+            Ok(_) => *good.entry(block.name.clone()).or_default() += 1,
+            Err(_) => bad.push(block),
         }
     }
     (good, bad)
@@ -132,13 +130,11 @@ fn corrupt_copy_is_read_around_and_scrub_replaces_it() {
     assert!(bad.is_empty() && !good.is_empty() && good.values().all(|n| *n == 3), "{good:?} {bad:?}");
 
     // Flip bytes in the middle of one copy of the first block, as a failing disk would.
-    let (_, victim) = block_files(&c).into_iter().next().unwrap();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&victim).unwrap();
-    let len = f.metadata().unwrap().len();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, len / 2).unwrap();
-    f.write_all_at(&[!byte[0]], len / 2).unwrap();
-    drop(f);
+    let (_, victim) = stored_blocks(&c).into_iter().next().unwrap();
+    let mut bytes = victim.read();
+    let mid = bytes.len() / 2;
+    bytes[mid] = !bytes[mid];
+    victim.overwrite(&bytes);
     assert_eq!(copies(&c).1, vec![victim.clone()]);
 
     // Reads fall back to a good copy: right bytes, never EIO.
@@ -187,7 +183,7 @@ fn rebalance_and_drain_move_copies_without_losing_data() {
     let out = c.cairn(&["chunk", "drain", "1"]);
     assert!(out.contains("holds no slice"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while block_files(&c).iter().any(|(id, _)| *id == 1) {
+    while stored_blocks(&c).iter().any(|(id, _)| *id == 1) {
         assert!(Instant::now() < deadline, "reconciliation left blocks on the drained server");
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -316,7 +312,7 @@ fn full_chunk_server_leaves_the_copies_to_the_others() {
     let (good, bad) = copies(c);
     assert!(bad.is_empty(), "{bad:?}");
     assert!(good.len() >= 10 && good.values().all(|n| *n >= 2), "{good:?}");
-    let on_full = block_files(c).iter().filter(|(id, _)| *id == 1).count();
+    let on_full = stored_blocks(c).iter().filter(|(id, _)| *id == 1).count();
     assert!(on_full < good.len(), "{on_full} blocks on an 8 MiB server");
     fsck_clean(c);
 }
@@ -333,7 +329,7 @@ fn gc_finds_copies_left_on_a_server_that_was_down() {
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
     }
-    let before = block_files_of(&c.data.join("chunk-2")).len();
+    let before = stored_blocks_of(&c.data.join("chunk-2")).len();
     assert!(before >= 6, "two files of three blocks each on server 2, found {before}");
     c.kill9("chunk-2");
     c.wait_status("chunk server 2 to be declared dead", Duration::from_secs(60), |s| {
@@ -351,7 +347,7 @@ fn gc_finds_copies_left_on_a_server_that_was_down() {
         assert!(Instant::now() < deadline, "the removed file's data was not deleted: {out}");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(block_files_of(&c.data.join("chunk-1")).len(), before / 2, "server 1 still holds the removed file");
+    assert_eq!(stored_blocks_of(&c.data.join("chunk-1")).len(), before / 2, "server 1 still holds the removed file");
 
     c.up(2, &[]);
     c.wait_status("chunk server 2 to be back", Duration::from_secs(60), |s| {
@@ -364,7 +360,7 @@ fn gc_finds_copies_left_on_a_server_that_was_down() {
     let (stored, deleted, waiting) = (numbers[0], numbers[1], numbers[2]);
     assert!(waiting >= 1 && deleted == 0 && stored >= waiting, "{out}");
     assert!(out.contains("deleted 3600 s after"), "{out}");
-    assert_eq!(block_files_of(&c.data.join("chunk-2")).len(), before, "nothing is deleted within the grace period");
+    assert_eq!(stored_blocks_of(&c.data.join("chunk-2")).len(), before, "nothing is deleted within the grace period");
     let cold = c.mount_again("cold", "");
     assert_same(&cold.join("kept"), &data);
     umount_lazy(&cold);

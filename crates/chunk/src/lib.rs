@@ -1,11 +1,13 @@
-//! The chunk service: immutable blocks in files on local disk, served over QUIC.
+//! The chunk service: immutable blocks on local disk, served over QUIC.
 //!
 //! Blocks never change after they are written, so a chunk server needs no locking beyond the
-//! filesystem's own: a block is written to a temporary file and renamed into place.
+//! filesystem's and SQLite's own: a small block is a row of one database, a larger one is
+//! written to a temporary file and renamed into place.
 
 mod metrics;
 mod scrub;
 mod service;
+mod small;
 mod spares;
 mod store;
 

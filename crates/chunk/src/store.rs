@@ -1,5 +1,6 @@
 //! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
 
+use crate::small::{SMALL_MAX, SmallBlocks};
 use crate::spares::Spares;
 use aligned_vec::{AVec, ConstAlign};
 use cairn_net::Bytes;
@@ -99,6 +100,8 @@ pub enum StoreError {
     Malformed { key: BlockKey, reason: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("small block database: {0}")]
+    Db(#[from] rusqlite::Error),
 }
 
 impl StoreError {
@@ -109,6 +112,7 @@ impl StoreError {
             StoreError::Corrupt { .. } => ErrorCode::Corrupt,
             StoreError::Malformed { .. } => ErrorCode::BadRequest,
             StoreError::Io(e) => ErrorCode::from_errno(e.raw_os_error().unwrap_or(libc::EIO)),
+            StoreError::Db(_) => ErrorCode::Io,
         }
     }
 }
@@ -130,11 +134,12 @@ fn bucket_dir(root: &Path, bucket: u8) -> PathBuf {
     root.join(format!("{bucket:02x}"))
 }
 
-/// A directory of block files.
+/// A chunk server's blocks: small ones in a database (see `small`), the others in files.
 #[derive(Debug, Clone)]
 pub struct BlockStore {
     root: PathBuf,
     spares: Arc<Spares>,
+    small: Arc<SmallBlocks>,
 }
 
 impl BlockStore {
@@ -158,7 +163,8 @@ impl BlockStore {
             std::fs::File::open(&root)?.sync_all()?;
         }
         let spares = Arc::new(Spares::open(&root)?);
-        Ok(BlockStore { root, spares })
+        let small = Arc::new(SmallBlocks::open(&root).map_err(std::io::Error::other)?);
+        Ok(BlockStore { root, spares, small })
     }
 
     fn dir_of(&self, key: BlockKey) -> PathBuf {
@@ -172,6 +178,9 @@ impl BlockStore {
     /// Stores a block after checking its format; with `sync` it is on disk when this returns.
     pub fn put(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
         cairn_block::verify(block).map_err(|e| StoreError::Malformed { key, reason: e.to_string() })?;
+        if block.len() < SMALL_MAX {
+            return self.small.put(key, block, sync);
+        }
         let dir = self.dir_of(key);
         let path = self.path_of(key);
         let tmp = dir.join(format!(".tmp-{:016x}-{}-{:08x}", key.slice, key.index, rand::random::<u32>()));
@@ -204,16 +213,23 @@ impl BlockStore {
         // First the spare pool, which the blocks may have taken their files from.
         self.spares.sync()?;
         let mut dirs = std::collections::BTreeSet::new();
+        let mut files = Vec::new();
+        let mut small = false;
         for key in keys {
-            if let Err(e) = std::fs::symlink_metadata(self.path_of(*key)) {
-                return Err(match e.kind() {
-                    std::io::ErrorKind::NotFound => StoreError::NotFound(*key),
-                    _ => e.into(),
-                });
+            match std::fs::symlink_metadata(self.path_of(*key)) {
+                Ok(_) => {
+                    files.push(*key);
+                    dirs.insert(self.dir_of(*key));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.small.contains(*key)? => small = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound(*key)),
+                Err(e) => return Err(e.into()),
             }
-            dirs.insert(self.dir_of(*key));
         }
-        if keys.len() > SYNC_EACH_MAX {
+        if small {
+            self.small.sync()?;
+        }
+        if files.len() > SYNC_EACH_MAX {
             let root = std::fs::File::open(&self.root)?;
             // SAFETY: syncfs on a descriptor we own and keep open for the call.
             if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
@@ -221,8 +237,8 @@ impl BlockStore {
             }
             return Ok(());
         }
-        for key in keys {
-            std::fs::File::open(self.path_of(*key))?.sync_data()?;
+        for key in files {
+            std::fs::File::open(self.path_of(key))?.sync_data()?;
         }
         for d in dirs {
             std::fs::File::open(d)?.sync_all()?;
@@ -232,20 +248,25 @@ impl BlockStore {
 
     /// Reads a block and verifies its checksum; a bad block is an error, never returned.
     pub fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
-        let data = match read_block_file(&self.path_of(key)) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound(key));
-            }
-            Err(e) => return Err(e.into()),
+        let data = match self.small.get(key)? {
+            Some(d) => d.into(),
+            None => self.get_file(key)?,
         };
         cairn_block::verify(&data).map_err(|e| StoreError::Corrupt { key, reason: e.to_string() })?;
         Ok(data)
     }
 
+    fn get_file(&self, key: BlockKey) -> Result<Bytes, StoreError> {
+        match read_block_file(&self.path_of(key)) {
+            Ok(d) => Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound(key)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Deletes blocks; missing ones are fine.
     pub fn delete(&self, keys: &[BlockKey]) -> Result<(), StoreError> {
-        for key in keys {
+        for key in &self.small.delete(keys)? {
             match self.spares.recycle(&self.path_of(*key), &name_of(*key)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -257,12 +278,15 @@ impl BlockStore {
 
     /// The blocks stored in bucket `bucket` (slice id modulo 256), sorted; in-progress (`.tmp-`) files are skipped.
     pub fn bucket_blocks(&self, bucket: u8) -> Result<Vec<BlockKey>, StoreError> {
+        let mut keys = self.small.bucket(bucket)?;
         let entries = match std::fs::read_dir(bucket_dir(&self.root, bucket)) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                keys.sort();
+                return Ok(keys);
+            }
             Err(e) => return Err(e.into()),
         };
-        let mut keys = Vec::new();
         for entry in entries {
             let name = entry?.file_name();
             let Some((slice, index)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
@@ -271,6 +295,7 @@ impl BlockStore {
             }
         }
         keys.sort();
+        keys.dedup();
         Ok(keys)
     }
 
@@ -292,26 +317,81 @@ impl BlockStore {
 mod tests {
     use super::*;
 
+    /// Flips the last byte of the block `key` in the small block database, behind the store.
+    fn corrupt_row(dir: &Path, key: BlockKey) {
+        let db = rusqlite::Connection::open(dir.join("blocks/small.db")).unwrap();
+        let at = rusqlite::params![key.slice as i64, key.index];
+        let mut data: Vec<u8> =
+            db.query_row("SELECT data FROM blocks WHERE slice = ?1 AND idx = ?2", at, |r| r.get(0)).unwrap();
+        *data.last_mut().unwrap() ^= 0xff;
+        db.execute(
+            "UPDATE blocks SET data = ?3 WHERE slice = ?1 AND idx = ?2",
+            rusqlite::params![key.slice as i64, key.index, data],
+        )
+        .unwrap();
+    }
+
     #[test]
     fn put_get_corrupt_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path()).unwrap();
-        let key = BlockKey { slice: 0x1234, index: 2 };
-        let block = cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 1, index: 0 }, b"hello block");
-        store.put(key, &block, true).unwrap();
-        assert_eq!(store.get(key).unwrap(), block);
-        assert!(matches!(store.put(key, b"garbage", false), Err(StoreError::Malformed { .. })));
-        let path = store.path_of(key);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(&path, bytes).unwrap();
-        assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::Corrupt);
-        std::fs::write(store.dir_of(key).join(".tmp-0000000000001234-7-0"), b"partial").unwrap();
-        assert_eq!(store.bucket_blocks(0x34).unwrap(), vec![key]);
+        let block = |i: u32, len: usize| {
+            let data: Vec<u8> = (0..len).map(|b| (b as u32 * 5 + i) as u8).collect();
+            cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 1, index: i }, &data)
+        };
+        // One block of each kind in the same bucket: a row of the database and a file.
+        let (small, large) = (BlockKey { slice: 0x1234, index: 2 }, BlockKey { slice: 0x2234, index: 0 });
+        let (a, b) = (block(0, 11), block(1, SMALL_MAX + 1));
+        store.put(small, &a, true).unwrap();
+        store.put(large, &b, false).unwrap();
+        assert!(!store.path_of(small).exists() && store.path_of(large).exists());
+        assert_eq!(store.get(small).unwrap(), a);
+        assert_eq!(store.get(large).unwrap(), b);
+        store.sync(&[small, large]).unwrap();
+        assert!(matches!(store.put(small, b"garbage", false), Err(StoreError::Malformed { .. })));
+        std::fs::write(store.dir_of(small).join(".tmp-0000000000001234-7-0"), b"partial").unwrap();
+        assert_eq!(store.bucket_blocks(0x34).unwrap(), vec![small, large]);
         assert!(store.bucket_blocks(0x35).unwrap().is_empty());
-        store.delete(&[key, key]).unwrap();
-        assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::NotFound);
+
+        corrupt_row(dir.path(), small);
+        assert_eq!(store.get(small).unwrap_err().code(), ErrorCode::Corrupt);
+        let path = store.path_of(large);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(store.get(large).unwrap_err().code(), ErrorCode::Corrupt);
+
+        store.delete(&[small, large, small]).unwrap();
+        for key in [small, large] {
+            assert_eq!(store.get(key).unwrap_err().code(), ErrorCode::NotFound);
+            assert!(matches!(store.sync(&[key]), Err(StoreError::NotFound(_))));
+        }
+        assert!(store.bucket_blocks(0x34).unwrap().is_empty());
+    }
+
+    #[test]
+    fn small_blocks_outlive_the_store_that_wrote_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<BlockKey> = (0..50).map(|i| BlockKey { slice: 300 + i, index: 0 }).collect();
+        let block = |key: BlockKey| {
+            cairn_block::Codec::plain()
+                .encode(cairn_block::BlockId { slice: key.slice, index: 0 }, &[key.slice as u8; 900])
+        };
+        {
+            let store = BlockStore::open(dir.path()).unwrap();
+            for key in &keys {
+                store.put(*key, &block(*key), false).unwrap();
+            }
+            store.sync(&keys).unwrap();
+            store.delete(&keys[..10]).unwrap();
+        }
+        let store = BlockStore::open(dir.path()).unwrap();
+        for key in &keys[10..] {
+            assert_eq!(store.get(*key).unwrap(), block(*key));
+        }
+        assert_eq!(store.get(keys[0]).unwrap_err().code(), ErrorCode::NotFound);
+        let listed: Vec<BlockKey> = (0..=255u8).flat_map(|b| store.bucket_blocks(b).unwrap()).collect();
+        assert_eq!(listed.len(), 40);
     }
 
     #[test]
@@ -320,7 +400,9 @@ mod tests {
         let store = BlockStore::open(dir.path()).unwrap();
         // Sizes around the O_DIRECT threshold and sector alignment, each stored twice so the
         // staging buffer is reused with a shorter block after a longer one.
-        for (i, len) in [DIRECT_MIN - 1, (1 << 20) + 3, DIRECT_MIN, 5 * DIRECT_ALIGN].into_iter().enumerate() {
+        for (i, len) in
+            [DIRECT_MIN - 1, (1 << 20) + 3, DIRECT_MIN, SMALL_MAX + 5 * DIRECT_ALIGN].into_iter().enumerate()
+        {
             let data: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
             let block = cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 9, index: i as u32 }, &data);
             for sync in [false, true] {
@@ -342,7 +424,7 @@ mod tests {
             cairn_block::Codec::plain().encode(cairn_block::BlockId { slice: 5, index: i }, &data)
         };
         let (old, new) = (BlockKey { slice: 5, index: 0 }, BlockKey { slice: 6, index: 1 });
-        store.put(old, &block(0, 5000), false).unwrap();
+        store.put(old, &block(0, SMALL_MAX + 10), false).unwrap();
         let ino = std::fs::metadata(store.path_of(old)).unwrap().ino();
         store.delete(&[old]).unwrap();
         assert_eq!(store.get(old).unwrap_err().code(), ErrorCode::NotFound);
