@@ -110,3 +110,46 @@ async fn a_commit_applies_its_attribute_changes_after_its_slices_or_nothing() {
     let truncate = SetAttrs { size: Some(0), ..SetAttrs::default() };
     assert_eq!(commit(&svc, f, lease, 14, Some(&truncate)).await, Err(ErrorCode::Invalid));
 }
+
+/// Commits that wait for the writer together are applied in one transaction, each with its
+/// own answer; one under a lost lease among them applies nothing and is refused alone.
+#[tokio::test]
+async fn commits_waiting_together_are_applied_together_with_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let mut files = Vec::new();
+    for i in 0..10 {
+        files.push(new_file(&svc, &format!("f{i}")).await);
+    }
+    let lost = 3;
+    let writer = svc.store.write().await.unwrap();
+    let commits = futures::future::join_all(files.iter().enumerate().map(|(i, &(ino, lease))| {
+        let svc = &svc;
+        let lease = if i == lost { lease + 1 } else { lease };
+        let slices = [slice(100 + i as u64, 10 + i as u32)];
+        async move {
+            let written_at = Timestamp::now();
+            let c =
+                Commit { slices: &slices, min_size: 10 + i as u64, durable: i == 5, lease, written_at, attrs: None };
+            svc.commit(CONN, ino, c).await.map_err(|e| WireError::from(e).code)
+        }
+    }));
+    // The commits queue up behind the writer this test holds, then go in one transaction.
+    let release = async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(writer);
+    };
+    let (answers, ()) = tokio::join!(commits, release);
+    for (i, (&(ino, _), answer)) in files.iter().zip(answers).enumerate() {
+        if i == lost {
+            assert_eq!(answer.unwrap_err(), ErrorCode::LeaseLost);
+            assert!(svc.read_map(ino, 0).await.unwrap().0.is_empty());
+            continue;
+        }
+        let (a, map) = answer.unwrap();
+        assert_eq!((a.ino, a.size), (ino, 10 + i as u64));
+        assert_eq!(map.unwrap().iter().map(|s| s.id).collect::<Vec<_>>(), vec![100 + i as u64]);
+        assert_eq!(svc.getattr(ino).await.unwrap(), a, "what the answer said is what is stored");
+    }
+    assert_eq!(svc.commits.grouped(), 10, "all ten went in one transaction");
+}

@@ -2,6 +2,7 @@
 
 use crate::MetaService;
 use crate::error::{MetaError, Result};
+use crate::group_commit::{Committed, committed};
 use crate::store::{Batch, WriteGuard, reads};
 use cairn_proto::meta::{Caller, FallocMode, SetAttrs};
 use cairn_proto::*;
@@ -78,10 +79,10 @@ impl MetaService {
         if commit.attrs.is_some_and(|a| a.size.is_some() || a.atime.is_some() || a.flags.is_some()) {
             return Err(MetaError::fs(ErrorCode::Invalid, "a commit changes only mode, owner and mtime"));
         }
-        let mut w = self.store.write().await?;
-        let done = match self.commit_in(&mut w, ino, &commit, commit.attrs).await? {
+        let done = match self.commit_grouped(ino, &commit).await? {
             Some(done) => done,
             None => {
+                let mut w = self.store.write().await?;
                 let a = w.attr(ino).await?;
                 let lease = commit.lease;
                 if a.flags & inode_flags::IMMUTABLE != 0 {
@@ -128,22 +129,17 @@ impl MetaService {
     /// Applies `commit` with `attrs` in one transaction, or nothing (`None`) unless `ino` is a
     /// regular file under write lease `commit.lease`, not immutable, and, with `attrs`,
     /// neither append-only nor with xattrs.
-    async fn commit_in(
+    pub(crate) async fn commit_in(
         &self,
         w: &mut WriteGuard<'_>,
         ino: Ino,
         commit: &Commit<'_>,
         attrs: Option<&SetAttrs>,
-    ) -> Result<Option<(Attr, Option<Vec<SliceRef>>)>> {
+    ) -> Result<Option<Committed>> {
         // One batch validates, updates and inserts: it changes nothing unless it may.
         let mut b = Batch::durable(commit.durable);
-        b.commit_slices(ino, commit.slices, commit.min_size, commit.lease, commit.written_at, attrs);
-        b.first_map_of_small(ino);
-        let done = w.apply(b).await?;
-        Ok(match done.attr()? {
-            Some(a) => Some((a, done.first_map()?)),
-            None => None,
-        })
+        b.commit(ino, commit, attrs);
+        committed(&w.apply(b).await?)
     }
 
     /// `MetaRequest::WriteLease`: grants `conn` the write lease on file `ino`. Another

@@ -10,6 +10,7 @@ mod commit_tests;
 mod data;
 mod error;
 mod fsck;
+mod group_commit;
 mod leases;
 mod locks;
 mod metrics;

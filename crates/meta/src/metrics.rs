@@ -24,6 +24,7 @@ pub(crate) struct MetaGauges {
     moved: Counter,
     bad_copies: Counter,
     orphans_deleted: Counter,
+    grouped_commits: Counter,
 }
 
 impl MetaGauges {
@@ -46,6 +47,7 @@ impl MetaGauges {
             moved: m.counter("moved_slices", "Slices moved to another chunk server (drain, rebalance)"),
             bad_copies: m.counter("bad_copies", "Corrupt copies reported by chunk servers"),
             orphans_deleted: m.counter("orphans_deleted", "Orphaned slices deleted by reconciliation"),
+            grouped_commits: m.counter("grouped_commits", "Commits applied in one transaction with others"),
         }
     }
 }
@@ -80,5 +82,6 @@ impl MetaService {
         catch_up(&g.moved, r.moved.load(Relaxed));
         catch_up(&g.bad_copies, r.bad.load(Relaxed));
         catch_up(&g.orphans_deleted, r.orphans.load(Relaxed));
+        catch_up(&g.grouped_commits, self.commits.grouped());
     }
 }

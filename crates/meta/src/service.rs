@@ -73,6 +73,8 @@ pub struct MetaService {
     /// Requests by kind and the server's state, for Prometheus (see `metrics`).
     metrics: Arc<cairn_metrics::Metrics>,
     pub(crate) gauges: crate::metrics::MetaGauges,
+    /// Commits waiting for the writer (see `group_commit`).
+    pub(crate) commits: crate::group_commit::CommitQueue,
 }
 
 impl MetaService {
@@ -92,6 +94,7 @@ impl MetaService {
         let svc = MetaService {
             metrics: Arc::new(metrics),
             gauges,
+            commits: Default::default(),
             store,
             volume,
             key_file: config.key_file.clone(),

@@ -92,13 +92,28 @@ impl Returned {
 
     /// The map [`crate::store::Batch::first_map_of_small`] read, if the file was small.
     pub(crate) fn first_map(&self) -> Result<Option<Vec<SliceRef>>> {
-        let Some(row) = self.0.iter().find(|r| r.try_get::<Option<String>, _>("first_map").is_ok()) else {
+        let Some(row) = self.0.iter().find(|r| is_first_map(r)) else {
             return Ok(None);
         };
         let Some(json) = row.try_get::<Option<String>, _>("first_map")? else { return Ok(None) };
         let rows: Vec<(i64, i64, i64, String)> = serde_json::from_str(&json)
             .map_err(|e| MetaError::fs(ErrorCode::Io, format!("bad chunk map from the database: {e}")))?;
         Ok(Some(rows.iter().map(|(pos, len, id, servers)| slice_ref(*pos, *len, *id, servers)).collect()))
+    }
+
+    /// The rows of a batch of several [`crate::store::Batch::commit`]s, split into each
+    /// commit's: each ends with the one row of its `first_map_of_small`.
+    pub(crate) fn split_commits(self) -> Vec<Returned> {
+        let mut parts = vec![Returned(Vec::new())];
+        for row in self.0 {
+            let last = is_first_map(&row);
+            parts.last_mut().expect("a part").0.push(row);
+            if last {
+                parts.push(Returned(Vec::new()));
+            }
+        }
+        parts.pop();
+        parts
     }
 
     /// The attributes `Batch::touch_dir` left directories with, in statement order.
@@ -112,6 +127,11 @@ impl Returned {
         let row = row.ok_or_else(|| MetaError::fs(ErrorCode::Io, "the database returned no value"))?;
         Ok(row.try_get::<i64, _>("value")?)
     }
+}
+
+/// Whether `row` is the one a `first_map_of_small` gives.
+fn is_first_map(row: &SqliteRow) -> bool {
+    row.try_get::<Option<String>, _>("first_map").is_ok()
 }
 
 pub(crate) fn servers_to_text(servers: &[ServerId]) -> String {

@@ -232,6 +232,14 @@ impl Batch {
         }
     }
 
+    /// One commit (see `MetaService::commit_in`): [`Batch::commit_slices`], then
+    /// [`Batch::first_map_of_small`], whose one row ends the commit's rows (see
+    /// [`super::Returned::split_commits`]).
+    pub(crate) fn commit(&mut self, ino: Ino, c: &crate::data::Commit<'_>, attrs: Option<&SetAttrs>) {
+        self.commit_slices(ino, c.slices, c.min_size, c.lease, c.written_at, attrs);
+        self.first_map_of_small(ino);
+    }
+
     /// Reads back chunk 0's map of a file of at most `SMALL_FILE_MAP` bytes, after the
     /// batch's earlier statements (see [`super::Returned::first_map`]): the answer to a commit
     /// then tells the client what an open would.
