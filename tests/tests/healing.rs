@@ -305,8 +305,18 @@ fn full_chunk_server_leaves_the_copies_to_the_others() {
         f.write_all(&data).unwrap();
         f.sync_all().unwrap();
     }
+    // Small files too, whose blocks are rows of the servers' databases: 8 MiB of them.
+    let small: Vec<NamedData> = (0..200).map(|i| (format!("small-{i}"), pattern(100 + i, 40 << 10))).collect();
+    for (name, bytes) in &small {
+        let mut f = std::fs::File::create(c.path(name)).unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+    }
     let cold = c.mount_again("cold", "");
     assert_same(&cold.join("big"), &data);
+    for (name, bytes) in &small {
+        assert_same(&cold.join(name), bytes);
+    }
     umount_lazy(&cold);
     // Every block has a good copy on both other servers; the full one holds what fit.
     let (good, bad) = copies(c);

@@ -1,4 +1,5 @@
-//! Block files on disk: `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
+//! Blocks on disk: small ones as rows of `<data>/blocks/small.db` (see `small`), the others as
+//! files `<data>/blocks/<slice % 256 as hex>/<slice as hex>-<index>`.
 
 use crate::small::{SMALL_MAX, SmallBlocks};
 use crate::spares::Spares;
@@ -112,6 +113,9 @@ impl StoreError {
             StoreError::Corrupt { .. } => ErrorCode::Corrupt,
             StoreError::Malformed { .. } => ErrorCode::BadRequest,
             StoreError::Io(e) => ErrorCode::from_errno(e.raw_os_error().unwrap_or(libc::EIO)),
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull => {
+                ErrorCode::NoSpace
+            }
             StoreError::Db(_) => ErrorCode::Io,
         }
     }
