@@ -423,3 +423,43 @@ fn shutdown_fails_every_call_and_keeps_what_was_fsynced() {
     assert_eq!(std::fs::read(other.join("buffered")).unwrap(), b"", "buffered data must not land");
     assert!(!other.join("new").exists());
 }
+
+/// The peer benchmark's warm re-read: the machine's memory manager drops scattered pages of a
+/// file the kernel otherwise holds, and the kernel reads each back alone. Each such read
+/// fetches its block and nothing more: reading ahead of it would fetch blocks whose pages the
+/// kernel still has (that fetched twice as many blocks here).
+#[test]
+fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
+    const MIB: u64 = 1 << 20;
+    let c = Cluster::start(1);
+    // Larger than the client's 64 MiB block cache, so the lost pages' blocks are fetched.
+    let size = 96 * MIB;
+    std::fs::write(c.path("big"), pattern(5, size as usize)).unwrap();
+    let fresh = c.mount_again("fresh", "");
+    let path = fresh.join("big");
+    let read_all = || std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut std::io::sink()).unwrap();
+    assert_eq!(read_all(), size);
+    let gets = || request_count(&fresh, |n| n == "chunk.Get");
+    // One page lost in every other block of the first 32, long evicted from the block cache.
+    let f = std::fs::File::open(&path).unwrap();
+    let lost: Vec<u64> = (0..16).map(|i| i * 2 * MIB + 8192).collect();
+    for &at in &lost {
+        // SAFETY: posix_fadvise on a descriptor we own.
+        assert_eq!(
+            unsafe {
+                libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), at as i64, 4096, libc::POSIX_FADV_DONTNEED)
+            },
+            0
+        );
+    }
+    let before = gets();
+    assert_eq!(read_all(), size);
+    let fetched = gets() - before;
+    // A few more pages may have been dropped meanwhile by the machine's memory manager.
+    assert!(
+        (lost.len() as u64..lost.len() as u64 + 8).contains(&fetched),
+        "{fetched} blocks fetched for {} lost pages",
+        lost.len()
+    );
+    umount_lazy(&fresh);
+}

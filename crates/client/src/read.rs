@@ -10,6 +10,10 @@ use std::sync::Arc;
 /// How far past a sequential read blocks are fetched in advance, in blocks.
 const READAHEAD_BLOCKS: u64 = 4;
 
+/// Reads at least this large are taken for the kernel's readahead of a stream (see
+/// [`Client::read`]).
+const STREAM_READ: u64 = 64 << 10;
+
 /// A kernel read of a file in progress, from its request until its reply (see
 /// [`Client::reading`]).
 pub struct Reading {
@@ -90,8 +94,14 @@ impl Client {
         let mut out = vec![0u8; (end - offset) as usize];
         self.read_into(ino, offset, &mut out).await?;
         // Readahead when this read starts near where the previous one ended: the kernel's own
-        // readahead sends several reads at once, so exact adjacency is too strict a test.
-        let near = |prev: u64| offset.abs_diff(prev) <= 2 * self.volume.block_size;
+        // readahead sends several reads at once, so exact adjacency is too strict a test. A
+        // small read must start exactly there: one that does not is the kernel filling a few
+        // pages its cache lost (under memory pressure) in a file it otherwise holds, and
+        // reading ahead would fetch blocks whose pages it has.
+        let near = |prev: u64| match size as u64 >= STREAM_READ {
+            true => offset.abs_diff(prev) <= 2 * self.volume.block_size,
+            false => offset == prev,
+        };
         let sequential = self.last_read.get(&ino).is_some_and(near);
         self.last_read.insert(ino, end);
         if sequential && end < file_size {
