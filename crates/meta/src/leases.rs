@@ -54,13 +54,22 @@ pub(crate) struct Leases {
 }
 
 impl Leases {
-    /// Notes that a client is alive (it sent a request).
+    /// Notes that a client is alive (it sent a request). A request of a connection that has
+    /// ended may still run after [`Leases::disconnected`] (a mount sends its last `Close`s
+    /// and unmounts): it must not register the connection again, which then stays a session
+    /// for good, keeps every other client from being alone (no solo lease) and draws recalls
+    /// that cannot be answered. Checked after the insertion too: a connection that ends in
+    /// between is either removed by `disconnected` or seen closed here.
     pub(crate) fn seen(&self, peer: &Peer) {
-        if peer.is_client {
-            self.sessions
-                .entry(peer.conn_id)
-                .and_modify(|s| s.1 = Instant::now())
-                .or_insert((peer.clone(), Instant::now()));
+        if !peer.is_client || peer.is_closed() {
+            return;
+        }
+        self.sessions
+            .entry(peer.conn_id)
+            .and_modify(|s| s.1 = Instant::now())
+            .or_insert((peer.clone(), Instant::now()));
+        if peer.is_closed() {
+            self.sessions.remove(&peer.conn_id);
         }
     }
 

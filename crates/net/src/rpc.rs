@@ -27,6 +27,11 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Whether the connection has ended (closed by either side or timed out).
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
     /// Calls the peer back over its own connection (the metadata server recalling a lease);
     /// the peer answers with the handler it gave [`RpcClient::set_callbacks`]. At most
     /// `timeout`.
