@@ -96,7 +96,7 @@ impl Client {
         // Readahead when this read starts near where the previous one ended: the kernel's own
         // readahead sends several reads at once, so exact adjacency is too strict a test. A
         // small read must start exactly there: one that does not is the kernel filling a few
-        // pages its cache lost (under memory pressure) in a file it otherwise holds, and
+        // pages its cache lost (the machine's memory manager drops scattered pages) in a file it otherwise holds, and
         // reading ahead would fetch blocks whose pages it has.
         let near = |prev: u64| match size as u64 >= STREAM_READ {
             true => offset.abs_diff(prev) <= 2 * self.volume.block_size,

@@ -58,10 +58,11 @@ impl Leases {
     /// ended may still run after [`Leases::disconnected`] (a mount sends its last `Close`s
     /// and unmounts): it must not register the connection again, which then stays a session
     /// for good, keeps every other client from being alone (no solo lease) and draws recalls
-    /// that cannot be answered. Checked after the insertion too: a connection that ends in
-    /// between is either removed by `disconnected` or seen closed here.
+    /// that cannot be answered. Checked after the insertion: a connection that ended before
+    /// it is seen closed here, one that ends after it is removed by `disconnected`. (One check
+    /// per request: this runs on every request.)
     pub(crate) fn seen(&self, peer: &Peer) {
-        if !peer.is_client || peer.is_closed() {
+        if !peer.is_client {
             return;
         }
         self.sessions
