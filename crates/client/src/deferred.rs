@@ -338,17 +338,9 @@ impl Client {
     async fn send_batch(&self, req: &MetaRequest) -> crate::Result<Vec<(u64, WireError)>> {
         let started = Instant::now();
         loop {
-            self.stats.count("meta", req.into());
-            let sent = self.session.now();
-            match self.meta.call::<_, MetaResponse>(req).await.map_err(crate::ClientError::from) {
-                Ok((MetaResponse::Applied(failed), _)) => {
-                    // As in `call_once`: a session that lapsed meanwhile may have missed recalls.
-                    if self.session.answered(sent) {
-                        self.forget_all();
-                    }
-                    return Ok(failed);
-                }
-                Ok((other, _)) => return Err(crate::unexpected(other)),
+            match self.send_meta(req).await {
+                Ok(MetaResponse::Applied(failed)) => return Ok(failed),
+                Ok(other) => return Err(crate::unexpected(other)),
                 Err(e) if e.unanswered() && started.elapsed() < RESEND_FOR => {
                     tracing::warn!("sending deferred namespace changes again: {e}");
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -307,6 +307,23 @@ impl Client {
 
     /// Sends one request and updates the caches it concerns; returns the answer and the
     /// epoch it was sent at.
+    /// Sends `req` to the metadata server as it is. Any answer (not a transport failure)
+    /// shows the session alive; if it had lapsed meanwhile, recalls may have been missed, so
+    /// every cache is dropped.
+    async fn send_meta(&self, req: &MetaRequest) -> Result<MetaResponse> {
+        self.stats.count("meta", req.into());
+        let sent = self.session.now();
+        let resp = self.meta.call::<_, MetaResponse>(req).await.map(|r| r.0).map_err(ClientError::from);
+        let answered = match &resp {
+            Ok(_) => true,
+            Err(e) => !e.unanswered(),
+        };
+        if answered && self.session.answered(sent) {
+            self.forget_all();
+        }
+        resp
+    }
+
     async fn call_once(&self, req: &MetaRequest) -> (Result<MetaResponse>, u64) {
         if let Err(e) = self.check_up() {
             return (Err(e), 0);
@@ -324,21 +341,7 @@ impl Client {
         self.file_attrs.forget(req, None, sent);
         let resp = match local {
             Some(resp) => Ok(resp),
-            None => {
-                self.stats.count("meta", req.into());
-                let session_sent = self.session.now();
-                let resp = self.meta.call::<_, MetaResponse>(req).await.map(|r| r.0).map_err(ClientError::from);
-                // Any answer from the server (not a transport failure) shows the session
-                // alive; if it had lapsed meanwhile, recalls may have been missed.
-                let answered = match &resp {
-                    Ok(_) => true,
-                    Err(e) => !e.unanswered(),
-                };
-                if answered && self.session.answered(session_sent) {
-                    self.forget_all();
-                }
-                resp
-            }
+            None => self.send_meta(req).await,
         };
         // Attributes in the answer are this client's latest word on their inode unless
         // another of its requests changed it since this one was sent.

@@ -91,6 +91,11 @@ impl Leases {
     /// void (its client drops its caches when it notices).
     pub(crate) fn disconnected(&self, conn: usize) {
         self.sessions.remove(&conn);
+        // Its read leases could only draw recalls that fail at once ("the client is gone").
+        self.readers.retain(|_, holders| {
+            holders.retain(|(c, _)| *c != conn);
+            !holders.is_empty()
+        });
         // Its write leases are forgotten, not ended: if nobody writes the files meanwhile,
         // the client may still commit under them once reconnected (see `reclaim_writer`).
         self.writers.retain(|_, w| w.conn != conn);

@@ -12,6 +12,8 @@ mod error;
 mod fsck;
 mod group_commit;
 mod leases;
+#[cfg(test)]
+mod leases_tests;
 mod locks;
 mod metrics;
 mod namespace;
