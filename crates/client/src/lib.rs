@@ -355,8 +355,11 @@ impl Client {
         .filter(|a| !self.listings.changed_since(a.ino, sent));
         let answered = self.listings.after(req, sent, &resp);
         // What the server answered about a file nothing else changed meanwhile is what an
-        // open of it would answer until the next mark (an answer given here already is one).
-        if let (Ok(resp), Some(_), false) = (&resp, &latest, answered_here) {
+        // open of it would answer until the next mark; so is what this client answered for a
+        // create (an empty file that `git status` may read back). An open answered here
+        // came from such a hint already.
+        let hint = !answered_here || matches!(req, MetaRequest::MakeNode { .. });
+        if let (Ok(resp), Some(_), true) = (&resp, &latest, hint) {
             self.note_open_answer(req, resp, answered);
         }
         self.forget_dir_attrs(req, Some(&resp));
