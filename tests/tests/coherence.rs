@@ -153,7 +153,7 @@ fn warm_rereads_of_an_unchanged_file_come_from_the_kernel_page_cache() {
     let data = pattern(3, 96 << 20);
     std::fs::write(c.path("big"), &data).unwrap();
     let b = c.mount_again("b", "");
-    // The first read after the write reads through the client; the next keeps the pages.
+    // Reads after the write come from the pages the write left, or through the client.
     assert!(std::fs::read(c.path("big")).unwrap() == data);
     assert!(std::fs::read(c.path("big")).unwrap() == data);
     // A new open of the unchanged file keeps them. Counted with mincore rather than by chunk
@@ -206,6 +206,22 @@ fn pages_read_before_this_clients_own_commit_stay_cached() {
         resident * 10 >= pages * 9,
         "the commit of this client's own writes dropped the pages read before it: {resident} of {pages} left"
     );
+}
+
+#[test]
+fn files_this_client_wrote_keep_their_pages_at_the_next_open() {
+    let c = Cluster::start(1);
+    let p = c.path("f");
+    let data = pattern(7, 8 << 20);
+    let mut w = std::fs::File::create(&p).unwrap();
+    std::io::Write::write_all(&mut w, &data).unwrap();
+    w.sync_all().unwrap();
+    drop(w);
+    // The kernel cached the writes as they passed through it: reading them back (a linker
+    // after a compiler) needs no read through the client.
+    let (resident, pages) = resident_pages(&p);
+    assert!(resident * 10 >= pages * 9, "the open after this client's own writes kept {resident} of {pages} pages");
+    assert!(std::fs::read(&p).unwrap() == data);
 }
 
 #[test]
