@@ -305,8 +305,6 @@ impl Client {
         resp
     }
 
-    /// Sends one request and updates the caches it concerns; returns the answer and the
-    /// epoch it was sent at.
     /// Sends `req` to the metadata server as it is. Any answer (not a transport failure)
     /// shows the session alive; if it had lapsed meanwhile, recalls may have been missed, so
     /// every cache is dropped.
@@ -324,6 +322,8 @@ impl Client {
         resp
     }
 
+    /// Sends one request and updates the caches it concerns; returns the answer and the
+    /// epoch it was sent at.
     async fn call_once(&self, req: &MetaRequest) -> (Result<MetaResponse>, u64) {
         if let Err(e) = self.check_up() {
             return (Err(e), 0);
