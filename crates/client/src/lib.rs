@@ -189,6 +189,13 @@ pub(crate) struct PageState {
     pub(crate) ctime: Timestamp,
 }
 
+impl PageState {
+    /// What `attr` tells of the file's data.
+    pub(crate) fn of(attr: &Attr) -> PageState {
+        PageState { size: attr.size, mtime: attr.mtime, ctime: attr.ctime }
+    }
+}
+
 impl Client {
     /// Connects to the metadata server and checks that it serves `config.volume`.
     pub async fn connect(config: ClientConfig, identity: &Identity) -> Result<Arc<Client>> {

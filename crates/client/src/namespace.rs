@@ -238,7 +238,7 @@ impl Client {
         }
         // The attributes come from the server, which commits change with mtime or ctime: a
         // change this client missed (its read lease ended, its session lapsed) shows there.
-        let now = crate::PageState { size: attr.size, mtime: attr.mtime, ctime: attr.ctime };
+        let now = crate::PageState::of(&attr);
         // A recall during the open may have come after the attributes were read.
         let keep = self.data_generation(ino) == generation && self.page_states.get(&ino).as_ref() == Some(&now);
         self.page_states.insert(ino, now);

@@ -668,7 +668,7 @@ impl Client {
         // The kernel cached these writes as it passed them here (whole pages; a partly written
         // page it reads again): its pages are the file as this commit left it, so the next
         // open keeps them (a linker reading what a compiler wrote, a copy read back to check).
-        self.page_states.insert(ino, crate::PageState { size: attr.size, mtime: attr.mtime, ctime: attr.ctime });
+        self.page_states.insert(ino, crate::PageState::of(&attr));
         refused.map_or(Ok(()), Err)
     }
 

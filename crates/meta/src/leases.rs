@@ -58,18 +58,25 @@ impl Leases {
     /// ended may still run after [`Leases::disconnected`] (a mount sends its last `Close`s
     /// and unmounts): it must not register the connection again, which then stays a session
     /// for good, keeps every other client from being alone (no solo lease) and draws recalls
-    /// that cannot be answered. Checked after the insertion: a connection that ended before
-    /// it is seen closed here, one that ends after it is removed by `disconnected`. (One check
-    /// per request: this runs on every request.)
+    /// that cannot be answered. So a new session is checked after its insertion: a
+    /// connection that ended before it is seen closed here, one that ends after it is removed
+    /// by `disconnected`. A session still present cannot have been removed yet, so a request
+    /// of a known session (every request but a connection's first) costs no check.
     pub(crate) fn seen(&self, peer: &Peer) {
         if !peer.is_client {
             return;
         }
-        self.sessions
-            .entry(peer.conn_id)
-            .and_modify(|s| s.1 = Instant::now())
-            .or_insert((peer.clone(), Instant::now()));
-        if peer.is_closed() {
+        let new = match self.sessions.entry(peer.conn_id) {
+            dashmap::Entry::Occupied(mut s) => {
+                s.get_mut().1 = Instant::now();
+                false
+            }
+            dashmap::Entry::Vacant(s) => {
+                s.insert((peer.clone(), Instant::now()));
+                true
+            }
+        };
+        if new && peer.is_closed() {
             self.sessions.remove(&peer.conn_id);
         }
     }
