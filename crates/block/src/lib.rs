@@ -10,30 +10,37 @@
 //! ```text
 //! offset size field
 //!   0     4   magic "CBLK"
-//!   4     1   format version (2; version 1 is the same with flags and key id 0)
+//!   4     1   format version (3, see `frames`; 2 is read; 1 is 2 with flags and key id 0)
 //!   5     1   flags: bit 0 body is zstd-compressed, bit 1 body is encrypted
 //!   6     2   key id: which volume key encrypted the body (0 when not encrypted)
 //!   8     4   plain length (bytes after decoding)
 //!  12     4   body length
 //!  16     4   CRC-32C over bytes 0..16 and the body
-//!  20     …   body: the (compressed) bytes; when encrypted, their ciphertext and a 16-byte tag
+//!  20     …   version 2 body: the (compressed) bytes; when encrypted, their ciphertext and a
+//!             16-byte tag. Version 3: a frame table and frames (see `frames`), the CRC
+//!             covering bytes 0..16 and the table.
 //! ```
 //!
 //! Nonces: the 96-bit ChaCha20-Poly1305 nonce is the block's identity, slice id (64 bits) and
-//! block index (32 bits). The metadata server hands out every slice id once (a durable
-//! counter), a slice is written once and never changed, and a client encodes each of its
-//! blocks once (retries resend the same bytes), so no nonce is used twice under one key.
-//! The header bytes 0..16 are the associated data, so flags, key id and lengths are
-//! authenticated too.
+//! block index (32 bits; in version 3, 16 bits of index and 16 of frame number, see
+//! [`BlockId`]). The metadata server hands out every slice id once (a durable counter), a
+//! slice is written once and never changed, and a client encodes each of its blocks once
+//! (retries resend the same bytes), so no nonce is used twice under one key. The header bytes
+//! 0..16 are the associated data, so flags, key id and lengths are authenticated too.
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use std::borrow::Cow;
 use std::cell::RefCell;
 
+pub mod frames;
+pub use frames::{FRAME, frame_part};
+
 /// Magic bytes at the start of every block.
 pub const MAGIC: &[u8; 4] = b"CBLK";
-/// Current format version.
-pub const VERSION: u8 = 2;
+/// Current format version: framed (see `frames`).
+pub const VERSION: u8 = 3;
+/// The unframed format, still read.
+const V2: u8 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 20;
 /// Body flag: zstd-compressed.
@@ -77,10 +84,24 @@ pub struct BlockId {
 }
 
 impl BlockId {
+    /// A version 2 block's nonce: slice ‖ index (32 bits).
     fn nonce(self) -> Nonce {
         let mut n = [0u8; NONCE_LEN];
         n[..8].copy_from_slice(&self.slice.to_le_bytes());
         n[8..].copy_from_slice(&self.index.to_le_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// A version 3 frame's nonce: slice ‖ index (16 bits) ‖ frame number with bit 15 set
+    /// (16 bits). The set bit keeps it apart from every version 2 nonce, whose index never
+    /// reaches 2^16 (a slice is at most a 64 MiB chunk of blocks of at least 4 KiB), and a
+    /// block has at most 1,024 frames ([`MAX_PLAIN_LEN`] / [`FRAME`]).
+    fn frame_nonce(self, frame: usize) -> Nonce {
+        let index = u16::try_from(self.index).expect("a slice has fewer than 2^16 blocks");
+        let mut n = [0u8; NONCE_LEN];
+        n[..8].copy_from_slice(&self.slice.to_le_bytes());
+        n[8..10].copy_from_slice(&index.to_le_bytes());
+        n[10..].copy_from_slice(&(frame as u16 | 0x8000).to_le_bytes());
         Nonce::assume_unique_for_key(n)
     }
 }
@@ -121,14 +142,20 @@ impl Codec {
         self.keys.iter().any(|(k, _)| *k == id)
     }
 
-    fn key(&self, id: u16) -> Result<&LessSafeKey, BlockError> {
+    pub(crate) fn key(&self, id: u16) -> Result<&LessSafeKey, BlockError> {
         self.keys.iter().find(|(k, _)| *k == id).map(|(_, k)| k).ok_or(BlockError::UnknownKey(id))
     }
 
-    /// Encodes plain bytes into a stored block. Compression is kept only when it saves at
-    /// least 1/8 of the block ([`MIN_SAVING`]); a big block whose middle 64 KiB does not
-    /// shrink that much is not even tried.
+    /// Encodes plain bytes into a stored block (format version 3, in frames). Compression is
+    /// kept only for frames it shrinks by at least 1/8 ([`MIN_SAVING`]); a big block whose
+    /// middle 64 KiB does not shrink that much is not even tried.
     pub fn encode(&self, id: BlockId, plain: &[u8]) -> Vec<u8> {
+        self.encode_frames(id, plain)
+    }
+
+    /// Encodes a version 2 block, as clients did before frames (tests of old blocks).
+    #[cfg(test)]
+    fn encode_v2(&self, id: BlockId, plain: &[u8]) -> Vec<u8> {
         let compressed = (self.level != 0 && worth_compressing(self.level, plain))
             .then(|| compress(self.level, plain))
             .flatten()
@@ -143,7 +170,7 @@ impl Codec {
         let mut out = Vec::with_capacity(HEADER_LEN + body.len() + tag_len);
         out.extend_from_slice(&[0; HEADER_LEN]);
         out.extend_from_slice(body);
-        let header = header(flags, self.current.unwrap_or(0), plain.len(), body.len() + tag_len);
+        let header = header(V2, flags, self.current.unwrap_or(0), plain.len(), body.len() + tag_len);
         out[..16].copy_from_slice(&header);
         if let Some(key_id) = self.current {
             let key = self.key(key_id).expect("checked in Codec::new");
@@ -160,7 +187,7 @@ impl Codec {
     /// Verifies a stored block and returns its plain bytes: borrowed when the body is stored
     /// as is, decoded otherwise. `id` must be the identity the block was written under.
     pub fn decode<'a>(&self, id: BlockId, block: &'a [u8]) -> Result<Cow<'a, [u8]>, BlockError> {
-        if checked(block)?.flags == 0 {
+        if block.get(4) != Some(&VERSION) && checked(block)?.flags == 0 {
             return Ok(Cow::Borrowed(&block[HEADER_LEN..]));
         }
         let (mut buf, start) = self.decode_owned(id, block.to_vec())?;
@@ -172,6 +199,9 @@ impl Codec {
     /// decrypted in place, and the plain bytes are `buf[start..]` of the returned buffer
     /// (a new buffer only when the body was compressed).
     pub fn decode_owned(&self, id: BlockId, mut block: Vec<u8>) -> Result<(Vec<u8>, usize), BlockError> {
+        if block.get(4) == Some(&VERSION) {
+            return self.decode_frames(id, block);
+        }
         let h = checked(&block)?;
         let mut body_end = block.len();
         if h.flags & FLAG_ENCRYPTED != 0 {
@@ -259,10 +289,10 @@ fn worth_compressing(level: i32, plain: &[u8]) -> bool {
 }
 
 /// The first 16 header bytes (the CRC follows them).
-fn header(flags: u8, key_id: u16, plain_len: usize, body_len: usize) -> [u8; 16] {
+fn header(version: u8, flags: u8, key_id: u16, plain_len: usize, body_len: usize) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[..4].copy_from_slice(MAGIC);
-    h[4] = VERSION;
+    h[4] = version;
     h[5] = flags;
     h[6..8].copy_from_slice(&key_id.to_le_bytes());
     h[8..12].copy_from_slice(&(plain_len as u32).to_le_bytes());
@@ -287,20 +317,10 @@ pub struct Header {
 /// Checks a stored block's header and checksum without decoding it: what chunk servers do on
 /// every write and read, with no key.
 pub fn verify(block: &[u8]) -> Result<Header, BlockError> {
-    if block.len() < HEADER_LEN {
-        return Err(BlockError::Truncated(block.len()));
-    }
-    if &block[0..4] != MAGIC {
-        return Err(BlockError::BadMagic);
-    }
-    let (version, flags, key_id) = (block[4], block[5], u16::from_le_bytes([block[6], block[7]]));
-    let known = match version {
-        1 => flags == 0 && key_id == 0,
-        VERSION => flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) == 0 && (flags & FLAG_ENCRYPTED != 0 || key_id == 0),
-        _ => false,
-    };
-    if !known {
-        return Err(BlockError::Unsupported(version, flags));
+    let (version, header) = known_header(block)?;
+    if version == VERSION {
+        frames::verify_frames(block)?;
+        return Ok(header);
     }
     let declared = u32::from_le_bytes(block[12..16].try_into().expect("4 bytes")) as usize;
     let actual = block.len() - HEADER_LEN;
@@ -312,8 +332,44 @@ pub fn verify(block: &[u8]) -> Result<Header, BlockError> {
     if stored != computed {
         return Err(BlockError::Checksum { stored, computed });
     }
+    Ok(header)
+}
+
+/// The format version and header fields of a block of a known version and flags (nothing
+/// checked past the first 20 bytes).
+fn known_header(block: &[u8]) -> Result<(u8, Header), BlockError> {
+    if block.len() < HEADER_LEN {
+        return Err(BlockError::Truncated(block.len()));
+    }
+    if &block[0..4] != MAGIC {
+        return Err(BlockError::BadMagic);
+    }
+    let (version, flags, key_id) = (block[4], block[5], u16::from_le_bytes([block[6], block[7]]));
+    let keyed = flags & FLAG_ENCRYPTED != 0 || key_id == 0;
+    let known = match version {
+        1 => flags == 0 && key_id == 0,
+        V2 => flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) == 0 && keyed,
+        VERSION => flags & !FLAG_ENCRYPTED == 0 && keyed,
+        _ => false,
+    };
+    if !known {
+        return Err(BlockError::Unsupported(version, flags));
+    }
     let plain_len = u32::from_le_bytes(block[8..12].try_into().expect("4 bytes")) as usize;
-    Ok(Header { flags, key_id, plain_len })
+    Ok((version, Header { flags, key_id, plain_len }))
+}
+
+/// The plain length of a version 3 block, from a header of known flags, within
+/// [`MAX_PLAIN_LEN`].
+fn plain_len_v3(block: &[u8]) -> Result<usize, BlockError> {
+    let (version, h) = known_header(block)?;
+    if version != VERSION {
+        return Err(BlockError::Unsupported(version, h.flags));
+    }
+    if h.plain_len > MAX_PLAIN_LEN {
+        return Err(BlockError::LengthMismatch { declared: h.plain_len, actual: MAX_PLAIN_LEN });
+    }
+    Ok(h.plain_len)
 }
 
 #[cfg(test)]

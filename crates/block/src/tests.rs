@@ -24,10 +24,15 @@ fn compressible(len: usize) -> Vec<u8> {
 
 /// A block as format version 1 wrote it (no flags, no key).
 fn v1_block(plain: &[u8]) -> Vec<u8> {
-    let mut h = header(0, 0, plain.len(), plain.len());
-    h[4] = 1;
+    let h = header(1, 0, 0, plain.len(), plain.len());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h), plain);
     [&h[..], &crc.to_le_bytes(), plain].concat()
+}
+
+/// How many frames of a version 3 block are stored compressed.
+fn compressed_frames(block: &[u8]) -> usize {
+    let n = u32::from_le_bytes(block[8..12].try_into().unwrap()).div_ceil(FRAME as u32) as usize;
+    (0..n).filter(|i| block[HEADER_LEN + i * frames::ENTRY_LEN + 3] & 0x80 != 0).count()
 }
 
 proptest! {
@@ -58,13 +63,23 @@ proptest! {
     fn garbage_never_decodes(body in proptest::collection::vec(any::<u8>(), 0..3_000), flags in 0u8..4, plain_len in 0usize..100_000) {
         let c = Codec::new(1, &[(0, key(9))], Some(0)).unwrap();
         let _ = c.decode(ID, &body);
-        let h = header(flags, 0, plain_len, body.len());
+        let h = header(V2, flags, 0, plain_len, body.len());
         let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &body);
         let forged = [&h[..], &crc.to_le_bytes(), &body].concat();
         // Only an unencrypted, uncompressed body of the declared length is valid data.
         if let Ok(plain) = c.decode(ID, &forged) {
             prop_assert!(flags == 0 && plain.len() == plain_len);
         }
+        // The same for version 3, the table's checksum right whenever the body holds a table.
+        let plain_len = plain_len % 200_000;
+        let h = header(VERSION, flags & FLAG_ENCRYPTED, 0, plain_len, body.len());
+        let table = &body[..frames::head_len(plain_len).saturating_sub(HEADER_LEN).min(body.len())];
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h), table);
+        let forged = [&h[..], &crc.to_le_bytes(), &body].concat();
+        let _ = verify(&forged);
+        let _ = frame_part(&forged, 0);
+        let _ = c.decode_frame(ID, forged.clone(), 0);
+        prop_assert!(c.decode(ID, &forged).is_err() || flags & FLAG_ENCRYPTED == 0);
     }
 }
 
@@ -76,7 +91,7 @@ fn encrypted_blocks_hide_their_bytes_and_bind_their_place() {
     assert!(!block.windows(17).any(|w| w == &marker[..17]), "plaintext visible in an encrypted block");
     let compressed = zstd::bulk::compress(&marker, 1).unwrap();
     assert!(!block.windows(compressed.len()).any(|w| w == &compressed[..]), "compressed plaintext visible");
-    assert_eq!(block[5], FLAG_ZSTD | FLAG_ENCRYPTED);
+    assert_eq!((block[5], compressed_frames(&block)), (FLAG_ENCRYPTED, 1));
     // The same bytes presented as another block (a chunk server swapping files) fail.
     let elsewhere = BlockId { slice: ID.slice, index: ID.index + 1 };
     assert_eq!(c.decode(elsewhere, &block), Err(BlockError::Authentication));
@@ -103,7 +118,7 @@ fn compression_is_kept_only_when_it_pays() {
     let c = Codec::new(1, &[], None).unwrap();
     let text = compressible(1 << 20);
     let block = c.encode(ID, &text);
-    assert_eq!(block[5], FLAG_ZSTD);
+    assert_eq!(compressed_frames(&block), 16);
     assert!(block.len() < text.len() / 10);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let noise: Vec<u8> = (0..1 << 16)
@@ -115,8 +130,8 @@ fn compression_is_kept_only_when_it_pays() {
         })
         .collect();
     let block = c.encode(ID, &noise);
-    assert_eq!(block[5], 0, "incompressible data is stored as is");
-    assert_eq!(block.len(), HEADER_LEN + noise.len());
+    assert_eq!(compressed_frames(&block), 0, "incompressible data is stored as is");
+    assert_eq!(block.len(), frames::head_len(noise.len()) + noise.len());
     // A big block is judged by its middle: noise there, text around it, stored as is.
     let mixed = [&text[..1 << 19], &noise[..], &text[..1 << 19]].concat();
     assert!(!worth_compressing(1, &mixed));
@@ -125,8 +140,8 @@ fn compression_is_kept_only_when_it_pays() {
     let marginal: Vec<u8> = (0..1 << 20).map(|i| (noise[i % noise.len()] % 200) ^ (i / noise.len()) as u8).collect();
     let saving = 1.0 - zstd::bulk::compress(&marginal, 1).unwrap().len() as f64 / marginal.len() as f64;
     assert!((0.02..0.125).contains(&saving), "the test data should shrink a little, not {saving}");
-    assert_eq!(c.encode(ID, &marginal)[5], 0, "a 1 MiB block saving {saving:.3}");
-    assert_eq!(c.encode(ID, &marginal[..1 << 16])[5], 0, "a 64 KiB block");
+    assert_eq!(compressed_frames(&c.encode(ID, &marginal)), 0, "a 1 MiB block saving {saving:.3}");
+    assert_eq!(compressed_frames(&c.encode(ID, &marginal[..1 << 16])), 0, "a 64 KiB block");
 }
 
 #[test]
@@ -142,9 +157,76 @@ fn version_1_blocks_still_decode_and_chunk_servers_verify_without_keys() {
 
 #[test]
 fn oversized_lengths_are_refused_before_allocating() {
-    let h = header(FLAG_ZSTD, 0, u32::MAX as usize, 4);
+    let h = header(V2, FLAG_ZSTD, 0, u32::MAX as usize, 4);
     let body = [0u8; 4];
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &body);
     let forged = [&h[..], &crc.to_le_bytes(), &body].concat();
     assert!(matches!(Codec::plain().decode(ID, &forged), Err(BlockError::LengthMismatch { .. })));
+}
+
+#[test]
+fn version_2_blocks_still_decode_in_every_mode() {
+    for plain in [compressible(300_000), b"short".to_vec(), Vec::new()] {
+        for c in codecs() {
+            let block = c.encode_v2(ID, &plain);
+            assert_eq!(block[4], V2);
+            assert!(verify(&block).is_ok());
+            assert_eq!(&c.decode(ID, &block).unwrap()[..], &plain[..]);
+            let (buf, start) = c.decode_owned(ID, block).unwrap();
+            assert_eq!(&buf[start..], &plain[..]);
+        }
+    }
+}
+
+#[test]
+fn each_frame_decodes_alone_from_the_part_a_server_cuts() {
+    // Text then noise: some frames compressed, some stored as is; a short last frame.
+    let noise: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let plain = [compressible(150_000), noise].concat();
+    for c in codecs() {
+        let block = c.encode(ID, &plain);
+        let n = plain.len().div_ceil(FRAME);
+        for (f, want) in plain.chunks(FRAME).enumerate() {
+            let part = frame_part(&block, f).unwrap();
+            assert!(part.len() < block.len() / 2, "a frame part carries one frame");
+            let (buf, start) = c.decode_frame(ID, part.clone(), f).unwrap();
+            assert_eq!(&buf[start..], want, "frame {f}");
+            // The part read as another frame, or as another block's, is refused.
+            let other = (f + 1) % n;
+            assert!(c.decode_frame(ID, part.clone(), other).is_err(), "frame {f} taken for {other}");
+            if c.has_key(1) {
+                let elsewhere = BlockId { slice: ID.slice, index: ID.index + 1 };
+                assert_eq!(c.decode_frame(elsewhere, part.clone(), f), Err(BlockError::Authentication));
+            }
+            let mut flipped = part;
+            let last = flipped.len() - 1;
+            flipped[last] ^= 1;
+            assert!(c.decode_frame(ID, flipped, f).is_err(), "a flipped byte in frame {f}");
+        }
+        assert!(frame_part(&block, n).is_err(), "no frame past the last");
+    }
+}
+
+#[test]
+fn the_compression_bit_is_authenticated() {
+    // Re-checksummed after the change, as a chunk server could do: only the AEAD notices.
+    let c = Codec::new(3, &[(1, key(7))], Some(1)).unwrap();
+    let mut block = c.encode(ID, &compressible(10_000));
+    assert_eq!(compressed_frames(&block), 1);
+    block[HEADER_LEN + 3] ^= 0x80;
+    let head_len = frames::head_len(10_000);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&block[..16]), &block[HEADER_LEN..head_len]);
+    block[16..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    assert!(verify(&block).is_ok(), "the checksums hold");
+    assert_eq!(c.decode(ID, &block), Err(BlockError::Authentication));
+}
+
+#[test]
+fn frame_nonces_never_meet_block_nonces() {
+    let id = BlockId { slice: 7, index: 2 };
+    let v2: Vec<_> = (0..64).map(|i| BlockId { slice: 7, index: i }.nonce().as_ref().to_vec()).collect();
+    let v3: Vec<_> = (0..1024).map(|f| id.frame_nonce(f).as_ref().to_vec()).collect();
+    assert!(v3.iter().all(|n| !v2.contains(n)));
+    let distinct: std::collections::HashSet<_> = v3.iter().collect();
+    assert_eq!(distinct.len(), v3.len());
 }

@@ -71,6 +71,29 @@ impl ChunkService {
     }
 }
 
+impl ChunkService {
+    /// Counts the bytes a read of `key` served (`len` of its result), or notes the block's
+    /// slice as bad when it failed its checksum.
+    fn served<T>(
+        &self,
+        key: cairn_proto::chunk::BlockKey,
+        got: Result<T, StoreError>,
+        len: fn(&T) -> usize,
+    ) -> Result<T, WireError> {
+        match &got {
+            Ok(data) => {
+                self.gauges.served.inc_by(len(data) as u64);
+            }
+            Err(StoreError::Corrupt { .. }) => {
+                self.gauges.corrupt.inc();
+                self.bad.add(key.slice);
+            }
+            Err(_) => {}
+        }
+        got.map_err(wire)
+    }
+}
+
 fn wire(e: StoreError) -> WireError {
     if matches!(e, StoreError::Corrupt { .. }) {
         error!("{e}");
@@ -106,18 +129,13 @@ impl ChunkService {
                 Ok((ChunkResponse::Done, Bytes::new()))
             }
             ChunkRequest::Get { key } => {
-                let got = off_thread(move || store.get(key)).await;
-                match &got {
-                    Ok(block) => {
-                        self.gauges.served.inc_by(block.len() as u64);
-                    }
-                    Err(StoreError::Corrupt { key, .. }) => {
-                        self.gauges.corrupt.inc();
-                        self.bad.add(key.slice);
-                    }
-                    Err(_) => {}
-                }
-                Ok((ChunkResponse::Block, got.map_err(wire)?))
+                let block = self.served(key, off_thread(move || store.get(key)).await, Bytes::len)?;
+                Ok((ChunkResponse::Block, block))
+            }
+            ChunkRequest::GetFrame { key, frame } => {
+                let (framed, part) =
+                    self.served(key, off_thread(move || store.get_frame(key, frame)).await, |g| g.1.len())?;
+                Ok((if framed { ChunkResponse::Frame } else { ChunkResponse::Block }, part))
             }
             ChunkRequest::Sync { keys } => {
                 blocking(move || store.sync(&keys)).await?;

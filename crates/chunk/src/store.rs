@@ -72,6 +72,25 @@ fn read_block_file(path: &Path) -> std::io::Result<Bytes> {
     Ok(std::fs::read(path)?.into())
 }
 
+/// Bytes read first when serving one frame: the header and the table of a block of up to
+/// 10 MiB, so one read usually finds where the frame is.
+const HEAD_READ: usize = 4096;
+
+/// Reads from the start of `f` until `buf` is full or the file ends; returns the bytes read.
+fn read_up_to(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 /// Turns `O_DIRECT` off for an open file.
 fn clear_direct(f: &std::fs::File) -> std::io::Result<()> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(f);
@@ -260,6 +279,52 @@ impl BlockStore {
         Ok(data)
     }
 
+    /// Frame `frame` of a framed block, behind the block's header and table, checked (`true`);
+    /// a block of an earlier format, which has no frames, whole (`false`). Only the header,
+    /// the table and the frame are read.
+    pub fn get_frame(&self, key: BlockKey, frame: u32) -> Result<(bool, Bytes), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let corrupt = |e: cairn_block::BlockError| StoreError::Corrupt { key, reason: e.to_string() };
+        let no_frame = || StoreError::Malformed { key, reason: format!("the block has no frame {frame}") };
+        if let Some(d) = self.small.get(key)? {
+            return match cairn_block::frames::table_end(&d).map_err(corrupt)? {
+                Some(_) => match cairn_block::frames::Frames::parse(&d).map_err(corrupt)?.extent(frame as usize) {
+                    Some(_) => Ok((true, cairn_block::frame_part(&d, frame as usize).map_err(corrupt)?.into())),
+                    None => Err(no_frame()),
+                },
+                None => self.get(key).map(|b| (false, b)),
+            };
+        }
+        let file = match std::fs::File::open(self.path_of(key)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound(key)),
+            Err(e) => return Err(e.into()),
+        };
+        let mut head = vec![0; HEAD_READ];
+        let got = read_up_to(&file, &mut head)?;
+        head.truncate(got);
+        let Some(table_end) = cairn_block::frames::table_end(&head).map_err(corrupt)? else {
+            return self.get(key).map(|b| (false, b));
+        };
+        let short = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                StoreError::Corrupt { key, reason: "the block file is cut short".into() }
+            }
+            _ => e.into(),
+        };
+        if got < table_end {
+            head.resize(table_end, 0);
+            file.read_exact_at(&mut head[got..], got as u64).map_err(short)?;
+        }
+        head.truncate(table_end);
+        let frames = cairn_block::frames::Frames::parse(&head).map_err(corrupt)?;
+        let extent = frames.extent(frame as usize).ok_or_else(no_frame)?;
+        head.resize(table_end + extent.len(), 0);
+        file.read_exact_at(&mut head[table_end..], extent.start as u64).map_err(short)?;
+        frames.check(frame as usize, &head[table_end..]).map_err(corrupt)?;
+        Ok((true, head.into()))
+    }
+
     fn get_file(&self, key: BlockKey) -> Result<Bytes, StoreError> {
         match read_block_file(&self.path_of(key)) {
             Ok(d) => Ok(d),
@@ -333,6 +398,48 @@ mod tests {
             rusqlite::params![key.slice as i64, key.index, data],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn frames_are_served_alone_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let codec = cairn_block::Codec::plain();
+        let data: Vec<u8> = (0..300_000u32).map(|b| (b * 7) as u8).collect();
+        let (small, large) = (BlockKey { slice: 3, index: 0 }, BlockKey { slice: 4, index: 0 });
+        let small_block = codec.encode(cairn_block::BlockId { slice: 3, index: 0 }, &data[..5_000]);
+        let large_block = codec.encode(cairn_block::BlockId { slice: 4, index: 0 }, &data);
+        store.put(small, &small_block, false).unwrap();
+        store.put(large, &large_block, false).unwrap();
+        assert_eq!(
+            store.get_frame(small, 0).unwrap(),
+            (true, cairn_block::frame_part(&small_block, 0).unwrap().into())
+        );
+        for f in 0..5 {
+            let want = cairn_block::frame_part(&large_block, f).unwrap();
+            assert_eq!(store.get_frame(large, f as u32).unwrap(), (true, want.into()), "frame {f}");
+        }
+        assert!(matches!(store.get_frame(large, 5), Err(StoreError::Malformed { .. })));
+        assert!(matches!(store.get_frame(small, 1), Err(StoreError::Malformed { .. })));
+        assert!(matches!(store.get_frame(BlockKey { slice: 5, index: 0 }, 0), Err(StoreError::NotFound(_))));
+        // A block of the unframed format 1 is served whole.
+        let old = BlockKey { slice: 6, index: 0 };
+        let mut v1 = [&b"CBLK\x01\0\0\0"[..], &3u32.to_le_bytes(), &3u32.to_le_bytes()].concat();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&v1), b"old");
+        v1.extend_from_slice(&crc.to_le_bytes());
+        v1.extend_from_slice(b"old");
+        store.put(old, &v1, false).unwrap();
+        assert_eq!(store.get_frame(old, 0).unwrap(), (false, v1.into()));
+        // A flipped byte in frame 3 fails that frame only.
+        let path = store.path_of(large);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(store.get_frame(large, 4), Err(StoreError::Corrupt { .. })));
+        assert!(store.get_frame(large, 3).is_ok());
+        std::fs::write(&path, &bytes[..bytes.len() - 200]).unwrap();
+        assert!(matches!(store.get_frame(large, 4), Err(StoreError::Corrupt { .. })));
     }
 
     #[test]

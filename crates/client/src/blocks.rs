@@ -30,8 +30,12 @@ fn block_id(slice: SliceId, index: usize) -> cairn_block::BlockId {
     cairn_block::BlockId { slice, index: index as u32 }
 }
 
-/// A cached block: its plain bytes are `bytes[start..]` (a block stored as is keeps its
-/// header in front, so fetching it costs no copy).
+/// What the block cache holds under a key: a whole block (`None`), or one frame of it (a small
+/// read's, see [`Client::frame`]).
+pub(crate) type Piece = (BlockKey, Option<u32>);
+
+/// A cached block or frame: its plain bytes are `bytes[start..]` (a block stored as is keeps
+/// its header in front, so fetching it costs no copy).
 pub(crate) struct Block {
     bytes: Vec<u8>,
     start: usize,
@@ -49,7 +53,7 @@ pub(crate) struct BlockClient {
     rpcs: DashMap<ServerId, Arc<RpcClient>>,
     servers: Mutex<Option<(Instant, Arc<Vec<ChunkServerInfo>>)>>,
     slice_ids: Mutex<(SliceId, SliceId)>,
-    pub(crate) cache: moka::future::Cache<BlockKey, Arc<Block>>,
+    pub(crate) cache: moka::future::Cache<Piece, Arc<Block>>,
     /// Blocks kept on local disk, encoded (see `disk_cache`), if configured.
     disk: Option<crate::disk_cache::DiskCache>,
 }
@@ -126,11 +130,10 @@ impl Client {
         Ok(rpc)
     }
 
-    async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: Bytes) -> Result<Vec<u8>> {
+    async fn chunk_call(&self, id: ServerId, req: &ChunkRequest, payload: Bytes) -> Result<(ChunkResponse, Vec<u8>)> {
         let rpc = self.rpc(id).await?;
         self.stats.count("chunk", req.into());
-        let (_resp, data): (ChunkResponse, _) = rpc.call_with(req, payload).await?;
-        Ok(data)
+        Ok(rpc.call_with(req, payload).await?)
     }
 
     /// A fresh slice id, reserved from the metadata server in batches.
@@ -201,7 +204,7 @@ impl Client {
             let Some((_, e)) = errors.first() else {
                 for (i, part) in written.iter().flat_map(|w| w.chunks(bs).enumerate()) {
                     let block = Arc::new(Block { bytes: part.to_vec(), start: 0 });
-                    self.blocks.cache.insert(BlockKey { slice, index: i as u32 }, block).await;
+                    self.blocks.cache.insert((BlockKey { slice, index: i as u32 }, None), block).await;
                 }
                 return Ok(chosen);
             };
@@ -244,23 +247,12 @@ impl Client {
         Ok(())
     }
 
-    /// The decoded bytes of a block, from the cache or from the first replica that has a
-    /// good copy. A block that fails its checksum everywhere is `EIO`, never wrong bytes.
+    /// The decoded bytes of a block, from the cache, the disk cache or the first replica that
+    /// has a good copy.
     pub(crate) async fn block(&self, key: BlockKey, servers: &[ServerId]) -> Result<Arc<Block>> {
-        let mut servers = servers.to_vec();
         self.blocks
             .cache
-            .try_get_with(key, async move {
-                // Live replicas first, spread by slice; those on servers known to be down last.
-                if servers.len() > 1
-                    && let Ok(list) = self.servers(false).await
-                {
-                    let (mut up, down): (Vec<ServerId>, Vec<ServerId>) =
-                        servers.iter().partition(|id| list.iter().any(|s| s.id == **id && s.alive));
-                    let spread = key.slice as usize % up.len().max(1);
-                    up.rotate_left(spread);
-                    servers = up.into_iter().chain(down).collect();
-                }
+            .try_get_with((key, None), async move {
                 if let Some(disk) = &self.blocks.disk
                     && let Some(bytes) = disk.get(key).await
                 {
@@ -273,46 +265,126 @@ impl Client {
                         }
                     }
                 }
-                let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
-                for &id in &servers {
-                    let t0 = std::time::Instant::now();
-                    let got = self.chunk_call(id, &ChunkRequest::Get { key }, Bytes::new()).await;
-                    tracing::debug!(?key, micros = t0.elapsed().as_micros() as u64, "get");
-                    match got {
-                        Ok(bytes) => {
-                            // The decoder consumes its bytes: keep a copy for the disk cache.
-                            let keep = self.blocks.disk.as_ref().map(|_| bytes.clone());
-                            match self.decode(key, bytes).await {
-                                Ok(block) => {
-                                    if let (Some(disk), Some(bytes)) = (&self.blocks.disk, keep) {
-                                        disk.put(key, bytes);
-                                    }
-                                    return Ok(Arc::new(block));
-                                }
-                                Err(e) => {
-                                    error!(server = id, ?key, "block failed verification: {e}");
-                                    last = ClientError::new(ErrorCode::Corrupt, e.to_string());
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            if e.code == ErrorCode::Corrupt {
-                                error!(server = id, ?key, "chunk server reports a corrupt block: {}", e.message);
-                            } else {
-                                warn!(server = id, ?key, "reading a block failed: {}", e.message);
-                            }
-                            last = e;
-                        }
-                    }
-                }
-                Err(last)
+                Ok(Arc::new(self.fetch_from_replicas(key, servers, None).await?.0))
             })
             .await
             .map_err(|e: Arc<ClientError>| (*e).clone())
     }
 
+    /// Frame `frame` of a block and the offset of its first byte in the block: what a small
+    /// read fetches, 64 KiB instead of the whole block. From the cache when there, whole or as
+    /// that frame; a replica holding the block in a format without frames sends it whole,
+    /// and it is cached whole. With a disk cache, which keeps whole blocks, whole blocks are
+    /// read.
+    pub(crate) async fn frame(&self, key: BlockKey, frame: u32, servers: &[ServerId]) -> Result<(Arc<Block>, usize)> {
+        let base = frame as usize * cairn_block::FRAME;
+        if let Some(piece) = self.blocks.cache.get(&(key, Some(frame))).await {
+            return Ok((piece, base));
+        }
+        if self.blocks.disk.is_some() || self.blocks.cache.contains_key(&(key, None)) {
+            return Ok((self.block(key, servers).await?, 0));
+        }
+        let (piece, whole) = self.fetch_from_replicas(key, servers, Some(frame)).await?;
+        let piece = Arc::new(piece);
+        self.blocks.cache.insert((key, (!whole).then_some(frame)), piece.clone()).await;
+        Ok((piece, if whole { 0 } else { base }))
+    }
+
+    /// Asks the replicas of block `key` in turn, live ones first and spread by slice, for the
+    /// block or its frame `frame`, until one answers with bytes that decode; whether what came
+    /// is the whole block. A whole block goes to the disk cache too. A block that fails
+    /// verification everywhere is `EIO`, never wrong bytes.
+    async fn fetch_from_replicas(
+        &self,
+        key: BlockKey,
+        servers: &[ServerId],
+        frame: Option<u32>,
+    ) -> Result<(Block, bool)> {
+        let req = match frame {
+            Some(frame) => ChunkRequest::GetFrame { key, frame },
+            None => ChunkRequest::Get { key },
+        };
+        let mut servers = servers.to_vec();
+        if servers.len() > 1
+            && let Ok(list) = self.servers(false).await
+        {
+            let (mut up, down): (Vec<ServerId>, Vec<ServerId>) =
+                servers.iter().partition(|id| list.iter().any(|s| s.id == **id && s.alive));
+            let spread = key.slice as usize % up.len().max(1);
+            up.rotate_left(spread);
+            servers = up.into_iter().chain(down).collect();
+        }
+        let mut last = ClientError::new(ErrorCode::Io, format!("block {key:?} has no replica"));
+        for &id in &servers {
+            match self.chunk_call(id, &req, Bytes::new()).await {
+                Ok((resp, bytes)) => match self.decode_answer(key, frame, resp, bytes).await {
+                    Ok(done) => return Ok(done),
+                    Err(e) => {
+                        error!(server = id, ?key, "block failed verification: {e}");
+                        last = ClientError::new(ErrorCode::Corrupt, e.to_string());
+                    }
+                },
+                Err(e) => {
+                    if e.code == ErrorCode::Corrupt {
+                        error!(server = id, ?key, "chunk server reports a corrupt block: {}", e.message);
+                    } else {
+                        warn!(server = id, ?key, "reading a block failed: {}", e.message);
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Decodes a chunk server's answer for block `key` or its frame `frame` (see
+    /// [`Client::fetch_from_replicas`]).
+    async fn decode_answer(
+        &self,
+        key: BlockKey,
+        frame: Option<u32>,
+        resp: ChunkResponse,
+        bytes: Vec<u8>,
+    ) -> std::result::Result<(Block, bool), cairn_block::BlockError> {
+        if let (Some(frame), ChunkResponse::Frame) = (frame, resp) {
+            return Ok((self.decode_frame(key, frame, bytes).await?, false));
+        }
+        // The decoder consumes its bytes: keep a copy for the disk cache.
+        let keep = self.blocks.disk.as_ref().map(|_| bytes.clone());
+        let block = self.decode(key, bytes).await?;
+        if let (Some(disk), Some(bytes)) = (&self.blocks.disk, keep) {
+            disk.put(key, bytes);
+        }
+        Ok((block, true))
+    }
+
     /// Verifies and decodes a fetched block.
     async fn decode(&self, key: BlockKey, bytes: Vec<u8>) -> std::result::Result<Block, cairn_block::BlockError> {
+        let id = block_id(key.slice, key.index as usize);
+        self.decode_with(key, bytes, move |codec, bytes| codec.decode_owned(id, bytes)).await
+    }
+
+    /// Verifies and decodes a fetched frame (header, table and the frame).
+    async fn decode_frame(
+        &self,
+        key: BlockKey,
+        frame: u32,
+        bytes: Vec<u8>,
+    ) -> std::result::Result<Block, cairn_block::BlockError> {
+        let id = block_id(key.slice, key.index as usize);
+        self.decode_with(key, bytes, move |codec, bytes| codec.decode_frame(id, bytes, frame as usize)).await
+    }
+
+    /// Runs `decode` on fetched bytes with the volume keys (fetched again first when the bytes
+    /// name a key this client lacks), off the network thread when they are large.
+    async fn decode_with(
+        &self,
+        key: BlockKey,
+        bytes: Vec<u8>,
+        decode: impl FnOnce(&cairn_block::Codec, Vec<u8>) -> std::result::Result<(Vec<u8>, usize), cairn_block::BlockError>
+        + Send
+        + 'static,
+    ) -> std::result::Result<Block, cairn_block::BlockError> {
         if let Some(id) = cairn_block::key_id(&bytes)
             && !self.codec().has_key(id)
             && let Err(e) = self.refresh_codec().await
@@ -321,7 +393,7 @@ impl Client {
         }
         let (codec, bytes_len) = (self.codec(), bytes.len() as u64);
         let decode = move || {
-            let (bytes, start) = codec.decode_owned(block_id(key.slice, key.index as usize), bytes)?;
+            let (bytes, start) = decode(&codec, bytes)?;
             Ok(Block { bytes, start })
         };
         match bytes_len <= INLINE_CODEC_BYTES {

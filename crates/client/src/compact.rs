@@ -60,7 +60,7 @@ impl Client {
             let mut jobs = Vec::new();
             self.plan_chunk(&map, from, to, 0, &mut jobs);
             let mut data = vec![0u8; (to - from) as usize];
-            self.fill(&jobs, &mut data).await?;
+            self.fill(&jobs, &mut data, false).await?;
             let id = self.next_slice_id().await?;
             let servers = self.store_slice(id, data, true).await?;
             let slice = SliceRef { pos: from as u32, len: (to - from) as u32, id, servers };

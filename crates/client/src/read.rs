@@ -91,18 +91,20 @@ impl Client {
             return Ok(Vec::new());
         }
         let end = file_size.min(offset + size as u64);
-        let mut out = vec![0u8; (end - offset) as usize];
-        self.read_into(ino, offset, &mut out).await?;
         // Readahead when this read starts near where the previous one ended: the kernel's own
         // readahead sends several reads at once, so exact adjacency is too strict a test. A
-        // small read must start exactly there: one that does not is the kernel filling a few
-        // pages its cache lost (the machine's memory manager drops scattered pages) in a file it otherwise holds, and
-        // reading ahead would fetch blocks whose pages it has.
-        let near = |prev: u64| match size as u64 >= STREAM_READ {
+        // small read must start exactly there: one that does not is a random read (a database
+        // page), or the kernel filling a few pages its cache lost (the machine's memory manager
+        // drops scattered pages) in a file it otherwise holds. Reading ahead would fetch
+        // blocks whose pages it has, and such a read fetches only the frames it needs.
+        let stream = size as u64 >= STREAM_READ;
+        let near = |prev: u64| match stream {
             true => offset.abs_diff(prev) <= 2 * self.volume.block_size,
             false => offset == prev,
         };
         let sequential = self.last_read.get(&ino).is_some_and(near);
+        let mut out = vec![0u8; (end - offset) as usize];
+        self.read_into(ino, offset, &mut out, !(stream || sequential)).await?;
         self.last_read.insert(ino, end);
         if sequential && end < file_size {
             let client = self.clone();
@@ -112,33 +114,59 @@ impl Client {
         Ok(out)
     }
 
-    /// Fills `out` with the file's bytes starting at `offset` (zeros where nothing is stored).
-    async fn read_into(self: &Arc<Self>, ino: Ino, offset: u64, out: &mut [u8]) -> Result<()> {
+    /// Fills `out` with the file's bytes starting at `offset` (zeros where nothing is stored);
+    /// a `small` read fetches frames, not blocks (see [`Client::fill`]).
+    async fn read_into(self: &Arc<Self>, ino: Ino, offset: u64, out: &mut [u8], small: bool) -> Result<()> {
         let jobs = self.plan(ino, offset, out.len() as u64).await?;
-        match self.fill(&jobs, out).await {
+        match self.fill(&jobs, out, small).await {
             // A cached map can name blocks whose slices were since replaced (compaction,
             // truncation) and garbage-collected: read again with a fresh map.
             Err(e) if e.code == ErrorCode::NotFound => {
                 self.invalidate_data(ino);
                 out.fill(0);
                 let jobs = self.plan(ino, offset, out.len() as u64).await?;
-                self.fill(&jobs, out).await
+                self.fill(&jobs, out, small).await
             }
             other => other,
         }
     }
 
-    /// Copies the planned block ranges into `out`.
-    pub(crate) async fn fill(&self, jobs: &[Copy], out: &mut [u8]) -> Result<()> {
-        let fetched = futures::future::join_all(jobs.iter().map(|j| self.block(j.key, &j.servers))).await;
-        for (job, block) in jobs.iter().zip(fetched) {
-            let block = block?;
-            let src = block.data().get(job.block_off..job.block_off + job.len).ok_or_else(|| {
-                ClientError::new(ErrorCode::Io, format!("block {:?} is shorter than its slice", job.key))
-            })?;
-            out[job.out_off..job.out_off + job.len].copy_from_slice(src);
+    /// Copies the planned block ranges into `out`. With `small` (a random read), a range of a
+    /// block not cached whole is fetched as the frames that hold it (see [`Client::frame`]).
+    pub(crate) async fn fill(&self, jobs: &[Copy], out: &mut [u8], small: bool) -> Result<()> {
+        let fetched = futures::future::join_all(jobs.iter().map(|j| self.pieces(j, small))).await;
+        for (job, pieces) in jobs.iter().zip(fetched) {
+            let mut at = job.out_off;
+            for (piece, from, len) in pieces? {
+                let src = piece.data().get(from..from + len).ok_or_else(|| {
+                    ClientError::new(ErrorCode::Io, format!("block {:?} is shorter than its slice", job.key))
+                })?;
+                out[at..at + len].copy_from_slice(src);
+                at += len;
+            }
         }
         Ok(())
+    }
+
+    /// The cached blocks or frames that hold a job's bytes, each with the offset and length of
+    /// the job's part in it.
+    async fn pieces(&self, job: &Copy, small: bool) -> Result<Vec<(Arc<crate::blocks::Block>, usize, usize)>> {
+        const FRAME: usize = cairn_block::FRAME;
+        if !small || job.block_len <= FRAME {
+            return Ok(vec![(self.block(job.key, &job.servers).await?, job.block_off, job.len)]);
+        }
+        let (start, end) = (job.block_off, job.block_off + job.len);
+        let frames = (start / FRAME) as u32..end.div_ceil(FRAME) as u32;
+        let got = futures::future::join_all(frames.clone().map(|f| self.frame(job.key, f, &job.servers))).await;
+        let mut pieces = Vec::with_capacity(got.len());
+        let mut at = start;
+        for (f, piece) in frames.zip(got) {
+            let (piece, base) = piece?;
+            let stop = end.min((f as usize + 1) * FRAME);
+            pieces.push((piece, at - base, stop - at));
+            at = stop;
+        }
+        Ok(pieces)
     }
 
     /// Warms the block cache for `[offset, offset + len)`.
@@ -279,6 +307,7 @@ impl Client {
                 jobs.push(Copy {
                     key: BlockKey { slice: slice.id, index: (in_slice / bs) as u32 },
                     servers: slice.servers.clone(),
+                    block_len: bs.min(slice.len as u64 - (in_slice - block_off)) as usize,
                     block_off: block_off as usize,
                     out_off: (out_at + at - from) as usize,
                     len: n as usize,
@@ -293,6 +322,8 @@ impl Client {
 pub(crate) struct Copy {
     key: BlockKey,
     servers: Vec<ServerId>,
+    /// Bytes of the whole block.
+    block_len: usize,
     block_off: usize,
     out_off: usize,
     len: usize,

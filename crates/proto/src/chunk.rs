@@ -29,6 +29,10 @@ pub enum ChunkRequest {
     /// The blocks stored here of the slices whose id modulo 256 is `bucket`, so the metadata
     /// server can find orphans (reconciliation) a bucket at a time.
     List { bucket: u8 },
+    /// Returns frame `frame` of a framed block (the block's header and frame table, then the
+    /// frame; answered `Frame`), or, for a block of an earlier format, the whole block
+    /// (answered `Block`): a small read fetches 64 KiB instead of the block.
+    GetFrame { key: BlockKey, frame: u32 },
 }
 
 /// A successful answer from a chunk server.
@@ -43,4 +47,6 @@ pub enum ChunkResponse {
     },
     /// Sorted.
     Blocks(Vec<BlockKey>),
+    /// The payload carries one frame of a block, behind the block's header and table.
+    Frame,
 }
