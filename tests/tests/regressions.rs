@@ -464,13 +464,14 @@ fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
     umount_lazy(&fresh);
 }
 
-/// Random small reads (a database's pages, fio's `randread`) fetch the 64 KiB frame that holds
+/// Random small reads (a database's pages, fio's `randread`) fetch the 32 KiB frame that holds
 /// the bytes, not the 1 MiB block: a 4 KiB read moved and decrypted a whole block, 1,900 reads
 /// per second in the peer benchmark. Frames are cached: reading the file through afterwards is
 /// right, and a frame read twice is fetched once.
 #[test]
 fn random_small_reads_fetch_only_their_frames() {
     const KIB: usize = 1 << 10;
+    const FRAME: usize = cairn_block::FRAME;
     #[repr(align(4096))]
     struct Aligned([u8; 8 * KIB]);
     let c = Cluster::start(1);
@@ -480,17 +481,17 @@ fn random_small_reads_fetch_only_their_frames() {
     let count = |name: &'static str| request_count(&fresh, move |n| n == name);
     let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(fresh.join("db")).unwrap();
     let mut buf = Box::new(Aligned([0; 8 * KIB]));
-    // Page-sized reads in frames 37, 3, 20 and 37 again (blocks 2, 0 and 1), then 8 KiB across
-    // the end of frame 5 (block 0).
-    let reads = [(37 * 64 + 12) * KIB, 3 * 64 * KIB, (20 * 64 + 60) * KIB, (37 * 64 + 40) * KIB];
+    // Page-sized reads in frames 37, 3, 70 and 37 again (of blocks 1, 0 and 2), then 8 KiB
+    // across the end of frame 5.
+    let reads = [37 * FRAME + 12 * KIB, 3 * FRAME, 70 * FRAME + FRAME - 4 * KIB, 37 * FRAME + 20 * KIB];
     for &at in &reads {
         assert_eq!(f.read_at(&mut buf.0[..4 * KIB], at as u64).unwrap(), 4 * KIB);
         assert!(buf.0[..4 * KIB] == data[at..at + 4 * KIB], "4 KiB at {at}");
     }
-    let at = 6 * 64 * KIB - 4 * KIB;
+    let at = 6 * FRAME - 4 * KIB;
     assert_eq!(f.read_at(&mut buf.0, at as u64).unwrap(), 8 * KIB);
     assert!(buf.0[..] == data[at..at + 8 * KIB], "8 KiB at {at}");
-    assert_eq!((count("chunk.GetFrame"), count("chunk.Get")), (5, 0), "frames 37, 3, 20, 5 and 6");
+    assert_eq!((count("chunk.GetFrame"), count("chunk.Get")), (5, 0), "frames 37, 3, 70, 5 and 6");
     assert_eq!(std::fs::read(fresh.join("db")).unwrap(), data);
     umount_lazy(&fresh);
 }

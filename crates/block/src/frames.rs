@@ -24,7 +24,7 @@ use ring::aead::{Aad, Tag};
 use std::ops::Range;
 
 /// Plain bytes per frame (the last frame of a block may be shorter).
-pub const FRAME: usize = 64 << 10;
+pub const FRAME: usize = 32 << 10;
 /// Bytes of one frame-table entry.
 pub const ENTRY_LEN: usize = 8 + TAG_LEN;
 /// Stored-length bit marking a zstd-compressed frame.

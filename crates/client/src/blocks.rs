@@ -272,7 +272,7 @@ impl Client {
     }
 
     /// Frame `frame` of a block and the offset of its first byte in the block: what a small
-    /// read fetches, 64 KiB instead of the whole block. From the cache when there, whole or as
+    /// read fetches, 32 KiB instead of the whole block. From the cache when there, whole or as
     /// that frame; a replica holding the block in a format without frames sends it whole,
     /// and it is cached whole. With a disk cache, which keeps whole blocks, whole blocks are
     /// read.

@@ -31,7 +31,7 @@ pub enum ChunkRequest {
     List { bucket: u8 },
     /// Returns frame `frame` of a framed block (the block's header and frame table, then the
     /// frame; answered `Frame`), or, for a block of an earlier format, the whole block
-    /// (answered `Block`): a small read fetches 64 KiB instead of the block.
+    /// (answered `Block`): a small read fetches 32 KiB instead of the block.
     GetFrame { key: BlockKey, frame: u32 },
 }
 
