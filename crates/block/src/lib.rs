@@ -94,8 +94,8 @@ impl BlockId {
 
     /// A version 3 frame's nonce: slice ‖ index (16 bits) ‖ frame number with bit 15 set
     /// (16 bits). The set bit keeps it apart from every version 2 nonce, whose index never
-    /// reaches 2^16 (a slice is at most a 64 MiB chunk of blocks of at least 4 KiB), and a
-    /// block has at most 2,048 frames ([`MAX_PLAIN_LEN`] / [`FRAME`]).
+    /// reaches 2^16 (a slice lies within a 64 MiB chunk, cut in blocks of 1 MiB: 64 at most),
+    /// and a block has at most 2,048 frames ([`MAX_PLAIN_LEN`] / [`FRAME`]).
     fn frame_nonce(self, frame: usize) -> Nonce {
         let index = u16::try_from(self.index).expect("a slice has fewer than 2^16 blocks");
         let mut n = [0u8; NONCE_LEN];

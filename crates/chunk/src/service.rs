@@ -69,9 +69,7 @@ impl ChunkService {
         }
         Ok(())
     }
-}
 
-impl ChunkService {
     /// Counts the bytes a read of `key` served (`len` of its result), or notes the block's
     /// slice as bad when it failed its checksum.
     fn served<T>(

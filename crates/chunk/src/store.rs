@@ -287,13 +287,13 @@ impl BlockStore {
         let corrupt = |e: cairn_block::BlockError| StoreError::Corrupt { key, reason: e.to_string() };
         let no_frame = || StoreError::Malformed { key, reason: format!("the block has no frame {frame}") };
         if let Some(d) = self.small.get(key)? {
-            return match cairn_block::frames::table_end(&d).map_err(corrupt)? {
-                Some(_) => match cairn_block::frames::Frames::parse(&d).map_err(corrupt)?.extent(frame as usize) {
-                    Some(_) => Ok((true, cairn_block::frame_part(&d, frame as usize).map_err(corrupt)?.into())),
-                    None => Err(no_frame()),
-                },
-                None => self.get(key).map(|b| (false, b)),
-            };
+            if cairn_block::frames::table_end(&d).map_err(corrupt)?.is_none() {
+                return self.get(key).map(|b| (false, b));
+            }
+            if frame as usize >= cairn_block::frames::Frames::parse(&d).map_err(corrupt)?.count() {
+                return Err(no_frame());
+            }
+            return Ok((true, cairn_block::frame_part(&d, frame as usize).map_err(corrupt)?.into()));
         }
         let file = match std::fs::File::open(self.path_of(key)) {
             Ok(f) => f,
