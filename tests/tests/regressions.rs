@@ -464,6 +464,35 @@ fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
     umount_lazy(&fresh);
 }
 
+/// Random small writes (a database's pages, fio's `randwrite`) make a slice each; their blocks
+/// are gathered and stored together, a `PutMany` per server for many of them instead of a `Put`
+/// each, and read back exactly.
+#[test]
+fn random_small_writes_are_stored_together() {
+    const PAGE: usize = 4096;
+    #[repr(align(4096))]
+    struct Aligned([u8; PAGE]);
+    let c = Cluster::start(1);
+    let mut want = pattern(11, 512 * PAGE);
+    std::fs::write(c.path("db"), &want).unwrap();
+    let count = |name: &'static str| request_count(&c.mnt, move |n| n == name);
+    let (puts, batches) = (count("chunk.Put"), count("chunk.PutMany"));
+    let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(c.path("db")).unwrap();
+    let mut page = Box::new(Aligned([0; PAGE]));
+    for i in 0..200 {
+        let at = (i * 7919 % 512) * PAGE;
+        page.0.fill(i as u8);
+        assert_eq!(f.write_at(&page.0, at as u64).unwrap(), PAGE);
+        want[at..at + PAGE].fill(i as u8);
+    }
+    f.sync_all().unwrap();
+    let (puts, batches) = (count("chunk.Put") - puts, count("chunk.PutMany") - batches);
+    assert!(puts <= 1 && (1..=4).contains(&batches), "{puts} Puts and {batches} PutManys for 200 writes");
+    let fresh = c.mount_again("fresh", "");
+    assert!(std::fs::read(fresh.join("db")).unwrap() == want, "the file read back differs");
+    umount_lazy(&fresh);
+}
+
 /// Random small reads (a database's pages, fio's `randread`) fetch the 32 KiB frame that holds
 /// the bytes, not the 1 MiB block: a 4 KiB read moved and decrypted a whole block, 1,900 reads
 /// per second in the peer benchmark. Frames are cached: reading the file through afterwards is

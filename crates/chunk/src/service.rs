@@ -135,6 +135,27 @@ impl ChunkService {
                     self.served(key, off_thread(move || store.get_frame(key, frame)).await, |g| g.1.len())?;
                 Ok((if framed { ChunkResponse::Frame } else { ChunkResponse::Block }, part))
             }
+            ChunkRequest::PutMany { blocks, sync } => {
+                let total: u64 = blocks.iter().map(|(_, len)| u64::from(*len)).sum();
+                if total != payload.len() as u64 {
+                    let why = format!("PutMany names {total} bytes of blocks, the payload has {}", payload.len());
+                    return Err(WireError::new(ErrorCode::BadRequest, why));
+                }
+                blocking(move || {
+                    let mut at = 0;
+                    let parts: Vec<_> = blocks
+                        .iter()
+                        .map(|&(key, len)| {
+                            at += len as usize;
+                            (key, &payload[at - len as usize..at])
+                        })
+                        .collect();
+                    store.put_many(&parts, sync)
+                })
+                .await?;
+                self.gauges.stored.inc_by(total);
+                Ok((ChunkResponse::Done, Bytes::new()))
+            }
             ChunkRequest::Sync { keys } => {
                 blocking(move || store.sync(&keys)).await?;
                 Ok((ChunkResponse::Done, Bytes::new()))

@@ -51,15 +51,19 @@ impl SmallBlocks {
         Ok(SmallBlocks { path, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) })
     }
 
-    /// Stores `block` under `key` (replacing an earlier copy); with `sync`, it is on disk when
-    /// this returns, and so is every block stored before.
-    pub(crate) fn put(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
-        let w = self.writer.lock().expect("small blocks writer lock");
-        w.prepare_cached("INSERT OR REPLACE INTO blocks (slice, idx, data) VALUES (?1, ?2, ?3)")?.execute(params![
-            key.slice as i64,
-            key.index,
-            block
-        ])?;
+    /// Stores each block under its key (replacing an earlier copy), in one transaction; with
+    /// `sync`, they are on disk when this returns, and so is every block stored before.
+    pub(crate) fn put(&self, blocks: &[(BlockKey, &[u8])], sync: bool) -> Result<(), StoreError> {
+        let mut w = self.writer.lock().expect("small blocks writer lock");
+        let tx = w.transaction()?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT OR REPLACE INTO blocks (slice, idx, data) VALUES (?1, ?2, ?3)")?;
+            for (key, block) in blocks {
+                insert.execute(params![key.slice as i64, key.index, block])?;
+            }
+        }
+        tx.commit()?;
         drop(w);
         if sync {
             self.sync()?;

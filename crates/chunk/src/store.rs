@@ -200,10 +200,24 @@ impl BlockStore {
 
     /// Stores a block after checking its format; with `sync` it is on disk when this returns.
     pub fn put(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
-        cairn_block::verify(block).map_err(|e| StoreError::Malformed { key, reason: e.to_string() })?;
-        if block.len() < SMALL_MAX {
-            return self.small.put(key, block, sync);
+        self.put_many(&[(key, block)], sync)
+    }
+
+    /// Stores blocks after checking the format of each (none is stored if one is malformed):
+    /// the small ones in one transaction. With `sync` they are on disk when this returns.
+    pub fn put_many(&self, blocks: &[(BlockKey, &[u8])], sync: bool) -> Result<(), StoreError> {
+        for (key, block) in blocks {
+            cairn_block::verify(block).map_err(|e| StoreError::Malformed { key: *key, reason: e.to_string() })?;
         }
+        let (small, large): (Vec<_>, Vec<_>) = blocks.iter().copied().partition(|(_, b)| b.len() < SMALL_MAX);
+        if !small.is_empty() {
+            self.small.put(&small, sync)?;
+        }
+        large.into_iter().try_for_each(|(key, block)| self.put_file(key, block, sync))
+    }
+
+    /// Stores a large, checked block as a file.
+    fn put_file(&self, key: BlockKey, block: &[u8], sync: bool) -> Result<(), StoreError> {
         let dir = self.dir_of(key);
         let path = self.path_of(key);
         let tmp = dir.join(format!(".tmp-{:016x}-{}-{:08x}", key.slice, key.index, rand::random::<u32>()));
@@ -441,6 +455,22 @@ mod tests {
         assert!(store.get_frame(large, n - 2).is_ok());
         std::fs::write(&path, &bytes[..bytes.len() - 200]).unwrap();
         assert!(matches!(store.get_frame(large, n - 1), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn put_many_stores_all_or_refuses_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        let block = |slice: u64, len: usize| {
+            cairn_block::Codec::plain().encode(cairn_block::BlockId { slice, index: 0 }, &vec![slice as u8; len])
+        };
+        let (small, large) = (block(1, 100), block(2, SMALL_MAX + 10));
+        let keys = [BlockKey { slice: 1, index: 0 }, BlockKey { slice: 2, index: 0 }, BlockKey { slice: 3, index: 0 }];
+        let refused = store.put_many(&[(keys[0], &small), (keys[2], b"not a block"), (keys[1], &large)], false);
+        assert!(matches!(refused, Err(StoreError::Malformed { .. })));
+        assert!(matches!(store.get(keys[0]), Err(StoreError::NotFound(_))), "nothing stored");
+        store.put_many(&[(keys[0], &small), (keys[1], &large)], true).unwrap();
+        assert_eq!((store.get(keys[0]).unwrap(), store.get(keys[1]).unwrap()), (small.into(), large.into()));
     }
 
     #[test]

@@ -218,6 +218,61 @@ impl Client {
         Err(last_err.unwrap_or_else(|| ClientError::new(ErrorCode::Io, "could not store data")))
     }
 
+    /// Stores small slices (each at most one block, without sync) on `replication` servers
+    /// each, the blocks bound for one server in one `PutMany`: the slices of a run of random
+    /// writes, a request per slice otherwise. Returns each slice's servers, in order. A slice
+    /// whose request failed is stored again alone by [`Client::store_slice`], which retries
+    /// on other servers.
+    pub(crate) async fn store_small_slices(&self, slices: Vec<(SliceId, Vec<u8>)>) -> Result<Vec<Vec<ServerId>>> {
+        let servers = self.servers(false).await?;
+        let alive = servers.iter().filter(|s| s.alive).count();
+        let want = (self.volume.replication as usize).min(alive).max(1);
+        let (codec, bytes) = (self.codec(), slices.iter().map(|(_, d)| d.len() as u64).sum::<u64>());
+        let encode = move || {
+            let encoded: Vec<Bytes> =
+                slices.iter().map(|(slice, data)| codec.encode(block_id(*slice, 0), data).into()).collect();
+            (slices, encoded)
+        };
+        let (slices, encoded) = match bytes > INLINE_CODEC_BYTES {
+            true => {
+                tokio::task::spawn_blocking(encode).await.map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?
+            }
+            false => encode(),
+        };
+        let mut chosen = Vec::with_capacity(slices.len());
+        let mut per_server: std::collections::HashMap<ServerId, Vec<(usize, BlockKey, Bytes)>> = Default::default();
+        for (i, ((slice, data), block)) in slices.iter().zip(encoded).enumerate() {
+            let place = cairn_proto::placement::place(&servers, *slice, want, data.len() as u64, &[]);
+            for id in &place {
+                per_server.entry(*id).or_default().push((i, BlockKey { slice: *slice, index: 0 }, block.clone()));
+            }
+            chosen.push(place);
+        }
+        let puts = per_server.into_iter().map(|(id, blocks)| async move {
+            let keys = blocks.iter().map(|(_, key, b)| (*key, b.len() as u32)).collect();
+            let mut payload = Vec::with_capacity(blocks.iter().map(|(_, _, b)| b.len()).sum());
+            blocks.iter().for_each(|(_, _, b)| payload.extend_from_slice(b));
+            let put = self.chunk_call(id, &ChunkRequest::PutMany { blocks: keys, sync: false }, payload.into()).await;
+            if let Err(e) = &put {
+                warn!(server = id, "storing a batch of small slices failed, storing them alone: {e}");
+            }
+            (blocks.into_iter().map(|(i, ..)| i).collect::<Vec<_>>(), put.is_ok())
+        });
+        let mut failed = vec![false; slices.len()];
+        for (which, ok) in futures::future::join_all(puts).await {
+            which.into_iter().for_each(|i| failed[i] |= !ok);
+        }
+        for (i, (slice, data)) in slices.into_iter().enumerate() {
+            if failed[i] || chosen[i].is_empty() {
+                chosen[i] = self.store_slice(slice, data, false).await?;
+            } else if data.len() as u64 <= CACHE_WRITTEN_BYTES {
+                let block = Arc::new(Block { bytes: data, start: 0 });
+                self.blocks.cache.insert((BlockKey { slice, index: 0 }, None), block).await;
+            }
+        }
+        Ok(chosen)
+    }
+
     /// Makes blocks written earlier without sync durable on their servers. A server that
     /// cannot be reached (timed out, or declared dead since) does not fail the call when
     /// every block it was to sync is durable on another copy: the repair loop replaces the

@@ -28,7 +28,15 @@ const BEHIND_TRIES: u32 = 10;
 /// (an hour by default), so a long write must not keep stored slices uncommitted that long.
 const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
-type Stored = Result<(NewSlice, Vec<(ServerId, BlockKey)>)>;
+/// What a store task returns: the slices it stored, in write order, with the blocks the next
+/// fsync must sync.
+type Stored = Result<Vec<(NewSlice, Vec<(ServerId, BlockKey)>)>>;
+
+/// Sealed buffers up to this size are gathered (see [`WriteState::gathered`]).
+const GATHER_MAX: usize = 64 << 10;
+/// Gathered buffers are stored once there are this many of them, or [`GATHER_BYTES`].
+const GATHER_SLICES: usize = 256;
+const GATHER_BYTES: usize = 512 << 10;
 
 /// Per-file write state, shared by every handle of the file on this client.
 pub(crate) struct FileState {
@@ -57,6 +65,11 @@ pub(crate) struct FileState {
 struct WriteState {
     /// The buffer being filled: file offset and bytes.
     buf: Option<(u64, Vec<u8>)>,
+    /// Small sealed buffers (random writes) waiting to be stored together, in write order,
+    /// with their share of the write budget: a store task and a chunk-server request per
+    /// 4 KiB write were the cost of random writes. Stored before any later buffer, and at
+    /// every flush.
+    gathered: Vec<(u64, Vec<u8>, OwnedSemaphorePermit)>,
     /// Sealed buffers being stored, in write order (which is commit order).
     pending: std::collections::VecDeque<JoinHandle<Stored>>,
     /// Slices stored but not committed yet (kept for a retry if the commit fails).
@@ -81,6 +94,7 @@ impl WriteState {
     fn quiet(&self) -> bool {
         self.committed()
             && self.buf.is_none()
+            && self.gathered.is_empty()
             && self.pending.is_empty()
             && self.store_failed.is_none()
             && self.deferred.is_none()
@@ -123,6 +137,7 @@ impl FileState {
 /// Forgets a file's buffered writes (they could not be stored or committed).
 fn drop_buffered(f: &FileState, st: &mut WriteState) {
     f.attrs.lock().expect("pending attributes lock").take();
+    st.gathered.clear();
     st.stored.clear();
     st.store_failed = None;
     st.dirty = false;
@@ -477,6 +492,15 @@ impl Client {
         }
         let permit = self.write_budget.acquire(data.len()).await;
         self.reap_stored(ino, st);
+        if !sync && id.is_none() && data.len() <= GATHER_MAX {
+            st.gathered.push((off, data, permit));
+            let bytes: usize = st.gathered.iter().map(|(_, d, _)| d.len()).sum();
+            if st.gathered.len() >= GATHER_SLICES || bytes >= GATHER_BYTES {
+                self.store_gathered(st);
+            }
+            return;
+        }
+        self.store_gathered(st);
         let client = self.clone();
         let cs = self.volume.chunk_size;
         st.pending.push_back(tokio::spawn(async move {
@@ -497,7 +521,34 @@ impl Client {
                     .collect(),
             };
             let slice = SliceRef { pos: (off % cs) as u32, len: len as u32, id, servers };
-            Ok((NewSlice { chunk: off / cs, slice }, keys))
+            Ok(vec![(NewSlice { chunk: off / cs, slice }, keys)])
+        }));
+    }
+
+    /// Starts storing the gathered small buffers, as one slice each, in one task.
+    fn store_gathered(self: &Arc<Self>, st: &mut WriteState) {
+        if st.gathered.is_empty() {
+            return;
+        }
+        let gathered = std::mem::take(&mut st.gathered);
+        let client = self.clone();
+        let cs = self.volume.chunk_size;
+        st.pending.push_back(tokio::spawn(async move {
+            let (mut slices, mut placed, mut permits) = (Vec::new(), Vec::new(), Vec::new());
+            for (off, data, permit) in gathered {
+                let id = client.next_slice_id().await?;
+                placed.push((off, id, data.len()));
+                slices.push((id, data));
+                permits.push(permit);
+            }
+            let servers = client.store_small_slices(slices).await?;
+            drop(permits);
+            let stored = placed.into_iter().zip(servers).map(|((off, id, len), servers)| {
+                let keys = servers.iter().map(|s| (*s, BlockKey { slice: id, index: 0 })).collect();
+                let slice = SliceRef { pos: (off % cs) as u32, len: len as u32, id, servers };
+                (NewSlice { chunk: off / cs, slice }, keys)
+            });
+            Ok(stored.collect())
         }));
     }
 
@@ -519,10 +570,12 @@ impl Client {
     /// failure is kept for the flush to report.
     fn note_stored(&self, ino: Ino, st: &mut WriteState, outcome: std::result::Result<Stored, JoinError>) {
         match outcome {
-            Ok(Ok((slice, keys))) => {
-                st.stored.push(slice);
-                if !keys.is_empty() {
-                    self.unsynced.entry(ino).or_default().extend(keys);
+            Ok(Ok(slices)) => {
+                for (slice, keys) in slices {
+                    st.stored.push(slice);
+                    if !keys.is_empty() {
+                        self.unsynced.entry(ino).or_default().extend(keys);
+                    }
                 }
             }
             Ok(Err(e)) => {
@@ -591,13 +644,17 @@ impl Client {
         // The slice id and a live chunk server first: while the metadata server or every
         // chunk server is away (restarting), the buffer stays for a later flush instead of
         // being lost with a store task that cannot succeed.
-        if st.buf.as_ref().is_some_and(|(_, b)| !b.is_empty()) {
-            let id = self.next_slice_id().await?;
+        let buffered = st.buf.as_ref().is_some_and(|(_, b)| !b.is_empty());
+        if buffered || !st.gathered.is_empty() {
+            let id = if buffered { Some(self.next_slice_id().await?) } else { None };
             let live = |list: &[ChunkServerInfo]| list.iter().any(|s| s.alive);
             if !live(&self.servers(false).await?) && !live(&self.servers(true).await?) {
                 return Err(crate::ClientError::new(ErrorCode::Io, "no chunk server is live"));
             }
-            self.seal(ino, st, durable, Some(id)).await;
+            if id.is_some() {
+                self.seal(ino, st, durable, id).await;
+            }
+            self.store_gathered(st);
         }
         for handle in std::mem::take(&mut st.pending) {
             self.note_stored(ino, st, handle.await);

@@ -33,6 +33,11 @@ pub enum ChunkRequest {
     /// frame; answered `Frame`), or, for a block of an earlier format, the whole block
     /// (answered `Block`): a small read fetches 32 KiB instead of the block.
     GetFrame { key: BlockKey, frame: u32 },
+    /// Stores several blocks, their encoded bytes back to back in the payload in the order
+    /// and with the lengths of `blocks`; with `sync`, fsyncs before answering. What a client
+    /// sends for the small slices of many random writes: one request, and one database
+    /// transaction for the small blocks, instead of one each.
+    PutMany { blocks: Vec<(BlockKey, u32)>, sync: bool },
 }
 
 /// A successful answer from a chunk server.
