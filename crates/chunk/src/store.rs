@@ -458,7 +458,7 @@ mod tests {
     }
 
     #[test]
-    fn put_many_stores_all_or_refuses_all() {
+    fn put_many_refuses_all_when_one_block_is_malformed() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path()).unwrap();
         let block = |slice: u64, len: usize| {
