@@ -275,13 +275,14 @@ pub fn table_end(start: &[u8]) -> Result<Option<usize>, BlockError> {
 }
 
 /// A frame's stored bytes cut from a whole block, behind the block's header and table: what
-/// a chunk server returns for one frame. Checks the table and the frame's CRC.
-pub fn frame_part(block: &[u8], frame: usize) -> Result<Vec<u8>, BlockError> {
+/// a chunk server returns for one frame; `None` when the block has no frame `frame`. Checks
+/// the table and the frame's CRC.
+pub fn frame_part(block: &[u8], frame: usize) -> Result<Option<Vec<u8>>, BlockError> {
     let frames = Frames::parse(block)?;
-    let range = frames.extent(frame).ok_or(BlockError::LengthMismatch { declared: frames.count(), actual: frame })?;
+    let Some(range) = frames.extent(frame) else { return Ok(None) };
     let stored = block.get(range).ok_or(BlockError::Truncated(block.len()))?;
     frames.check(frame, stored)?;
-    Ok([&block[..frames.head_len()], stored].concat())
+    Ok(Some([&block[..frames.head_len()], stored].concat()))
 }
 
 /// Checks a whole version 3 block: its table, then every frame's CRC.

@@ -304,10 +304,8 @@ impl BlockStore {
             if cairn_block::frames::table_end(&d).map_err(corrupt)?.is_none() {
                 return self.get(key).map(|b| (false, b));
             }
-            if frame as usize >= cairn_block::frames::Frames::parse(&d).map_err(corrupt)?.count() {
-                return Err(no_frame());
-            }
-            return Ok((true, cairn_block::frame_part(&d, frame as usize).map_err(corrupt)?.into()));
+            let part = cairn_block::frame_part(&d, frame as usize).map_err(corrupt)?.ok_or_else(no_frame)?;
+            return Ok((true, part.into()));
         }
         let file = match std::fs::File::open(self.path_of(key)) {
             Ok(f) => f,
@@ -427,11 +425,11 @@ mod tests {
         store.put(large, &large_block, false).unwrap();
         assert_eq!(
             store.get_frame(small, 0).unwrap(),
-            (true, cairn_block::frame_part(&small_block, 0).unwrap().into())
+            (true, cairn_block::frame_part(&small_block, 0).unwrap().unwrap().into())
         );
         let n = data.len().div_ceil(cairn_block::FRAME) as u32;
         for f in 0..n {
-            let want = cairn_block::frame_part(&large_block, f as usize).unwrap();
+            let want = cairn_block::frame_part(&large_block, f as usize).unwrap().unwrap();
             assert_eq!(store.get_frame(large, f).unwrap(), (true, want.into()), "frame {f}");
         }
         assert!(matches!(store.get_frame(large, n), Err(StoreError::Malformed { .. })));

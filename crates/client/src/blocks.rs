@@ -25,6 +25,18 @@ const INLINE_CODEC_BYTES: u64 = 256 << 10;
 /// wrote), while big writes would only evict data being read.
 const CACHE_WRITTEN_BYTES: u64 = 64 << 10;
 
+/// Runs codec work (zstd, ChaCha20-Poly1305) on `bytes` bytes: inline when small, on tokio's
+/// blocking pool when large, so that megabytes of it do not stall the one network thread.
+async fn codec_work<T: Send + 'static>(
+    bytes: u64,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<T, tokio::task::JoinError> {
+    match bytes > INLINE_CODEC_BYTES {
+        true => tokio::task::spawn_blocking(work).await,
+        false => Ok(work()),
+    }
+}
+
 /// The codec's name for a block: its slice and index.
 fn block_id(slice: SliceId, index: usize) -> cairn_block::BlockId {
     cairn_block::BlockId { slice, index: index as u32 }
@@ -168,13 +180,7 @@ impl Client {
                 .map(|(i, part)| (BlockKey { slice, index: i as u32 }, codec.encode(block_id(slice, i), part).into()))
                 .collect()
         };
-        // Compressing and encrypting megabytes must not stall the one network thread.
-        let encoded = match len > INLINE_CODEC_BYTES {
-            true => {
-                tokio::task::spawn_blocking(encode).await.map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?
-            }
-            false => encode(),
-        };
+        let encoded = codec_work(len, encode).await.map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?;
         let mut last_err = None;
         // Servers that failed this slice: the retries place it on the others.
         let mut failed: Vec<ServerId> = Vec::new();
@@ -182,8 +188,7 @@ impl Client {
             let servers: Vec<_> =
                 self.servers(attempt > 0).await?.iter().filter(|s| !failed.contains(&s.id)).cloned().collect();
             let alive = servers.iter().filter(|s| s.alive).count();
-            let want = (self.volume.replication as usize).min(alive).max(1);
-            let chosen = cairn_proto::placement::place(&servers, slice, want, len, &[]);
+            let chosen = cairn_proto::placement::place(&servers, slice, self.copies(alive), len, &[]);
             if chosen.is_empty() {
                 let code = if alive == 0 && failed.is_empty() { ErrorCode::Io } else { ErrorCode::NoSpace };
                 let e = ClientError::new(code, "no live chunk server has room for the data");
@@ -202,9 +207,8 @@ impl Client {
             });
             let errors: Vec<_> = futures::future::join_all(puts).await.into_iter().filter_map(|r| r.err()).collect();
             let Some((_, e)) = errors.first() else {
-                for (i, part) in written.iter().flat_map(|w| w.chunks(bs).enumerate()) {
-                    let block = Arc::new(Block { bytes: part.to_vec(), start: 0 });
-                    self.blocks.cache.insert((BlockKey { slice, index: i as u32 }, None), block).await;
+                if let Some(data) = &written {
+                    self.cache_written(slice, data).await;
                 }
                 return Ok(chosen);
             };
@@ -218,6 +222,23 @@ impl Client {
         Err(last_err.unwrap_or_else(|| ClientError::new(ErrorCode::Io, "could not store data")))
     }
 
+    /// How many copies of a slice to store while `alive` chunk servers are live.
+    fn copies(&self, alive: usize) -> usize {
+        (self.volume.replication as usize).min(alive).max(1)
+    }
+
+    /// Puts the plain bytes of a slice this client just stored into the block cache, when the
+    /// slice is small (see [`CACHE_WRITTEN_BYTES`]).
+    async fn cache_written(&self, slice: SliceId, data: &[u8]) {
+        if data.len() as u64 > CACHE_WRITTEN_BYTES {
+            return;
+        }
+        for (i, part) in data.chunks(self.volume.block_size as usize).enumerate() {
+            let block = Arc::new(Block { bytes: part.to_vec(), start: 0 });
+            self.blocks.cache.insert((BlockKey { slice, index: i as u32 }, None), block).await;
+        }
+    }
+
     /// Stores small slices (each at most one block, without sync) on `replication` servers
     /// each, the blocks bound for one server in one `PutMany`: the slices of a run of random
     /// writes, a request per slice otherwise. Returns each slice's servers, in order. A slice
@@ -225,20 +246,15 @@ impl Client {
     /// on other servers.
     pub(crate) async fn store_small_slices(&self, slices: Vec<(SliceId, Vec<u8>)>) -> Result<Vec<Vec<ServerId>>> {
         let servers = self.servers(false).await?;
-        let alive = servers.iter().filter(|s| s.alive).count();
-        let want = (self.volume.replication as usize).min(alive).max(1);
+        let want = self.copies(servers.iter().filter(|s| s.alive).count());
         let (codec, bytes) = (self.codec(), slices.iter().map(|(_, d)| d.len() as u64).sum::<u64>());
         let encode = move || {
             let encoded: Vec<Bytes> =
                 slices.iter().map(|(slice, data)| codec.encode(block_id(*slice, 0), data).into()).collect();
             (slices, encoded)
         };
-        let (slices, encoded) = match bytes > INLINE_CODEC_BYTES {
-            true => {
-                tokio::task::spawn_blocking(encode).await.map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?
-            }
-            false => encode(),
-        };
+        let (slices, encoded) =
+            codec_work(bytes, encode).await.map_err(|e| ClientError::new(ErrorCode::Io, e.to_string()))?;
         let mut chosen = Vec::with_capacity(slices.len());
         let mut per_server: std::collections::HashMap<ServerId, Vec<(usize, BlockKey, Bytes)>> = Default::default();
         for (i, ((slice, data), block)) in slices.iter().zip(encoded).enumerate() {
@@ -265,9 +281,8 @@ impl Client {
         for (i, (slice, data)) in slices.into_iter().enumerate() {
             if failed[i] || chosen[i].is_empty() {
                 chosen[i] = self.store_slice(slice, data, false).await?;
-            } else if data.len() as u64 <= CACHE_WRITTEN_BYTES {
-                let block = Arc::new(Block { bytes: data, start: 0 });
-                self.blocks.cache.insert((BlockKey { slice, index: 0 }, None), block).await;
+            } else {
+                self.cache_written(slice, &data).await;
             }
         }
         Ok(chosen)
@@ -451,12 +466,9 @@ impl Client {
             let (bytes, start) = decode(&codec, bytes)?;
             Ok(Block { bytes, start })
         };
-        match bytes_len <= INLINE_CODEC_BYTES {
-            true => decode(),
-            false => tokio::task::spawn_blocking(decode).await.unwrap_or_else(|e| {
-                error!(?key, "the block decoder failed: {e}");
-                Err(cairn_block::BlockError::Authentication)
-            }),
-        }
+        codec_work(bytes_len, decode).await.unwrap_or_else(|e| {
+            error!(?key, "the block decoder failed: {e}");
+            Err(cairn_block::BlockError::Authentication)
+        })
     }
 }
