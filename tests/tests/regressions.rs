@@ -427,7 +427,8 @@ fn shutdown_fails_every_call_and_keeps_what_was_fsynced() {
 /// The peer benchmark's warm re-read: the machine's memory manager drops scattered pages of a
 /// file the kernel otherwise holds, and the kernel reads each back alone. Each such read
 /// fetches the frame of its block that holds it and nothing more: reading ahead of it would
-/// fetch blocks whose pages the kernel still has (that fetched twice as many blocks here).
+/// fetch whole blocks whose pages the kernel still has (that fetched twice as many blocks
+/// here, when lost pages were refilled by whole blocks too).
 #[test]
 fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
     const MIB: u64 = 1 << 20;
@@ -439,7 +440,7 @@ fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
     let path = fresh.join("big");
     let read_all = || std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut std::io::sink()).unwrap();
     assert_eq!(read_all(), size);
-    let gets = || request_count(&fresh, |n| n == "chunk.Get" || n == "chunk.GetFrame");
+    let count = |name: &'static str| request_count(&fresh, move |n| n == name);
     // One page lost in every other block of the first 32, long evicted from the block cache.
     let f = std::fs::File::open(&path).unwrap();
     let lost: Vec<u64> = (0..16).map(|i| i * 2 * MIB + 8192).collect();
@@ -452,13 +453,14 @@ fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
             0
         );
     }
-    let before = gets();
+    let (blocks, frames) = (count("chunk.Get"), count("chunk.GetFrame"));
     assert_eq!(read_all(), size);
-    let fetched = gets() - before;
-    // A few more pages may have been dropped meanwhile by the machine's memory manager.
+    let (blocks, frames) = (count("chunk.Get") - blocks, count("chunk.GetFrame") - frames);
+    // The machine's memory manager may drop more pages meanwhile, each refilled by a frame
+    // (under a loaded machine, up to 15 more were seen): only whole blocks show reading ahead.
     assert!(
-        (lost.len() as u64..lost.len() as u64 + 8).contains(&fetched),
-        "{fetched} blocks fetched for {} lost pages",
+        blocks <= 4 && frames >= lost.len() as u64,
+        "{blocks} blocks and {frames} frames fetched for {} lost pages",
         lost.len()
     );
     umount_lazy(&fresh);
