@@ -477,6 +477,8 @@ fn random_small_writes_are_stored_together() {
     let c = Cluster::start(1);
     let mut want = pattern(11, 512 * PAGE);
     std::fs::write(c.path("db"), &want).unwrap();
+    // Stored before counting: a closed file's writes are stored in the background.
+    std::fs::File::open(c.path("db")).unwrap().sync_all().unwrap();
     let count = |name: &'static str| request_count(&c.mnt, move |n| n == name);
     let (puts, batches) = (count("chunk.Put"), count("chunk.PutMany"));
     let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(c.path("db")).unwrap();
