@@ -14,6 +14,11 @@ use tracing::{debug, warn};
 /// How long a server waits for the rest of a request whose stream has opened.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The next [`Peer::conn_id`]. Not quinn's `stable_id`, which is the connection's address
+/// and comes back once the connection is freed: servers remember ended connections (their
+/// locks must not be granted again), so a new one must never inherit an old one's id.
+static NEXT_CONN_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 /// A caller as seen by a server: one QUIC connection.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -362,7 +367,8 @@ where
     H: Handler<Req, Resp>,
 {
     let is_client = crate::tls::peer_is_named(&conn, crate::CLIENT_NAME);
-    let peer = Peer { conn_id: conn.stable_id(), remote: conn.remote_address(), is_client, conn: conn.clone() };
+    let conn_id = NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let peer = Peer { conn_id, remote: conn.remote_address(), is_client, conn: conn.clone() };
     debug!(?peer.remote, "peer connected");
     handler.connected(&peer).await;
     loop {
