@@ -166,6 +166,24 @@ pub fn add_chunk_server(dir: &Path, cluster: &mut ClusterFile, id: u64) -> anyho
     Ok(())
 }
 
+/// Gives chunk server `id` of a formatted directory new ports, both free now: it found its
+/// own taken by another program when it started. Only a chunk server may move, since it
+/// tells the metadata server its address at every heartbeat; clients and the mount source
+/// know the metadata server's. The rest of its configuration is kept as written.
+pub fn move_chunk_server(dir: &Path, id: u64) -> anyhow::Result<()> {
+    let path = dir.join(format!("chunk-{id}.toml"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    // Parsed as written (not `cairn_config::load`, which makes its paths absolute).
+    let mut file: ChunkFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let host = file.listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_string();
+    file.listen = format!("{host}:{}", free_port(&host)?);
+    if file.metrics_listen.is_some() {
+        file.metrics_listen = Some(free_tcp_port(&host)?);
+    }
+    cairn_config::save(&path, &format!("Cairn chunk server {id}"), &file)?;
+    Ok(())
+}
+
 /// Creates the volume directory; fails if it already holds a volume.
 pub fn run(args: &FormatArgs) -> anyhow::Result<ClusterFile> {
     let dir = &args.data;

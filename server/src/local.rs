@@ -51,6 +51,11 @@ pub enum LocalCommand {
     },
 }
 
+/// How a server says that its port is taken (strerror of EADDRINUSE, in its last words).
+const PORT_TAKEN: &str = "Address already in use";
+/// How many times `up` moves chunk servers whose ports were taken before giving up.
+const MAX_PORT_MOVES: u32 = 3;
+
 /// The one failure domain of a local cluster's chunk servers (they share a disk).
 const LOCAL_ZONE: &str = "local";
 
@@ -123,27 +128,43 @@ fn up(
     let client = rt.block_on(wait_for(
         START_TIMEOUT,
         "the metadata server",
-        || exited(&data, &meta),
+        || exited(&data, &meta).map(|e| e.to_string()),
         || connect(&data, &cluster, Duration::from_secs(3)),
     ))?;
-    for id in cluster.chunk_servers.iter().take(chunk_servers as usize) {
+    let ids: Vec<u64> = cluster.chunk_servers.iter().take(chunk_servers as usize).copied().collect();
+    let start_chunk = |id: u64| {
         let config = data.join(format!("chunk-{id}.toml"));
-        start(&data, &format!("chunk-{id}"), &exe, &["chunk", "--config", &config.to_string_lossy()])?;
+        start(&data, &format!("chunk-{id}"), &exe, &["chunk", "--config", &config.to_string_lossy()])
+    };
+    for id in &ids {
+        start_chunk(*id)?;
     }
-    let chunks: Vec<String> =
-        cluster.chunk_servers.iter().take(chunk_servers as usize).map(|id| format!("chunk-{id}")).collect();
-    rt.block_on(wait_for(
-        START_TIMEOUT,
-        "the chunk servers",
-        || exited(&data, &chunks),
-        || async {
-            let alive = client.list_servers().await?.iter().filter(|s| s.alive).count();
-            if alive < chunk_servers as usize {
-                bail!("{alive} of {chunk_servers} chunk servers registered");
+    let chunks: Vec<String> = ids.iter().map(|id| format!("chunk-{id}")).collect();
+    // A port picked free may be taken by another program before its server binds it: such
+    // a chunk server moves to new ports (it tells the metadata server where it is).
+    let moves = std::cell::Cell::new(0);
+    let chunk_died = || {
+        let exit = exited(&data, &chunks)?;
+        let id = ids[chunks.iter().position(|n| *n == exit.name)?];
+        if !exit.last.contains(PORT_TAKEN) || moves.get() >= MAX_PORT_MOVES {
+            return Some(exit.to_string());
+        }
+        moves.set(moves.get() + 1);
+        match format::move_chunk_server(&data, id).and_then(|()| start_chunk(id)) {
+            Ok(()) => {
+                eprintln!("{}: its port was taken; started it again on another", exit.name);
+                None
             }
-            Ok(())
-        },
-    ))?;
+            Err(e) => Some(format!("{exit}; moving it to other ports: {e:#}")),
+        }
+    };
+    rt.block_on(wait_for(START_TIMEOUT, "the chunk servers", chunk_died, || async {
+        let alive = client.list_servers().await?.iter().filter(|s| s.alive).count();
+        if alive < chunk_servers as usize {
+            bail!("{alive} of {chunk_servers} chunk servers registered");
+        }
+        Ok(())
+    }))?;
     // Gone before the mount connects, which is then the volume's only client (solo lease).
     rt.block_on(client.disconnect());
     drop(client);
@@ -254,15 +275,29 @@ fn running_pid(data: &Path, name: &str) -> Option<i32> {
     String::from_utf8_lossy(&cmdline).contains("cairn").then_some(pid)
 }
 
-/// The first of `names` started here whose process has exited, with the last line of its log.
-fn exited(data: &Path, names: &[String]) -> Option<String> {
+/// A server started here that exited.
+struct Exit {
+    name: String,
+    /// The last line of its log: why, as it said.
+    last: String,
+    log: PathBuf,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} exited: {} (log: {})", self.name, self.last, self.log.display())
+    }
+}
+
+/// The first of `names` started here whose process has exited.
+fn exited(data: &Path, names: &[String]) -> Option<Exit> {
     // Zombie or gone, not "its command line lacks cairn": that is also true for a moment
     // while the new process runs exec.
     let name = names.iter().find(|n| recorded_pid(data, n).is_some_and(is_zombie))?;
     let log = data.join("logs").join(format!("{name}.log"));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Some(format!("{name} exited: {last} (log: {})", log.display()))
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+    Some(Exit { name: name.clone(), last, log })
 }
 
 /// Starts `exe args` in its own session with output to `logs/<name>.log`, unless running.

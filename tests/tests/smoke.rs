@@ -54,3 +54,35 @@ fn a_server_that_cannot_start_fails_local_up_at_once_naming_it() {
     assert!(!out.status.success(), "local up succeeded without chunk server 2");
     assert!(err.contains("chunk-2 exited") && err.contains("no_such_key") && err.contains("chunk-2.log"), "{err}");
 }
+
+#[test]
+fn a_chunk_server_whose_port_was_taken_moves_to_free_ones() {
+    let tmp = tempfile::Builder::new().prefix("cairn-test-").tempdir().unwrap();
+    let (data, mnt) = (tmp.path().join("data"), tmp.path().join("mnt"));
+    run(std::process::Command::new(bin("cairn")).args(["format", "--data"]).arg(&data).args(["--chunk-servers", "1"]));
+    let config = data.join("chunk-1.toml");
+    let listen = |text: &str| text.lines().find(|l| l.starts_with("listen")).unwrap().to_string();
+    let before = listen(&std::fs::read_to_string(&config).unwrap());
+    let port: u16 = before.trim_end_matches('"').rsplit(':').next().unwrap().parse().unwrap();
+    // Another program takes the port between the format and the start.
+    let squatter = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let out = std::process::Command::new(bin("cairn"))
+        .args(["local", "up"])
+        .arg(&mnt)
+        .arg("--data")
+        .arg(&data)
+        .args(["--chunk-servers", "1"])
+        .output()
+        .unwrap();
+    let up = out.status.success() && std::fs::write(mnt.join("f"), b"moved").is_ok();
+    let read = std::fs::read(mnt.join("f"));
+    run(std::process::Command::new(bin("cairn")).args(["local", "down"]).arg(&mnt).arg("--data").arg(&data));
+    drop(squatter);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(up, "local up did not work around the taken port: {err}");
+    assert_eq!(read.unwrap(), b"moved");
+    assert!(err.contains("chunk-1: its port was taken"), "{err}");
+    let after = listen(&std::fs::read_to_string(&config).unwrap());
+    assert_ne!(after, before, "the chunk server kept its taken port");
+    assert!(std::fs::read_to_string(&config).unwrap().contains("data_dir = \"chunk-1\""), "paths made absolute");
+}

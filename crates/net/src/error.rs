@@ -16,7 +16,10 @@ pub enum NetError {
     Frame { addr: String, source: FrameError },
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("{0}")]
+    /// The local UDP address could not be had: named, since a busy port is the usual cause.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: std::net::SocketAddr, reason: std::io::Error },
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

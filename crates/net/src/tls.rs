@@ -148,7 +148,7 @@ pub fn server_endpoint(identity: &Identity, addr: SocketAddr) -> Result<quinn::E
 
 /// A UDP socket with large buffers (see `udp`) wrapped in a quinn endpoint.
 fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
-    let socket = crate::udp::bind(addr)?;
+    let socket = crate::udp::bind(addr).map_err(|reason| NetError::Bind { addr, reason })?;
     let mut config = quinn::EndpointConfig::default();
     config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(tls_err)?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
