@@ -61,8 +61,11 @@ struct State {
     reserving: bool,
     /// Changes not sent yet: (epoch, number within the epoch, change).
     queue: VecDeque<(u64, u64, DeferredChange)>,
-    /// The number the next change under `epoch` gets (from 1).
-    next: u64,
+    /// The last epoch granted here and the number of its last change (changes are numbered
+    /// from 1 per epoch). Kept across the lease's end: the server may grant the same epoch
+    /// again (an ask answered twice, a lost connection noticed late), and counting again
+    /// from 1 under it would make it skip new changes as ones it applied.
+    numbered: (u64, u64),
     /// Changes queued and changes answered (applied or refused) since the start.
     queued: u64,
     finished: u64,
@@ -70,6 +73,21 @@ struct State {
     /// closed, or the directory it changed), the count of changes queued up to the last one.
     touched: HashMap<Ino, u64>,
     sending: bool,
+}
+
+impl State {
+    /// The server granted the solo lease under `epoch` to an ask made when `ended` leases had
+    /// ended here; it is used unless one ended since.
+    fn granted(&mut self, epoch: u64, ended: u64) {
+        if self.ended != ended {
+            return;
+        }
+        tracing::debug!(epoch, "holding the solo lease: namespace changes are answered here");
+        self.epoch = Some(epoch);
+        if self.numbered.0 != epoch {
+            self.numbered = (epoch, 0);
+        }
+    }
 }
 
 pub(crate) struct Deferred {
@@ -172,8 +190,9 @@ impl Client {
                 s.inos.pop_front();
             }
         }
-        s.next += 1;
-        let n = s.next;
+        debug_assert_eq!(s.numbered.0, epoch, "changes are numbered under the current epoch");
+        s.numbered.1 += 1;
+        let n = s.numbered.1;
         s.queue.push_back((epoch, n, DeferredChange { at, ino, req: req.clone() }));
         s.queued += 1;
         let queued = s.queued;
@@ -260,12 +279,7 @@ impl Client {
 
     async fn ask_solo(&self, ended: u64) {
         if let Ok(MetaResponse::Solo(Some(epoch))) = self.call(MetaRequest::Solo).await {
-            let mut s = self.deferred.lock();
-            if s.ended == ended {
-                tracing::debug!(epoch, "holding the solo lease: namespace changes are answered here");
-                s.epoch = Some(epoch);
-                s.next = 0;
-            }
+            self.deferred.lock().granted(epoch, ended);
         }
     }
 
@@ -516,4 +530,28 @@ fn valid_name(name: &[u8]) -> bool {
         && !name.contains(&b'/')
         && !name.contains(&0)
         && name.len() <= NAME_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::State;
+
+    #[test]
+    fn changes_are_numbered_on_under_an_epoch_granted_again() {
+        let mut s = State::default();
+        s.granted(7, 0);
+        s.numbered.1 += 3;
+        // A second ask answered with the same epoch ("held already").
+        s.granted(7, 0);
+        assert_eq!(s.numbered, (7, 3));
+        // The lease ended here (connection lost) and the server still held it for us.
+        s.ended += 1;
+        s.epoch = None;
+        s.granted(7, 0);
+        assert_eq!(s.epoch, None, "an answer to an ask from before the end is not used");
+        s.granted(7, 1);
+        assert_eq!((s.epoch, s.numbered), (Some(7), (7, 3)));
+        s.granted(8, 1);
+        assert_eq!(s.numbered, (8, 0), "a new epoch numbers from 1");
+    }
 }
