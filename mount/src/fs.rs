@@ -451,8 +451,8 @@ impl Filesystem for CairnFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // The open file description is gone: so are its OFD and flock locks (the kernel
-        // names the flock owner; OFD locks are found by the handle they were taken through).
+        // The open file description is gone: so are its OFD and flock locks (owned by the
+        // handle; see `lock_owner_for`).
         let flock_owner = lock_owner.map(|o| o.0);
         run!(
             self,
@@ -467,9 +467,9 @@ impl Filesystem for CairnFs {
 
     fn getlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -480,7 +480,8 @@ impl Filesystem for CairnFs {
         let Some(kind) = lock_kind(typ).filter(|k| *k != LockKind::Unlock) else {
             return reply.error(Errno::EINVAL);
         };
-        run!(self, reply, |c| c.get_lock(ino.0, lock_owner.0, start, end, kind), |l| match l {
+        let owner = lock_owner_for(lock_api(req.pid()), fh, lock_owner);
+        run!(self, reply, |c| c.get_lock(ino.0, owner, start, end, kind), |l| match l {
             // The holder's pid means something only on its own machine; the kernel shows it
             // if a process with that number exists in this mount's namespace, else 0.
             Some(l) => reply.locked(l.start, l.end, lock_type(l.kind), l.pid),
@@ -506,15 +507,16 @@ impl Filesystem for CairnFs {
         };
         // The requesting thread (not the lock's process id) is blocked in the system call.
         let thread = req.pid();
+        let api = lock_api(thread);
         let call = LockCall {
             ino: ino.0,
             fh: fh.0,
-            owner: lock_owner.0,
+            owner: lock_owner_for(api, fh, lock_owner),
             start,
             end,
             kind,
             pid,
-            flock: in_flock_call(thread),
+            flock: api == LockApi::Flock,
             sleep,
         };
         run!(self, reply, |c| c.set_lock(call, move || signal_pending(thread)), |_v| reply.ok())
@@ -796,14 +798,49 @@ fn lock_type(kind: LockKind) -> i32 {
     }
 }
 
-/// Whether `thread` is in flock(2). The kernel flags flock requests (`FUSE_LK_FLOCK`), but
-/// fuser 0.18 does not pass the flag on, and flock and fcntl locks must not conflict; the
-/// thread is blocked in the system call while we answer, so its number tells. Reading it
-/// needs ptrace rights over the caller (the mount runs as root); without them a flock is
-/// taken as a whole-file byte-range lock, as NFS does.
-fn in_flock_call(thread: u32) -> bool {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{thread}/syscall")) else { return false };
-    text.split_whitespace().next().and_then(|n| n.parse::<i64>().ok()) == Some(libc::SYS_flock)
+/// Which lock API a thread blocked in a lock request is calling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LockApi {
+    /// Classic fcntl byte-range locks, owned by the process.
+    Posix,
+    /// fcntl `F_OFD_*` byte-range locks, owned by the open file description.
+    Ofd,
+    /// flock(2), owned by the open file description, in a namespace of its own.
+    Flock,
+}
+
+/// The lock API `thread` is in, read from /proc. The kernel flags flock requests
+/// (`FUSE_LK_FLOCK`), but fuser 0.18 does not pass the flag on, and tells OFD locks from
+/// POSIX ones only by the owner it names; the thread is blocked in the system call while we
+/// answer, so its number and arguments tell. Reading them needs ptrace rights over the
+/// caller (the mount runs as root); without them every lock is taken as a POSIX one under
+/// the kernel's owner, as NFS does.
+fn lock_api(thread: u32) -> LockApi {
+    std::fs::read_to_string(format!("/proc/{thread}/syscall")).map_or(LockApi::Posix, |text| lock_api_of(&text))
+}
+
+/// [`lock_api`] from a /proc/TID/syscall line: the call's number, then its arguments in hex.
+fn lock_api_of(syscall: &str) -> LockApi {
+    let mut fields = syscall.split_whitespace();
+    let number = fields.next().and_then(|n| n.parse::<i64>().ok());
+    let cmd = fields.nth(1).and_then(|a| i64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+    let ofd = [libc::F_OFD_GETLK, libc::F_OFD_SETLK, libc::F_OFD_SETLKW].map(i64::from);
+    match number {
+        Some(libc::SYS_flock) => LockApi::Flock,
+        Some(libc::SYS_fcntl) if cmd.is_some_and(|c| ofd.contains(&c)) => LockApi::Ofd,
+        _ => LockApi::Posix,
+    }
+}
+
+/// The owner the metadata server is told. The kernel names a POSIX lock's owner by the
+/// process's file table and an OFD or flock lock's by the open file description's address;
+/// that address can come back for a new open before the RELEASE of the old one is handled,
+/// which would then drop the new one's locks. This mount's handle number never comes back.
+fn lock_owner_for(api: LockApi, fh: FileHandle, kernel: LockOwner) -> u64 {
+    match api {
+        LockApi::Posix => kernel.0,
+        LockApi::Ofd | LockApi::Flock => cairn_client::open_lock_owner(fh.0),
+    }
 }
 
 /// Whether `thread` will take a signal when it returns to user space (or is gone), so a
@@ -940,10 +977,25 @@ mod tests {
     }
 
     #[test]
+    fn lock_calls_are_told_apart_by_their_system_call() {
+        let line =
+            |nr: i64, cmd: i32| format!("{nr} 0x3 0x{cmd:x} 0x7ffd2c1e4a40 0x0 0x0 0x0 0x7ffd2c1e4a18 0x7f5e1b2c3d4e");
+        assert_eq!(lock_api_of(&line(libc::SYS_flock, libc::LOCK_EX)), LockApi::Flock);
+        for cmd in [libc::F_OFD_SETLK, libc::F_OFD_SETLKW, libc::F_OFD_GETLK] {
+            assert_eq!(lock_api_of(&line(libc::SYS_fcntl, cmd)), LockApi::Ofd);
+        }
+        for cmd in [libc::F_SETLK, libc::F_SETLKW, libc::F_GETLK] {
+            assert_eq!(lock_api_of(&line(libc::SYS_fcntl, cmd)), LockApi::Posix);
+        }
+        assert_eq!(lock_api_of("running"), LockApi::Posix);
+        assert_eq!(lock_api_of(""), LockApi::Posix);
+    }
+
+    #[test]
     fn a_blocked_signal_does_not_interrupt_and_a_gone_thread_does() {
         let me = gettid();
         assert!(!signal_pending(me), "nothing pending");
-        assert!(!in_flock_call(me), "this thread is reading /proc, not in flock");
+        assert_eq!(lock_api(me), LockApi::Posix, "this thread is reading /proc, not locking");
         // SAFETY: blocks SIGUSR2 for this test thread only, then queues it to the thread.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();

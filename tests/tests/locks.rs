@@ -469,3 +469,33 @@ fn sqlite_transactions_from_two_mounts_keep_every_committed_row() {
     }
     umount_lazy(&b);
 }
+
+/// The kernel names an OFD or flock lock's owner by its open file description's address and
+/// sends the RELEASE of a closed one in the background; a new open can get the same address
+/// first. The old description's release must not drop the new one's lock.
+#[test]
+fn a_late_release_does_not_drop_the_lock_of_a_newer_open() {
+    let c = Cluster::start(1);
+    let b = c.mount_again("b", "");
+    let (mut pa, mut pb) = two_openers(&c, &b);
+    pa.ok(&format!("P = {:?}", c.path("f").to_str().unwrap()));
+    for (take, try_b) in [
+        ("fcntl.flock(fd, fcntl.LOCK_EX)", format!("fcntl.flock(g, {EX_NB})")),
+        (
+            "lk(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, 0, 0)",
+            "lk(g, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, 0, 0)".to_string(),
+        ),
+    ] {
+        for round in 0..40 {
+            pa.ok(&format!(
+                "fd = os.open(P, os.O_RDWR); {take}; os.write(fd, b'x' * 100000); os.close(fd); fd = os.open(P, os.O_RDWR); {take}"
+            ));
+            // Time for the first open's RELEASE to be handled.
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(pb.run(&try_b), err(libc::EAGAIN), "round {round} of {take}: A's lock was dropped");
+            pa.ok("os.close(fd)");
+        }
+    }
+    drop((pa, pb));
+    umount_lazy(&b);
+}

@@ -24,7 +24,7 @@ mod write;
 pub use atime::AtimeMode;
 pub use error::{ClientError, Result};
 pub use listing::Entry;
-pub use locks::LockCall;
+pub use locks::{LockCall, open_lock_owner};
 pub use read::Reading;
 pub use recall::KernelInvalidator;
 

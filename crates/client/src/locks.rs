@@ -33,8 +33,8 @@ pub struct LockCall {
     pub ino: Ino,
     /// The open handle it came through: what `release` later names.
     pub fh: u64,
-    /// The kernel's lock owner: the process's file table (POSIX locks) or the open file
-    /// description (OFD and flock locks).
+    /// The lock owner: the kernel's for POSIX locks (the process's file table), or
+    /// [`open_lock_owner`] of the handle for OFD and flock locks.
     pub owner: u64,
     pub start: u64,
     /// Last byte, inclusive.
@@ -46,6 +46,16 @@ pub struct LockCall {
     pub flock: bool,
     /// `F_SETLKW` / `flock` without `LOCK_NB`: wait for conflicting locks to go.
     pub sleep: bool,
+}
+
+/// Marks the owners that are open handles, apart from the kernel's owner ids.
+const OPEN_OWNER: u64 = 1 << 63;
+
+/// The owner of the OFD and flock locks taken through open handle `fh` (an open file
+/// description): the handle's number, which this client never gives again, so a late
+/// RELEASE of one handle cannot drop the locks of another.
+pub fn open_lock_owner(fh: u64) -> u64 {
+    OPEN_OWNER | fh
 }
 
 /// The locks this client's owners hold, by (inode, lock owner, flock), as the server last
@@ -171,8 +181,10 @@ impl Client {
     }
 
     /// The last close of handle `fh` (FUSE `RELEASE`): the locks of the open file
-    /// description go (OFD and flock locks; the process's own were dropped at `FLUSH`).
-    /// `flock_owner` is the owner the kernel names when it knows a flock was taken.
+    /// description go (OFD and flock locks, owned by [`open_lock_owner`]`(fh)`; the process's
+    /// own were dropped at `FLUSH`). Found by the handle they were taken through, or by
+    /// `flock_owner`, which the kernel names when it knows a flock was taken: where the mount
+    /// could not tell OFD and flock calls apart, they were taken under the kernel's owner.
     pub async fn locks_released(self: &Arc<Self>, ino: Ino, fh: u64, flock_owner: Option<u64>) -> Result<()> {
         let keys: Vec<(Ino, u64, bool)> = {
             let mut g = self.locks.inner.lock().expect("held lock");
