@@ -494,16 +494,25 @@ fn check_range(start: u64, end: u64) -> crate::Result<()> {
 /// The volume setting listing the servers being drained.
 pub(crate) const DRAINING_SETTING: &str = "draining";
 
-/// The connection to a chunk server for a background loop (GC, repair), made on first use.
+/// The connection to a chunk server for a background loop (GC, repair), made on first use
+/// and made again when the server registered another address (it moved, e.g. to a free port):
+/// the old address may belong to another chunk server by now.
 pub(crate) fn chunk_client<'a>(
     clients: &'a mut HashMap<ServerId, RpcClient>,
     endpoint: &quinn::Endpoint,
     server: &ChunkServerInfo,
     timeout: Duration,
 ) -> &'a RpcClient {
-    clients
-        .entry(server.id)
-        .or_insert_with(|| RpcClient::new(endpoint.clone(), &server.addr, cairn_net::CHUNK_SERVER_NAME, timeout))
+    let fresh = || RpcClient::new(endpoint.clone(), &server.addr, cairn_net::CHUNK_SERVER_NAME, timeout);
+    match clients.entry(server.id) {
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            if e.get().addr() != server.addr {
+                e.insert(fresh());
+            }
+            e.into_mut()
+        }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(fresh()),
+    }
 }
 
 impl Handler<MetaRequest, MetaResponse> for MetaService {
@@ -626,4 +635,34 @@ pub enum RunError {
     Meta(#[from] MetaError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_chunk_server_that_moved_is_called_at_its_new_address() {
+        let ca = cairn_net::pki::generate_ca("test").unwrap();
+        let node = cairn_net::pki::issue(&ca, "meta", &[cairn_net::META_SERVER_NAME]).unwrap();
+        let id = cairn_net::Identity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
+        let endpoint = cairn_net::client_endpoint(&id).unwrap();
+        let mut info = ChunkServerInfo {
+            id: 3,
+            addr: "127.0.0.1:1001".into(),
+            zone: "z".into(),
+            capacity: 0,
+            free: 0,
+            alive: true,
+            draining: false,
+            slices: 0,
+            bytes: 0,
+        };
+        let mut clients = HashMap::new();
+        let timeout = Duration::from_secs(1);
+        assert_eq!(chunk_client(&mut clients, &endpoint, &info, timeout).addr(), "127.0.0.1:1001");
+        info.addr = "127.0.0.1:1002".into();
+        assert_eq!(chunk_client(&mut clients, &endpoint, &info, timeout).addr(), "127.0.0.1:1002");
+        assert_eq!(clients.len(), 1);
+    }
 }
