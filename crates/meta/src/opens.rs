@@ -17,11 +17,19 @@ struct OpensInner {
     by_conn: HashMap<usize, HashMap<Ino, u32>>,
     /// Inodes without links kept alive by open handles: freed at their last close.
     orphans: HashSet<Ino>,
+    /// Connections already dropped: an open of theirs still running when the connection
+    /// ended must not register a handle nobody would close (one word per closed connection;
+    /// connection ids are never reused).
+    gone: HashSet<usize>,
 }
 
 impl Opens {
+    /// Registers a handle of `conn` on `ino` (none if the connection ended already).
     pub(crate) fn open(&self, conn: usize, ino: Ino) {
         let mut g = self.inner.lock().expect("opens lock");
+        if g.gone.contains(&conn) {
+            return;
+        }
         *g.by_ino.entry(ino).or_default() += 1;
         *g.by_conn.entry(conn).or_default().entry(ino).or_default() += 1;
     }
@@ -65,6 +73,7 @@ impl Opens {
     /// last handle, which must be freed now.
     pub(crate) fn drop_conn(&self, conn: usize) -> Vec<Ino> {
         let mut g = self.inner.lock().expect("opens lock");
+        g.gone.insert(conn);
         let Some(per_conn) = g.by_conn.remove(&conn) else {
             return Vec::new();
         };
@@ -109,5 +118,15 @@ mod tests {
         o.open(1, 12);
         assert!(!o.unlinked(12));
         assert!(o.close(1, 12));
+    }
+
+    #[test]
+    fn an_open_that_ends_after_its_connection_registers_nothing() {
+        let opens = Opens::default();
+        opens.open(1, 10);
+        assert_eq!(opens.drop_conn(1), Vec::<Ino>::new());
+        opens.open(1, 10);
+        assert!(!opens.holds(1, 10));
+        assert!(opens.unlinked(10), "no handle keeps the file");
     }
 }
