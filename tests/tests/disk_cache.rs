@@ -31,21 +31,30 @@ fn the_disk_cache_keeps_encoded_blocks_that_outlive_the_mount() {
     std::fs::write(&conf, settings.replace("disk_cache_mib = 0\n", &with_cache)).unwrap();
     let opts = format!("config={}", conf.display());
 
-    let b = c.mount_again("b", &opts);
+    let pidfile = c.tmp.path().join("b.pid");
+    let b = c.mount_again("b", &format!("{opts},pidfile={}", pidfile.display()));
     assert!(std::fs::read(b.join("f")).unwrap() == data);
-    // Blocks are written to the cache in the background: 9 blocks of 1 MiB.
+    // Blocks are written to the cache in the background: one file per block of 1 MiB.
+    let blocks = data.len().div_ceil(1 << 20);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::read_dir(&cache)
         .unwrap()
         .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
         .count()
-        < 9
+        < blocks
     {
         assert!(Instant::now() < deadline, "the disk cache did not fill");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(files_with(&cache, &marker[..32]), 0, "a cached block holds plain text");
     umount_lazy(&b);
+    // Gone before the next mount opens the cache (which clears what a mount left half written).
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exited(pid) {
+        assert!(Instant::now() < deadline, "the first mount did not exit after its unmount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // With the only chunk server gone, a new mount reads the file from its disk cache.
     c.kill9("chunk-1");
