@@ -18,6 +18,11 @@ async fn service(dir: &std::path::Path) -> MetaService {
         encrypted: false,
     };
     store.format(&info, 0, 0).await.unwrap();
+    start(dir, store).await
+}
+
+/// The metadata server on a formatted store, as at a (re)start.
+async fn start(dir: &std::path::Path, store: Store) -> MetaService {
     let none = dir.join("none");
     let config = MetaConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -152,4 +157,21 @@ async fn commits_waiting_together_are_applied_together_with_their_own_answers() 
         assert_eq!(svc.getattr(ino).await.unwrap(), a, "what the answer said is what is stored");
     }
     assert_eq!(svc.commits.grouped(), 10, "all ten went in one transaction");
+}
+
+#[tokio::test]
+async fn write_lease_epochs_granted_after_a_restart_are_above_every_earlier_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let (ino, mut last) = new_file(&svc, "f").await;
+    drop(svc);
+    // A power cut can take back the last grant (it is not synced): what a later start grants
+    // must still differ from it, so it starts above every epoch of earlier starts.
+    for boot in 2..4u64 {
+        let svc = start(dir.path(), Store::open(&dir.path().join("meta.db")).await.unwrap()).await;
+        assert_eq!(svc.lease_floor, boot << 32);
+        let (epoch, _) = svc.write_lease(CONN, ino).await.unwrap();
+        assert!(epoch >= boot << 32 && epoch > last, "epoch {epoch} after a restart, {last} before");
+        last = epoch;
+    }
 }

@@ -162,7 +162,7 @@ impl MetaService {
         let granted = async {
             let mut w = self.store.write().await?;
             let mut b = Batch::default();
-            b.new_lease_epoch(ino);
+            b.new_lease_epoch(ino, self.lease_floor);
             let done = w.apply(b).await?;
             let Some(attr) = done.attr()? else {
                 w.attr(ino).await?;
@@ -188,7 +188,9 @@ impl MetaService {
     pub(crate) async fn recall_writers(&self, from: usize, inos: &[Ino], next: Option<usize>) -> bool {
         let (recalled, lost) = self.leases.recall_writers(from, inos, next).await;
         if !lost.is_empty() {
-            let mut b = Batch::default();
+            // Synced: a revocation lost to a power cut would let its writer, which did not
+            // answer, commit again. (Rare: a holder answers its recall.)
+            let mut b = Batch::durable(true);
             for (ino, epoch) in &lost {
                 b.revoke_lease(*ino, *epoch);
             }
@@ -345,7 +347,7 @@ impl MetaService {
         let now = Timestamp::now();
         let mut b = Batch::default();
         if fence {
-            b.bump_lease(ino);
+            b.bump_lease(ino, self.lease_floor);
         }
         if allocates {
             b.add_stored(ino, len);

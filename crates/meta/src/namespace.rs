@@ -490,7 +490,7 @@ impl MetaService {
         let now = Timestamp::now();
         let mut b = Batch::default();
         if fence && set.size.is_some() {
-            b.bump_lease(ino);
+            b.bump_lease(ino, self.lease_floor);
         }
         if let Some(perm) = set.perm {
             a.perm = perm & 0o7777;

@@ -55,6 +55,11 @@ pub struct MetaService {
     solo: crate::solo::Solo,
     /// File locks of every client, in memory only (see `locks`).
     pub(crate) locks: crate::locks::Locks,
+    /// The lowest write lease epoch granted since this start: the start's count (kept
+    /// durably) times 2^32. A power cut can take back the last grants and revocations, which
+    /// are not synced; counting on from the epochs left would hand one out again, and its
+    /// earlier holder's commits would pass the fence.
+    pub(crate) lease_floor: u64,
     /// Whether the database says locks may be held ([`LOCKS_SETTING`]), so that a restart
     /// gives their holders a grace period to reclaim them; and how many locks were asked for.
     locks_recorded: tokio::sync::Mutex<(bool, u64)>,
@@ -89,6 +94,11 @@ impl MetaService {
         if !lock_grace.is_zero() {
             info!("granting only reclaimed locks for {lock_grace:?}: clients may have held locks before this start");
         }
+        let boot = {
+            let mut b = Batch::durable(true);
+            b.count_boot();
+            store.write().await?.apply(b).await?.value()? as u64
+        };
         let mut metrics = cairn_metrics::Metrics::new("cairn_meta");
         let gauges = crate::metrics::MetaGauges::register(&mut metrics);
         let svc = MetaService {
@@ -105,6 +115,7 @@ impl MetaService {
             leases: Default::default(),
             solo: Default::default(),
             locks: crate::locks::Locks::new(lock_grace),
+            lease_floor: boot << 32,
             locks_recorded: tokio::sync::Mutex::new((locks_recorded, 0)),
             repair_stats: Default::default(),
             repair_wakeup: Notify::new(),

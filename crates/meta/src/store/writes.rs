@@ -256,19 +256,22 @@ impl Batch {
 
     /// Starts a new write lease epoch on a file: commits under the previous one are refused
     /// from now on. Returns the file's columns and the new epoch as `value`.
-    pub(crate) fn new_lease_epoch(&mut self, ino: Ino) {
+    /// `floor` is the lowest epoch of this start of the server (see `MetaService::lease_floor`).
+    pub(crate) fn new_lease_epoch(&mut self, ino: Ino, floor: u64) {
         self.changes(ino);
         self.push(&format!(
-            "UPDATE inodes SET lease = lease + 1 WHERE ino = ? AND kind = ? RETURNING {INODE_COLUMNS}, lease AS value"
+            "UPDATE inodes SET lease = MAX(lease + 1, ?) WHERE ino = ? AND kind = ? \
+             RETURNING {INODE_COLUMNS}, lease AS value"
         ))
+        .bind(floor as i64)
         .bind_ino(ino)
         .bind(FileKind::File.to_i64());
     }
 
     /// Ends whatever write lease epoch a file has (another client changed its data).
-    pub(crate) fn bump_lease(&mut self, ino: Ino) {
+    pub(crate) fn bump_lease(&mut self, ino: Ino, floor: u64) {
         self.changes(ino);
-        self.push("UPDATE inodes SET lease = lease + 1 WHERE ino = ?").bind_ino(ino);
+        self.push("UPDATE inodes SET lease = MAX(lease + 1, ?) WHERE ino = ?").bind(floor as i64).bind_ino(ino);
     }
 
     /// Ends write lease `epoch` of a file whose holder did not answer a recall, unless a
@@ -411,6 +414,12 @@ impl Batch {
         self.push("UPDATE counters SET value = value + ? WHERE name = 'next_slice' RETURNING value - ? AS value")
             .bind(count as i64)
             .bind(count as i64);
+    }
+
+    /// Counts a start of the metadata server; the new count comes back through
+    /// [`super::Returned::value`].
+    pub(crate) fn count_boot(&mut self) {
+        self.push("UPDATE counters SET value = value + 1 WHERE name = 'boot' RETURNING value");
     }
 
     /// Reserves `count` inode numbers; the first comes back through [`super::Returned::value`].
