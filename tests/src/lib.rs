@@ -23,6 +23,15 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// Held by tests that drop the machine's caches (`/proc/sys/vm/drop_caches`) and by tests that
+/// count requests which such a drop would change (a read with a few pages gone from the
+/// page cache would read ahead; a walk would look names up again). The tests of one binary
+/// run in parallel threads; binaries run one after another.
+pub fn page_cache_to_myself() -> std::sync::MutexGuard<'static, ()> {
+    static PAGE_CACHE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PAGE_CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)

@@ -6,7 +6,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Makes the kernel forget dentries and inodes, so the next path walk asks the filesystem.
+/// Makes the kernel forget dentries and inodes, so the next path walk asks the filesystem
+/// (callers hold [`page_cache_to_myself`]: this empties every mount's caches).
 fn forget_dentries() {
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
 }
@@ -26,6 +27,7 @@ fn stat_all(dir: &Path, n: usize) {
 
 #[test]
 fn listed_lookups_show_this_clients_changes_at_once() {
+    let _caches = page_cache_to_myself();
     let c = Cluster::start(1);
     let d = c.path("d");
     std::fs::create_dir(&d).unwrap();
@@ -139,6 +141,7 @@ fn names_missing_from_a_directory_just_made_are_answered_locally_until_another_c
 
 #[test]
 fn files_written_since_their_directory_was_listed_are_answered_with_their_new_attributes() {
+    let _caches = page_cache_to_myself();
     let c = Cluster::start(1);
     let d = c.path("new");
     std::fs::create_dir(&d).unwrap();
@@ -243,6 +246,7 @@ fn a_long_listing_read_page_by_page_shows_every_entry_once_while_another_client_
 
 #[test]
 fn walking_a_tree_after_a_remount_reads_each_directory_once() {
+    let _caches = page_cache_to_myself();
     let c = Cluster::start(1);
     sh(&c.mnt, "for d in a a/b a/b/c e f; do mkdir -p t/$d; for i in 1 2 3; do echo $i > t/$d/f$i; done; done");
     c.down();

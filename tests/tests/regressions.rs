@@ -153,6 +153,7 @@ fn file_handles_survive_cache_drops_and_go_stale_on_delete() {
         kind: i32,
         data: [u8; 128],
     }
+    let _caches = page_cache_to_myself();
     let c = Cluster::start(1);
     let f = c.path("f");
     std::fs::write(&f, b"handle").unwrap();
@@ -432,6 +433,7 @@ fn shutdown_fails_every_call_and_keeps_what_was_fsynced() {
 #[test]
 fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
     const MIB: u64 = 1 << 20;
+    let _caches = page_cache_to_myself();
     let c = Cluster::start(1);
     // Larger than the client's 64 MiB block cache, so the lost pages' blocks are fetched.
     let size = 96 * MIB;
