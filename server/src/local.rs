@@ -268,11 +268,16 @@ fn recorded_pid(data: &Path, name: &str) -> Option<i32> {
     std::fs::read_to_string(pid_path(data, name)).ok()?.trim().parse().ok()
 }
 
-/// The process recorded in a pid file, if it still runs a cairn program.
+/// The process recorded in a pid file, if it still runs a cairn program of this volume
+/// directory (its configuration or log is under `data`): the number of one that exited may
+/// belong to any process by now, another cluster's server too, which must not be taken for
+/// this one's nor stopped.
 fn running_pid(data: &Path, name: &str) -> Option<i32> {
     let pid = recorded_pid(data, name)?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline).contains("cairn").then_some(pid)
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let dir = format!("{}/", data.display());
+    (cmdline.contains("cairn") && cmdline.contains(&dir)).then_some(pid)
 }
 
 /// A server started here that exited.
@@ -351,7 +356,8 @@ fn is_zombie(pid: i32) -> bool {
 fn down(mountpoint: &Path, data: Option<PathBuf>) -> anyhow::Result<()> {
     let mountpoint = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
     let data = match data {
-        Some(d) => d,
+        // As `up` named it to the servers it started (see `running_pid`).
+        Some(d) => d.canonicalize().unwrap_or(d),
         None => data_of_mount(&mountpoint)
             .or_else(|| data_started_for(&mountpoint))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),

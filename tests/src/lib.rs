@@ -356,10 +356,16 @@ impl Drop for Cluster {
             .unwrap_or(false);
         umount_lazy(&self.mnt);
         if !ok {
-            // Last resort: kill whatever the pid files name.
+            // Last resort: kill what the pid files name, if it still is this cluster's (a
+            // number may have gone to another test's process since).
+            let ours = |pid: i32| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(&format!("{}/", self.data.display()))
+            };
             if let Ok(dir) = std::fs::read_dir(self.data.join("run")) {
                 for e in dir.flatten() {
-                    if let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok()) {
+                    let pid = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok());
+                    if let Some(pid) = pid.filter(|p| ours(*p)) {
                         kill9(pid);
                     }
                 }

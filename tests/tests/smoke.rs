@@ -86,3 +86,22 @@ fn a_chunk_server_whose_port_was_taken_moves_to_free_ones() {
     assert_ne!(after, before, "the chunk server kept its taken port");
     assert!(std::fs::read_to_string(&config).unwrap().contains("data_dir = \"chunk-1\""), "paths made absolute");
 }
+
+#[test]
+fn a_pid_file_naming_another_program_neither_stands_for_the_server_nor_gets_it_stopped() {
+    let c = Cluster::start(1);
+    c.kill9("chunk-1");
+    // The dead server's number went to another program, which also says "cairn".
+    let mut other = std::process::Command::new("bash").args(["-c", "exec -a cairn-other sleep 120"]).spawn().unwrap();
+    let other_pid = other.id() as i32;
+    std::fs::write(c.data.join("run/chunk-1.pid"), format!("{other_pid}\n")).unwrap();
+    c.up(1, &[]);
+    let restarted = c.pid("chunk-1");
+    std::fs::write(c.path("f"), b"stored by the restarted chunk server").unwrap();
+    c.down();
+    let other_alive = other.try_wait().unwrap().is_none();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert_ne!(restarted, other_pid, "up took another program for chunk-1");
+    assert!(other_alive, "down stopped another program");
+}
