@@ -27,7 +27,7 @@ fn write_read_and_survive_restart() {
     let out = run(std::process::Command::new(bin("cairn")).args(["local", "down"]).arg(&c.mnt));
     assert!(out.contains(&c.data.display().to_string()), "down stopped another cluster: {out}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while std::path::Path::new(&format!("/proc/{meta}")).exists() {
+    while !exited(meta) {
         assert!(
             std::time::Instant::now() < deadline,
             "the metadata server outlived `down` of its unmounted mountpoint"

@@ -126,10 +126,10 @@ pub struct Client {
     /// What directory listings told of empty and small files, for their opens (see
     /// `read::OpenHint`).
     pub(crate) open_hints: moka::sync::Cache<Ino, read::OpenHint>,
-    /// Per directory, the last listing page files were opened from (by address), the place
-    /// in it of the last one and how far its files were fetched ahead (see
-    /// `Client::read_ahead_files`).
-    pub(crate) opens_in_dirs: moka::sync::Cache<Ino, (usize, usize, usize)>,
+    /// Per directory, the last listing page files were opened from (weakly held, compared by
+    /// address), the place in it of the last one and how far its files were fetched ahead
+    /// (see `Client::read_ahead_files`).
+    pub(crate) opens_in_dirs: moka::sync::Cache<Ino, (std::sync::Weak<Vec<Ino>>, usize, usize)>,
     /// Files' attributes for the getattr that follows every read (see `attrs`).
     pub(crate) file_attrs: attrs::FileAttrs,
     /// Whole directories, for runs of lookups (see `listing`).

@@ -229,16 +229,17 @@ impl Client {
     /// and a run of them in parallel waits about once.
     pub(crate) fn read_ahead_files(self: &Arc<Self>, ino: Ino) {
         let Some(OpenHint { order: Some((dir, page, pos)), .. }) = self.open_hints.get(&ino) else { return };
-        let id = Arc::as_ptr(&page) as usize;
+        // The same page as the last open here: a `Weak` keeps its allocation, so its address
+        // cannot be another page's meanwhile.
         let (last, ahead) = match self.opens_in_dirs.get(&dir) {
-            Some((p, last, ahead)) if p == id => (Some(last), ahead.max(pos)),
+            Some((p, last, ahead)) if std::ptr::eq(p.as_ptr(), Arc::as_ptr(&page)) => (Some(last), ahead.max(pos)),
             _ => (None, pos),
         };
         let to = match last.is_some_and(|l| l + 1 == pos) {
             true => (pos + FILES_AHEAD).min(page.len() - 1),
             false => ahead,
         };
-        self.opens_in_dirs.insert(dir, (id, pos, to));
+        self.opens_in_dirs.insert(dir, (Arc::downgrade(&page), pos, to));
         for &next in page.get(ahead + 1..=to).unwrap_or_default() {
             let _ = self.prefetch_hinted(next);
         }
