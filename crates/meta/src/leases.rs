@@ -222,6 +222,10 @@ impl Leases {
         let recalls = calls.into_iter().map(|(conn, leases)| async move {
             let deadline = Some(Instant::now() + WRITE_RECALL_MAX);
             let answered = self.call_back(conn, Callback::RecallWrites { leases: leases.clone() }, deadline).await;
+            // Counted again now that the holder committed, before its lease goes: a request
+            // that read one of these files while the recall was under way (started by another
+            // request, before it counted) sees the count move and reads again.
+            self.recalls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             let mut lost = Vec::new();
             for (ino, epoch) in leases {
                 let ours = |w: &Writer| (w.conn, w.epoch) == (conn, epoch);
@@ -297,9 +301,11 @@ impl Leases {
         self.sessions.len() > 1
     }
 
-    /// How many recalls have started: a read whose leases are granted only after it ran (the
-    /// inodes a lookup or listing finds) is run again if this moved meanwhile, since a change
-    /// may have committed between its read and its grant without recalling it.
+    /// How many recalls have started, plus how many write recalls were answered: a read whose
+    /// leases are granted only after it ran (the inodes a lookup or listing finds) is run again
+    /// if this moved meanwhile, since a change may have committed between its read and its
+    /// grant without recalling it, or a recall started before it may have made its holder
+    /// commit after it read.
     pub(crate) fn recalls(&self) -> u64 {
         self.recalls.load(std::sync::atomic::Ordering::Acquire)
     }

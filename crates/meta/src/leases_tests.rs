@@ -91,3 +91,18 @@ async fn a_request_that_outlives_its_connection_leaves_no_session_behind() {
     timely("the end of the second connection", server.gone.notified()).await;
     assert_eq!(server.leases.counts(), (0, 0, 0), "an ended connection keeps no session or lease");
 }
+
+/// A lookup or listing that reads a file while another request's recall of that file's
+/// writer is under way must read it again: the recall is counted when it starts and again
+/// once its holder answered (here at once: the holder is gone), so a request that took its
+/// count after the start still sees it move.
+#[tokio::test]
+async fn a_recall_is_counted_again_once_answered() {
+    let leases = Leases::default();
+    leases.set_writer(9, 41, 1);
+    let before = leases.recalls();
+    let (recalled, lost) = leases.recall_writers(42, &[9], None).await;
+    assert!(recalled);
+    assert_eq!(lost, vec![(9, 1)], "a holder that is gone does not answer");
+    assert_eq!(leases.recalls(), before + 2, "counted at its start and once answered");
+}
