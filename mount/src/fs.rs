@@ -67,6 +67,11 @@ impl CairnFs {
         !self.acl && is_acl(name)
     }
 
+    /// Whether an open with `flags` gets [`DIRECT_OPEN`].
+    fn direct(&self, flags: i32) -> bool {
+        self.direct_opens && flags & libc::O_DIRECT != 0
+    }
+
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
         self.rt.spawn(f);
     }
@@ -388,7 +393,7 @@ impl Filesystem for CairnFs {
         let c = self.client.clone();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let append = flags.0 & libc::O_APPEND != 0;
-        let direct = self.direct_opens && flags.0 & libc::O_DIRECT != 0;
+        let direct = self.direct(flags.0);
         self.spawn(async move {
             match c.open(ino.0, write, append).await {
                 // Appends go where the file ends on the server, which may be past where this
@@ -713,10 +718,7 @@ impl Filesystem for CairnFs {
     ) {
         let (name, who) = (name_bytes(name), caller(req));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let opened = match self.direct_opens && flags & libc::O_DIRECT != 0 {
-            true => DIRECT_OPEN,
-            false => FopenFlags::empty(),
-        };
+        let opened = if self.direct(flags) { DIRECT_OPEN } else { FopenFlags::empty() };
         run!(
             self,
             reply,

@@ -7,6 +7,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+/// A buffer aligned for O_DIRECT (page-aligned address and length).
+#[repr(align(4096))]
+struct Aligned<const N: usize>([u8; N]);
+
 fn atime(p: &std::path::Path) -> SystemTime {
     std::fs::metadata(p).unwrap().accessed().unwrap()
 }
@@ -475,8 +479,6 @@ fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
 #[test]
 fn random_small_writes_are_stored_together() {
     const PAGE: usize = 4096;
-    #[repr(align(4096))]
-    struct Aligned([u8; PAGE]);
     let c = Cluster::start(1);
     let mut want = pattern(11, 512 * PAGE);
     std::fs::write(c.path("db"), &want).unwrap();
@@ -508,8 +510,6 @@ fn random_small_writes_are_stored_together() {
 fn random_small_reads_fetch_only_their_frames() {
     const KIB: usize = 1 << 10;
     const FRAME: usize = cairn_block::FRAME;
-    #[repr(align(4096))]
-    struct Aligned([u8; 8 * KIB]);
     let c = Cluster::start(1);
     let data = pattern(9, 3 * 1024 * KIB);
     std::fs::write(c.path("db"), &data).unwrap();
@@ -539,8 +539,6 @@ fn random_small_reads_fetch_only_their_frames() {
 #[test]
 fn direct_writes_run_in_parallel_and_show_through_the_page_cache() {
     const PAGE: usize = 4096;
-    #[repr(align(4096))]
-    struct Aligned([u8; PAGE]);
     let c = Cluster::start(1);
     std::fs::write(c.path("f"), vec![b'a'; 16 * PAGE]).unwrap();
     let cached = std::fs::File::open(c.path("f")).unwrap();
