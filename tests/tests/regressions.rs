@@ -464,9 +464,12 @@ fn pages_the_kernel_lost_are_read_back_without_reading_ahead() {
     assert_eq!(read_all(), size);
     let (blocks, frames) = (count("chunk.Get") - blocks, count("chunk.GetFrame") - frames);
     // The machine's memory manager may drop more pages meanwhile, each refilled by a frame
-    // (under a loaded machine, up to 15 more were seen): only whole blocks show reading ahead.
+    // (under a loaded machine, 62 more were seen), and a run of them can start the kernel's
+    // readahead: a few whole blocks per 16 extra pages lost. Refilling the lost pages by
+    // reading ahead fetches 16 blocks and no frame.
+    let extra = frames.saturating_sub(lost.len() as u64);
     assert!(
-        blocks <= 4 && frames >= lost.len() as u64,
+        blocks <= 4 + extra / 16 && frames >= lost.len() as u64,
         "{blocks} blocks and {frames} frames fetched for {} lost pages",
         lost.len()
     );
